@@ -1,0 +1,306 @@
+"""The ``uge`` command line: a thin layer over the Python API (protect, train, evaluate, verify, demo)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import AuthorizedSpec, ProtectConfig
+from .data import ImageDataset, load_dataset
+from .errors import ConfigError, UGEError
+from .evaluate import HackerSpec, evaluate_published, evaluate_set, format_table
+from .protect import protect
+from .publish import read_published, verify
+from .training import DistillTask, Recipe, accuracy, train
+from .utils import resolve_device, write_json
+from .weights import build_network, save_weights
+
+log = logging.getLogger("uge")
+DEFAULT_HACKERS = "cnn:normal,cnn:distill,resnetc20:normal,resnetc20:distill"
+
+
+# ---------------------------------------------------------------- shared arguments and helpers
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True, prefix: str = ""):
+    p.add_argument(f"--{prefix}data", required=required,
+                   help="'digits', 'cifar10', 'cifar100', an ImageFolder folder, a .tar/.tar.gz of one, a .npz "
+                        "or a published set")
+    p.add_argument(f"--{prefix}split", default="train", help="split folder to read (default: train)")
+    p.add_argument(f"--{prefix}per-class", type=int, default=None, help="class-balanced subset: N images per class")
+    p.add_argument(f"--{prefix}subset-seed", type=int, default=0, help="seed of the class-balanced subset")
+
+
+def _add_common(p: argparse.ArgumentParser):
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--root", default=None, help="torchvision data root for cifar10/cifar100")
+    p.add_argument("--download", action="store_true", help="allow torchvision to download cifar10/cifar100")
+
+
+def _add_recipe_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("training recipe (defaults: the published recipe, or Recipe())")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--no-flip", dest="flip", action="store_const", const=False, help="no horizontal flips")
+    g.add_argument("--no-crop", dest="crop", action="store_const", const=False, help="no random crops")
+
+
+def _recipe(args, base: Recipe | None = None) -> Recipe:
+    d = (base or Recipe()).to_dict()
+    d.update({k: v for k, v in {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                                "flip": args.flip, "crop": args.crop}.items() if v is not None})
+    return Recipe.from_dict(d)
+
+
+def _source_record(args, prefix: str = "") -> dict:
+    src = getattr(args, f"{prefix}data")
+    path = Path(src)
+    return {"data": str(path.resolve()) if path.exists() else src, "split": getattr(args, f"{prefix}split"),
+            "per_class": getattr(args, f"{prefix}per_class"), "subset_seed": getattr(args, f"{prefix}subset_seed")}
+
+
+def load_source(source: dict, root=None, download=False) -> ImageDataset:
+    """Load a data set described by a source record (``data``, ``split``, ``per_class``, ``subset_seed``)."""
+    if (Path(source["data"]) / "manifest.json").is_file():
+        return read_published(source["data"]).data
+    return load_dataset(source["data"], source.get("split") or "train", root=root, download=download,
+                        per_class=source.get("per_class"), seed=source.get("subset_seed") or 0)
+
+
+def _print(text: str = ""):
+    print(text, flush=True)
+
+
+# ---------------------------------------------------------------- protect
+
+def _protect_config(args) -> ProtectConfig:
+    d = ProtectConfig.from_json(args.config).to_dict() if args.config else ProtectConfig().to_dict()
+    flags = {"rho": args.rho, "trajectory_epochs": args.trajectory_epochs, "generator_epochs": args.generator_epochs,
+             "generator_batch_size": args.generator_batch_size, "generator_width": args.generator_width,
+             "generator_lr": args.generator_lr, "lambda_fd": args.lambda_fd, "lambda_ud": args.lambda_ud,
+             "alpha": args.alpha, "omega": args.omega, "temperature": args.temperature,
+             "feature_space": args.feature_space, "clip_model": args.clip_model,
+             "clip_checkpoint": args.clip_checkpoint, "encoder_arch": args.encoder_arch, "seed": args.seed,
+             "hacker_arch": args.hacker_arch}
+    d.update({k: v for k, v in flags.items() if v is not None})
+    if args.losses:
+        d["losses"] = [s.strip() for s in args.losses.split(",") if s.strip()]
+    if args.authorized:
+        d["authorized"] = [vars(AuthorizedSpec.parse(a)) for a in args.authorized]
+    d["recipe"] = _recipe(args, Recipe.from_dict(d["recipe"])).to_dict()
+    if args.encoder_epochs is not None:
+        d["encoder_recipe"]["epochs"] = args.encoder_epochs
+    return ProtectConfig.from_dict(d)
+
+
+def cmd_protect(args) -> int:
+    from .publish import publish
+
+    cfg = _protect_config(args)
+    data = load_source(_source_record(args), args.root, args.download)
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+    work = Path(args.work_dir) if args.work_dir else out.with_name(f".{out.name}.work")
+    _print(f"protecting {len(data)} images of {data.num_classes} classes, authorized: "
+           + ", ".join(f"{a.arch}:{a.theta0 or a.seed}" for a in cfg.authorized) + f", losses: {'+'.join(cfg.losses)}")
+    start = time.perf_counter()
+    result = protect(data, cfg, device=args.device, work_dir=work, progress=not args.quiet)
+    publish(result, data, out, formats=formats, source=_source_record(args), overwrite=args.overwrite)
+    _print(f"published {out} ({', '.join(formats)}) in {time.perf_counter() - start:.1f} s; "
+           f"feature space: {result.feature_space}")
+    if result.history:
+        _print("last generator epoch: " + json.dumps(result.history[-1]))
+    return 0
+
+
+# ---------------------------------------------------------------- train
+
+def cmd_train(args) -> int:
+    src = _source_record(args)
+    data = load_source(src, args.root, args.download)
+    test_src = _source_record(args, "test_") if args.test_data else _default_test_source(src)
+    test = load_source(test_src, args.root, args.download)
+    data.check_compatible(test)
+    model = build_network(args.arch, data.num_classes, data.channels, args.seed, args.init)
+    task = None
+    if args.teacher:
+        if not args.teacher_arch:
+            raise ConfigError("--teacher needs --teacher-arch")
+        teacher = build_network(args.teacher_arch, data.num_classes, data.channels, weights=args.teacher)
+        task = DistillTask(teacher, args.temperature)
+    recipe = _recipe(args)
+    start = time.perf_counter()
+    train(model, data, recipe, task=task, device=args.device, seed=args.seed, progress=not args.quiet,
+          desc=f"train {args.arch}")
+    rec = {"arch": args.arch, "mode": "distill" if task else "normal", "init": args.init or f"seed:{args.seed}",
+           "data": src, "test": test_src, "test_acc": accuracy(model, test), "train_acc": accuracy(model, data),
+           "seconds": round(time.perf_counter() - start, 2), "recipe": recipe.to_dict()}
+    _print(f"{args.arch} ({rec['mode']}): test accuracy {rec['test_acc']:.2f}% "
+           f"(train {rec['train_acc']:.2f}%) in {rec['seconds']:.1f} s")
+    if args.save:
+        save_weights(args.save, model.state_dict(), metadata={"arch": args.arch})
+        _print(f"weights saved to {args.save}")
+    if args.record:
+        write_json(args.record, rec)
+    return 0
+
+
+def _default_test_source(src: dict) -> dict:
+    """The test split of the training data's source (the published set's own source for a published set)."""
+    if (Path(src["data"]) / "manifest.json").is_file():
+        src = read_published(src["data"]).manifest.get("source") or {}
+        if not src.get("data"):
+            raise ConfigError("this published set records no source; pass --test-data")
+    return {"data": src["data"], "split": "test", "per_class": None, "subset_seed": 0}
+
+
+# ---------------------------------------------------------------- evaluate
+
+def cmd_evaluate(args) -> int:
+    pub = read_published(args.published)
+    src = pub.manifest.get("source") or {}
+    test_src = _source_record(args, "test_") if args.test_data else _default_test_source({"data": str(pub.path)})
+    test = load_source(test_src, args.root, args.download)
+    if args.test_per_class is None and args.max_test is not None and len(test) > args.max_test:
+        test = test.per_class(args.max_test // test.num_classes)
+    clean = load_source(src, args.root, args.download) if args.baseline else None
+    hackers = [HackerSpec.parse(h) for h in args.hackers.split(",") if h.strip()]
+    out = Path(args.out) if args.out else pub.path.with_name(pub.path.name + "-eval")
+    start = time.perf_counter()
+    records = evaluate_published(pub, test, hackers, clean=clean, recipe=_recipe(args, pub.recipe), out_dir=out,
+                                 device=args.device, seed=args.seed, progress=not args.quiet)
+    _print(format_table(records))
+    _print(f"\n{len(records)} records in {out} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+# ---------------------------------------------------------------- verify
+
+def cmd_verify(args) -> int:
+    pub_manifest = read_published(args.published).manifest
+    if args.original_data:
+        src = _source_record(args, "original_")
+    else:
+        src = pub_manifest.get("source") or {}
+    original = None
+    if src.get("data"):
+        try:
+            original = load_source(src, args.root, args.download)
+        except UGEError as e:
+            _print(f"warning: cannot load the originals ({e}); checking hashes only")
+    report = verify(args.published, original)
+    for c in report.checks:
+        _print(f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}")
+    _print("verified: OK" if report.ok else "verified: FAILED")
+    return 0 if report.ok else 1
+
+
+# ---------------------------------------------------------------- demo
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    table, seconds = run_demo(args.out, device=args.device, progress=not args.quiet)
+    _print(table)
+    _print(f"\ndemo finished in {seconds:.1f} s on {resolve_device(args.device)}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uge", description=__doc__)
+    p.add_argument("--version", action="version", version=f"uge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("protect", help="protect a training set and publish it")
+    _add_data_args(q)
+    _add_common(q)
+    _add_recipe_args(q)
+    q.add_argument("--out", required=True, help="folder of the published set")
+    q.add_argument("--config", help="a JSON protect config (flags override it)")
+    q.add_argument("--authorized", action="append",
+                   help="ARCH, ARCH:SEED or ARCH:THETA0.safetensors; repeat for several authorized networks")
+    q.add_argument("--rho", type=float, help="L∞ budget on the [0,1] scale (default 0.04)")
+    q.add_argument("--trajectory-epochs", type=int, help="T (default 4)")
+    q.add_argument("--losses", help="comma list of gm,fd,ud (default all three)")
+    for name, typ in (("generator-epochs", int), ("generator-batch-size", int), ("generator-width", int),
+                      ("generator-lr", float), ("lambda-fd", float), ("lambda-ud", float), ("alpha", float),
+                      ("omega", float), ("temperature", float), ("encoder-epochs", int), ("seed", int)):
+        q.add_argument(f"--{name}", type=typ)
+    q.add_argument("--feature-space", choices=["encoder", "clip"])
+    q.add_argument("--clip-model", help="OpenCLIP model name (default ViT-B-32)")
+    q.add_argument("--clip-checkpoint", help="local OpenCLIP checkpoint file")
+    q.add_argument("--encoder-arch", help="network of the offline feature space (default resnetc20)")
+    q.add_argument("--hacker-arch", help="random network f'_θA of L_ud (default: the authorized architecture)")
+    q.add_argument("--format", default="npz,png", help="npz, png or both (default npz,png)")
+    q.add_argument("--work-dir", help="checkpoint folder for resuming (default: .<out>.work beside --out)")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=cmd_protect)
+
+    t = sub.add_parser("train", help="train a network on a clean or published set")
+    _add_data_args(t)
+    _add_data_args(t, required=False, prefix="test-")
+    _add_common(t)
+    _add_recipe_args(t)
+    t.set_defaults(test_split="test")
+    t.add_argument("--arch", required=True)
+    t.add_argument("--seed", type=int, default=0, help="initialization and training seed")
+    t.add_argument("--init", help="initial weights (safetensors), e.g. a published θ0")
+    t.add_argument("--teacher", help="teacher weights (safetensors): train by distillation")
+    t.add_argument("--teacher-arch")
+    t.add_argument("--temperature", type=float, default=4.0)
+    t.add_argument("--save", help="write the trained weights here (safetensors)")
+    t.add_argument("--record", help="write a JSON record here")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="the paper's threat model on a published set")
+    e.add_argument("published")
+    _add_data_args(e, required=False, prefix="test-")
+    _add_common(e)
+    _add_recipe_args(e)
+    e.set_defaults(test_split="test")
+    e.add_argument("--hackers", default=DEFAULT_HACKERS, help=f"ARCH[:MODE[:SEED]],... (default {DEFAULT_HACKERS})")
+    e.add_argument("--baseline", action="store_true", help="also train the same networks on the clean originals")
+    e.add_argument("--max-test", type=int, default=None, help="class-balanced cap on the test set size")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", help="records folder (default: <published>-eval)")
+    e.set_defaults(func=cmd_evaluate)
+
+    v = sub.add_parser("verify", help="check a published set's budget, labels, order and hashes")
+    v.add_argument("published")
+    _add_data_args(v, required=False, prefix="original-")
+    _add_common(v)
+    v.set_defaults(func=cmd_verify)
+
+    d = sub.add_parser("demo", help="protect and evaluate the built-in digits set (CPU, minutes)")
+    d.add_argument("--out", default="uge-demo", help="output folder (default ./uge-demo)")
+    _add_common(d)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``uge`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(message)s")
+    try:
+        return args.func(args)
+    except UGEError as e:
+        print(f"uge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("uge: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Configuration dataclasses of the protector, readable from and written to JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+from .training import Recipe
+
+LOSSES = ("gm", "fd", "ud")
+FEATURE_SPACES = ("encoder", "clip")
+
+
+@dataclass
+class AuthorizedSpec:
+    """One authorized network: an architecture and its initial weights θ0 (from ``seed``, or a file)."""
+
+    arch: str = "resnet18"
+    seed: int = 0
+    theta0: str | None = None  # a safetensors file holding θ0; overrides ``seed``
+
+    @classmethod
+    def parse(cls, text: str) -> "AuthorizedSpec":
+        """Parse ``ARCH``, ``ARCH:SEED`` or ``ARCH:PATH.safetensors``."""
+        arch, _, rest = text.partition(":")
+        if not rest:
+            return cls(arch=arch)
+        if rest.lstrip("-").isdigit():
+            return cls(arch=arch, seed=int(rest))
+        return cls(arch=arch, theta0=rest)
+
+
+@dataclass
+class ProtectConfig:
+    """Everything that determines a protection run (hyperparameters: supplement Tables 5–6)."""
+
+    authorized: list[AuthorizedSpec] = field(default_factory=lambda: [AuthorizedSpec()])
+    recipe: Recipe = field(default_factory=Recipe)  # the authorized training recipe, published with θ0
+    rho: float = 0.04  # L∞ budget on the [0, 1] scale
+    trajectory_epochs: int = 4  # T: checkpoints θ0..θT from the first T epochs of ``recipe``
+    losses: tuple[str, ...] = LOSSES  # which of L_gm, L_fd, L_ud are on (ablations of Table 1)
+    lambda_fd: float = 1.0
+    lambda_ud: float = 0.1
+    alpha: float = 0.1  # triplet margin of ℓ_tri
+    omega: float = 0.1  # weight of the KL term in L_ud
+    temperature: float = 4.0  # softmax temperature of the KL term in L_ud
+    hacker_arch: str | None = None  # f'_θA of L_ud; default: the first authorized architecture, another seed
+    generator_epochs: int = 50
+    generator_lr: float = 1e-3
+    generator_batch_size: int = 128
+    generator_width: int = 64
+    feature_space: str = "encoder"  # "clip" (the paper) or "encoder" (offline fallback)
+    clip_model: str = "ViT-B-32"
+    clip_checkpoint: str | None = None
+    encoder_arch: str = "resnetc20"
+    encoder_recipe: Recipe = field(default_factory=lambda: Recipe(epochs=10))
+    seed: int = 0
+
+    def __post_init__(self):
+        self.authorized = [a if isinstance(a, AuthorizedSpec) else AuthorizedSpec(**a) for a in self.authorized]
+        self.losses = tuple(self.losses)
+        if isinstance(self.recipe, dict):
+            self.recipe = Recipe.from_dict(self.recipe)
+        if isinstance(self.encoder_recipe, dict):
+            self.encoder_recipe = Recipe.from_dict(self.encoder_recipe)
+        problems = []
+        if not self.authorized:
+            problems.append("at least one authorized network is needed")
+        if not 0 < self.rho < 1:
+            problems.append(f"rho must be in (0, 1) on the [0, 1] pixel scale, got {self.rho}")
+        if 255 * self.rho < 1:
+            problems.append(f"rho={self.rho} is below one 8-bit step (1/255); the published images could not change")
+        if not self.losses or set(self.losses) - set(LOSSES):
+            problems.append(f"losses must be a non-empty subset of {LOSSES}, got {self.losses}")
+        if not 1 <= self.trajectory_epochs <= self.recipe.epochs:
+            problems.append(f"trajectory_epochs must be in [1, recipe.epochs={self.recipe.epochs}], "
+                            f"got {self.trajectory_epochs}")
+        if self.feature_space not in FEATURE_SPACES:
+            problems.append(f"feature_space must be one of {FEATURE_SPACES}, got {self.feature_space!r}")
+        for name in ("generator_epochs", "generator_batch_size", "generator_width"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be positive")
+        for name in ("generator_lr", "temperature"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        for name in ("lambda_fd", "lambda_ud", "alpha", "omega"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be non-negative")
+        if problems:
+            raise ConfigError("invalid protect config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["losses"] = list(self.losses)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ProtectConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown protect config key(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ProtectConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None

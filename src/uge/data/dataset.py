@@ -1,0 +1,91 @@
+"""The one in-memory form of an image classification set: uint8 images, int labels, class names."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+
+@dataclass
+class ImageDataset:
+    """An image classification set held in memory.
+
+    Attributes:
+        images: uint8 array (N, H, W, C), C in {1, 3}.
+        labels: int64 array (N,), values in [0, len(classes)).
+        classes: class names; label i names ``classes[i]``.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+
+    def __post_init__(self):
+        self.images = np.asarray(self.images)
+        self.labels = np.asarray(self.labels)
+        self.classes = [str(c) for c in self.classes]
+        if self.images.dtype != np.uint8:
+            raise DataError(f"images must be uint8, got {self.images.dtype}")
+        if self.images.ndim != 4 or self.images.shape[-1] not in (1, 3):
+            raise DataError(f"images must have shape (N, H, W, C) with C in {{1, 3}}, got {self.images.shape}")
+        if self.images.shape[1] < 8 or self.images.shape[2] < 8:
+            raise DataError(f"images must be at least 8x8 pixels, got {self.images.shape[1]}x{self.images.shape[2]}")
+        if not np.issubdtype(self.labels.dtype, np.integer):
+            raise DataError(f"labels must be integers, got {self.labels.dtype}")
+        self.labels = self.labels.astype(np.int64)
+        if self.labels.shape != (len(self.images),):
+            raise DataError(f"labels must have shape ({len(self.images)},), got {self.labels.shape}")
+        if len(self.classes) < 2:
+            raise DataError(f"need at least 2 classes, got {len(self.classes)}")
+        if len(set(self.classes)) != len(self.classes):
+            raise DataError("class names must be unique")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise DataError(
+                f"labels out of range: found [{self.labels.min()}, {self.labels.max()}] "
+                f"for {len(self.classes)} classes")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
+    def subset(self, indices) -> "ImageDataset":
+        """The samples at ``indices``, in that order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageDataset(self.images[idx], self.labels[idx], list(self.classes))
+
+    def per_class(self, n: int, seed: int = 0) -> "ImageDataset":
+        """A class-balanced subset: ``n`` random samples of every class, in their original order."""
+        rng = np.random.default_rng(seed)
+        keep = []
+        for c in range(self.num_classes):
+            idx = np.flatnonzero(self.labels == c)
+            if len(idx) < n:
+                raise DataError(f"class {self.classes[c]!r} has {len(idx)} samples, fewer than the {n} asked for")
+            keep.append(rng.choice(idx, size=n, replace=False))
+        return self.subset(np.sort(np.concatenate(keep)))
+
+    def tensors(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images (N, C, H, W), int64 labels (N,)) on ``device``; divide by 255 to get [0, 1]."""
+        x = torch.from_numpy(np.ascontiguousarray(self.images.transpose(0, 3, 1, 2))).to(device)
+        return x, torch.from_numpy(self.labels).to(device)
+
+    def check_compatible(self, other: "ImageDataset", what: str = "test set") -> None:
+        """Raise DataError unless ``other`` has the same classes, channels and image size."""
+        if other.classes != self.classes:
+            raise DataError(f"{what} classes {other.classes} do not match training classes {self.classes}")
+        if other.images.shape[1:] != self.images.shape[1:]:
+            raise DataError(f"{what} images are {other.images.shape[1:]}, training images {self.images.shape[1:]}")

@@ -1,0 +1,100 @@
+"""The three losses of Ungeneralizable Examples (Eqs. 6–11) and the distillation loss (Eq. 10).
+
+All functions take logits / features as tensors and return a scalar mean over the batch.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def matched_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that gradient matching compares: conv and linear weights (ndim > 1).
+
+    Biases and normalization parameters are skipped, as in dataset condensation (Zhao et al., ICLR 2021).
+    """
+    return [p for p in model.parameters() if p.ndim > 1]
+
+
+def gradient_distance(g_a: Sequence[torch.Tensor], g_b: Sequence[torch.Tensor], eps: float = 1e-8) -> torch.Tensor:
+    """Cosine distance between two network gradients (Dist in Eq. 6).
+
+    Each weight tensor is split into its output channels (rows of the (out, -1) view); the distance is
+    1 − cos per output channel, averaged over channels, then averaged over tensors. The result lies in
+    [0, 2]: 0 when the gradients point the same way channel by channel, 1 when orthogonal.
+    (Zhao et al. sum instead of averaging; the mean keeps L_gm on the scale of one cosine distance, which
+    is the scale the paper's λ weights assume.)
+    """
+    if len(g_a) != len(g_b) or not g_a:
+        raise ValueError("gradient lists must be non-empty and of equal length")
+    per_tensor = []
+    for a, b in zip(g_a, g_b):
+        a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        per_tensor.append((1 - F.cosine_similarity(a2, b2, dim=1, eps=eps)).mean())
+    return torch.stack(per_tensor).mean()
+
+
+def gradient_matching_loss(model: nn.Module, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor,
+                           params: Sequence[nn.Parameter] | None = None) -> torch.Tensor:
+    """L_gm (Eq. 6) for one checkpoint: Dist(∇θ CE(f(x), y), ∇θ CE(f(x_u), y)).
+
+    The clean gradient is a constant; the gradient on x_u keeps its graph (second order) so that the
+    loss can be differentiated with respect to x_u and through it the generator. Gradients are those of
+    the batch's mean loss, as in dataset condensation.
+    """
+    params = list(params) if params is not None else matched_parameters(model)
+    g_clean = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    g_u = torch.autograd.grad(F.cross_entropy(model(x_u), y), params, create_graph=True)
+    return gradient_distance([g.detach() for g in g_clean], g_u)
+
+
+def least_similar_class(f_clean: torch.Tensor, class_feats: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """For each sample, the class c ≠ y whose class feature is least similar to the clean image feature."""
+    sim = f_clean @ class_feats.T
+    sim = sim.scatter(1, y[:, None], float("inf"))  # exclude the true class
+    return sim.argmin(dim=1)
+
+
+def feature_distance_loss(f_clean: torch.Tensor, f_prot: torch.Tensor, class_feats: torch.Tensor,
+                          y: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+    """L_fd (Eqs. 7–9): mean of ℓ_feat + ℓ_tri over the batch.
+
+    Args:
+        f_clean: F_i, normalized image features of the clean images (B, D), treated as constants.
+        f_prot: F'_i, normalized image features of the protected images (B, D).
+        class_feats: F_t^c, normalized class ("text") features (K, D).
+        y: labels (B,).
+        alpha: triplet margin α.
+
+    ℓ_feat = −‖F_i − F'_i‖² pushes protected features away from clean ones (Eq. 8);
+    ℓ_tri = ‖F'_i − F'_t‖² + max(0, α − ‖F'_i − F_t‖²) pulls them to the least similar wrong class F'_t
+    and pushes them from the true class F_t (Eq. 9).
+    """
+    f_clean = f_clean.detach()
+    l_feat = -(f_clean - f_prot).pow(2).sum(1)
+    far = class_feats[least_similar_class(f_clean, class_feats, y)]
+    true = class_feats[y]
+    l_tri = (f_prot - far).pow(2).sum(1) + torch.clamp(alpha - (f_prot - true).pow(2).sum(1), min=0)
+    return (l_feat + l_tri).mean()
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """Distillation loss τ² · KL(softmax(t/τ) ‖ softmax(s/τ)), batch mean (Hinton et al.; Eq. 10)."""
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
+    return kl * temperature ** 2
+
+
+def undistill_loss(auth_logits: torch.Tensor, hacker_logits: torch.Tensor, y: torch.Tensor,
+                   omega: float = 0.1, temperature: float = 4.0) -> torch.Tensor:
+    """L_ud (Eq. 11): CE(f_θ(x_u), y) − ω · KL(f_θ(x_u) ‖ f'_θA(x_u)), the KL taken at temperature τ.
+
+    Minimizing it keeps x_u correctly classified by the trained authorized network while pushing the
+    authorized network's soft outputs away from those of a random hacker network, so a student distilled
+    from the authorized network receives misleading "dark knowledge".
+    """
+    return F.cross_entropy(auth_logits, y) - omega * kd_loss(hacker_logits, auth_logits, temperature)

@@ -1,0 +1,240 @@
+"""The UGE protector: trajectory → generator training (Eq. 4) → protected images (Algorithm 1).
+
+Long runs are resumable: the trajectories, the feature encoder and the generator (after every epoch) are
+checkpointed in a work folder, and a rerun with the same config picks up where the last one stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import ProtectConfig
+from .data.dataset import ImageDataset
+from .errors import ConfigError
+from .features import build_feature_space
+from .losses import feature_distance_loss, gradient_matching_loss, undistill_loss
+from .models import Generator, create_model
+from .training import record_trajectory, train
+from .utils import resolve_device
+from .weights import build_network, load_weights, save_weights
+
+log = logging.getLogger("uge")
+
+
+@dataclass
+class Protection:
+    """What a protection run produces; :func:`uge.publish.publish` writes it to disk."""
+
+    protected: ImageDataset  # the quantized (8-bit) protected images, same order and labels
+    config: ProtectConfig
+    theta0: list[dict[str, torch.Tensor]]  # θ0 of every authorized network, in config order
+    feature_space: str  # which feature space L_fd used (logged and published)
+    history: list[dict] = field(default_factory=list)  # mean losses per generator epoch
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
+
+
+def quantize(x_u: torch.Tensor, x_uint8: torch.Tensor, rho: float) -> torch.Tensor:
+    """Round protected images in [0, 1] to uint8 while keeping ‖q − x‖∞ ≤ ρ on the 8-bit scale.
+
+    Plain rounding could step one level past the budget (e.g. 255ρ = 10.2 allows 10 levels, not 11),
+    so the rounded value is clamped to ±floor(255ρ) levels around the clean pixel.
+    """
+    steps = int(np.floor(255 * rho + 1e-9))
+    q = torch.round(x_u * 255).to(torch.int16)
+    x = x_uint8.to(torch.int16)
+    return torch.clamp(torch.minimum(torch.maximum(q, x - steps), x + steps), 0, 255).to(torch.uint8)
+
+
+class _Workdir:
+    """Checkpoints of one protection run; refuses to mix runs with different configs."""
+
+    def __init__(self, path: Path, config: dict):
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        cfg_file = path / "config.json"
+        if cfg_file.exists():
+            if json.loads(cfg_file.read_text()) != config:
+                raise ConfigError(f"work folder {path} holds a run with another config; "
+                                  "delete it or rerun with the same config to resume")
+        else:
+            cfg_file.write_text(json.dumps(config, indent=2))
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def _trajectory(k, spec, cfg, data, device, work, progress):
+    """θ0..θT of authorized network k, from the work folder or by training."""
+    f = work.file(f"trajectory_{k}.safetensors")
+    if f.exists():
+        flat = load_weights(f)
+        states = [{} for _ in range(cfg.trajectory_epochs + 1)]
+        for key, v in flat.items():
+            t, _, name = key.partition("/")
+            states[int(t)][name] = v
+        log.info("authorized %d (%s): trajectory resumed from %s", k, spec.arch, f)
+        return states
+    model = build_network(spec.arch, data.num_classes, data.channels, spec.seed, spec.theta0)
+    states = record_trajectory(model, data, cfg.recipe, cfg.trajectory_epochs, device=device,
+                               seed=cfg.seed + k, progress=progress)
+    save_weights(f, {f"{t}/{name}": v for t, s in enumerate(states) for name, v in s.items()})
+    return states
+
+
+def _feature_space(cfg, data, device, work, progress):
+    """The L_fd feature space: CLIP (the paper) or an encoder trained on the clean data (offline fallback)."""
+    if cfg.feature_space == "clip":
+        return build_feature_space("clip", classes=data.classes, device=device, model_name=cfg.clip_model,
+                                   pretrained=cfg.clip_checkpoint)
+    log.warning("L_fd uses the offline fallback feature space (a %s encoder trained on the clean data, "
+                "class means as class features), not CLIP as in the paper", cfg.encoder_arch)
+    encoder = create_model(cfg.encoder_arch, data.num_classes, data.channels, seed=cfg.seed + 10_000)
+    f = work.file("encoder.safetensors")
+    if f.exists():
+        encoder.load_state_dict(load_weights(f))
+    else:
+        train(encoder, data, cfg.encoder_recipe, device=device, seed=cfg.seed + 10_000, progress=progress,
+              desc="feature encoder")
+        save_weights(f, encoder.state_dict())
+    return build_feature_space("encoder", classes=data.classes, train_set=data, device=device, model=encoder)
+
+
+def _frozen(model: nn.Module, device) -> nn.Module:
+    return model.to(device).eval().requires_grad_(False)
+
+
+def protect(data: ImageDataset, config: ProtectConfig, *, device="auto", work_dir: str | Path | None = None,
+            progress: bool = True, keep_work: bool = False) -> Protection:
+    """Train a UGE generator on ``data`` and return the protected (8-bit) set.
+
+    Args:
+        data: the clean training set.
+        config: hyperparameters, authorized networks and which losses are on.
+        device: "auto", "cpu" or "cuda".
+        work_dir: checkpoint folder for resuming (a temporary one is used when None and deleted at the end).
+        keep_work: keep ``work_dir`` after success (otherwise it is deleted).
+    """
+    cfg, device = config, resolve_device(device)
+    for a in cfg.authorized:  # fail on a bad name before any training
+        create_model(a.arch, data.num_classes, data.channels)
+    if work_dir is None:
+        import tempfile
+        work_dir = tempfile.mkdtemp(prefix="uge-work-")
+    work = _Workdir(Path(work_dir), cfg.to_dict())
+    timer, seconds = time.perf_counter(), {}
+    rng = np.random.default_rng(cfg.seed)
+    use = set(cfg.losses)
+
+    # Authorized networks: the trajectory checkpoints θ0..θT-1 for L_gm, the trained θT for L_ud.
+    theta0, gm_models, ud_models = [], [], []
+    for k, spec in enumerate(cfg.authorized):
+        states = _trajectory(k, spec, cfg, data, device, work, progress)
+        theta0.append(states[0])
+        if "gm" in use:
+            gm_models.append([_load(spec.arch, data, s, device).train() for s in states[:-1]])
+        if "ud" in use:
+            ud_models.append(_frozen(_load(spec.arch, data, states[-1], device), device))
+    seconds["trajectory"] = time.perf_counter() - timer
+
+    timer = time.perf_counter()
+    space = _feature_space(cfg, data, device, work, progress) if "fd" in use else None
+    space_name = space.name if space is not None else "none"
+    if space is not None:
+        space = _frozen(space, device)
+        class_feats = space.class_features().to(device)
+    hacker = None
+    if "ud" in use:
+        hacker = _frozen(create_model(cfg.hacker_arch or cfg.authorized[0].arch, data.num_classes, data.channels,
+                                      seed=cfg.seed + 20_000), device)
+    seconds["feature_space"] = time.perf_counter() - timer
+
+    # Generator training (Algorithm 1, lines 6–15), resumable per epoch.
+    timer = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    gen = Generator(data.channels, cfg.rho, width=cfg.generator_width).to(device)
+    opt = torch.optim.Adam(gen.parameters(), lr=cfg.generator_lr)
+    history, start = [], 0
+    ckpt = work.file("generator.pt")
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        gen.load_state_dict(state["generator"])
+        opt.load_state_dict(state["optimizer"])
+        history, start = state["history"], state["epoch"]
+        rng = np.random.default_rng([cfg.seed, start])
+        log.info("generator resumed after epoch %d of %d", start, cfg.generator_epochs)
+    images, labels = data.tensors(device)
+    n, bs = len(data), min(cfg.generator_batch_size, len(data))
+    bar = tqdm(range(start, cfg.generator_epochs), desc="generator", disable=None if progress else True, leave=False,
+               initial=start, total=cfg.generator_epochs)
+    for epoch in bar:
+        gen.train()
+        sums = {"gm": 0.0, "fd": 0.0, "ud": 0.0, "total": 0.0}
+        order = torch.from_numpy(rng.permutation(n)).to(device)
+        steps = max(1, n // bs)
+        for i in range(steps):
+            idx = order[i * bs:(i + 1) * bs]
+            x, y = images[idx].float().div_(255), labels[idx]
+            x_u = gen(x)
+            terms = {}
+            if "gm" in use:  # Eq. 6, averaged over authorized networks (Eq. 12); a random θt per step
+                terms["gm"] = torch.stack([
+                    gradient_matching_loss(models[rng.integers(len(models))], x, x_u, y) for models in gm_models
+                ]).mean()
+            if "fd" in use:  # Eqs. 7–9
+                with torch.no_grad():
+                    f_clean = space.image_features(x)
+                terms["fd"] = cfg.lambda_fd * feature_distance_loss(f_clean, space.image_features(x_u), class_feats,
+                                                                    y, cfg.alpha)
+            if "ud" in use:  # Eq. 11, averaged over authorized networks (Eq. 12)
+                h = hacker(x_u)
+                terms["ud"] = cfg.lambda_ud * torch.stack([
+                    undistill_loss(m(x_u), h, y, cfg.omega, cfg.temperature) for m in ud_models]).mean()
+            loss = sum(terms.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward(inputs=list(gen.parameters()))
+            opt.step()
+            for k, v in terms.items():
+                sums[k] += v.item()
+            sums["total"] += loss.item()
+        record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items() if k == "total" or k in use}}
+        history.append(record)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "epoch"})
+        torch.save({"generator": gen.state_dict(), "optimizer": opt.state_dict(), "history": history,
+                    "epoch": epoch + 1}, ckpt)
+    seconds["generator"] = time.perf_counter() - timer
+
+    timer = time.perf_counter()
+    protected = generate(gen, data, device)
+    seconds["generate"] = time.perf_counter() - timer
+    if not keep_work:
+        shutil.rmtree(work.path, ignore_errors=True)
+    return Protection(protected, cfg, theta0, space_name, history, seconds)
+
+
+def _load(arch: str, data: ImageDataset, state: dict, device) -> nn.Module:
+    model = create_model(arch, data.num_classes, data.channels)
+    model.load_state_dict(state)
+    return model.to(device)
+
+
+@torch.no_grad()
+def generate(gen: Generator, data: ImageDataset, device="auto", batch_size: int = 500) -> ImageDataset:
+    """Apply a trained generator to every image and quantize to 8 bits within the budget."""
+    device = resolve_device(device)
+    gen.to(device).eval()
+    images, _ = data.tensors("cpu")
+    out = []
+    for i in range(0, len(images), batch_size):
+        x8 = images[i:i + batch_size].to(device)
+        out.append(quantize(gen(x8.float() / 255), x8, gen.rho).cpu())
+    protected = torch.cat(out).permute(0, 2, 3, 1).numpy()
+    return ImageDataset(protected, data.labels.copy(), list(data.classes))

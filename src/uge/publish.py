@@ -1,0 +1,264 @@
+"""Write, read and verify a published (protected) data set.
+
+Layout of a published folder::
+
+    manifest.json            config, authorized networks, recipe, versions, hashes
+    checksums.sha256         SHA-256 of every other file (``sha256sum -c`` format)
+    data.npz                 images (N, H, W, C) uint8, labels, classes      [format "npz"]
+    images/<class>/<i>.png   the same images as lossless PNG, i = position   [format "png"]
+    authorized/theta0_<k>.safetensors   θ0 of authorized network k
+
+The folder is written atomically: it appears under its final name only once complete.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .data.dataset import ImageDataset
+from .errors import ConfigError, DataError, VerificationError
+from .protect import Protection
+from .training import Recipe
+from .utils import atomic_dir, sha256_file, versions, write_json
+from .weights import build_network, save_weights
+
+FORMAT = "uge-published"
+FORMAT_VERSION = 1
+FORMATS = ("npz", "png")
+
+
+def array_sha256(a: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and bytes (used to pin labels and the original images)."""
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _png_path(label: int, classes: list[str], index: int) -> str:
+    return f"images/{classes[label]}/{index:06d}.png"
+
+
+def publish(result: Protection, original: ImageDataset, out: str | Path, *, formats=("npz",),
+            source: dict | None = None, overwrite: bool = False) -> Path:
+    """Write ``result`` as a published set in folder ``out`` and return its path.
+
+    Args:
+        original: the clean set that was protected (its hash is recorded so ``verify`` can find
+            the right originals; the originals themselves are not written).
+        formats: any of "npz" and "png".
+        source: where the clean data came from (recorded in the manifest for ``verify``/``evaluate``).
+    """
+    formats = tuple(formats)
+    if not formats or set(formats) - set(FORMATS):
+        raise ConfigError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
+    data, cfg = result.protected, result.config
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        if "npz" in formats:
+            np.savez(tmp / "data.npz", images=data.images, labels=data.labels, classes=np.array(data.classes))
+        if "png" in formats:
+            for c in data.classes:
+                (tmp / "images" / c).mkdir(parents=True)
+            for i, (img, y) in enumerate(zip(data.images, data.labels)):
+                Image.fromarray(img[..., 0] if data.channels == 1 else img).save(
+                    tmp / _png_path(int(y), data.classes, i), compress_level=6)
+        authorized = []
+        for k, (spec, state) in enumerate(zip(cfg.authorized, result.theta0)):
+            rel = f"authorized/theta0_{k}.safetensors"
+            save_weights(tmp / rel, state, metadata={"arch": spec.arch})
+            authorized.append({"arch": spec.arch, "seed": spec.seed, "theta0": rel,
+                               "num_classes": data.num_classes, "in_channels": data.channels})
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        sums = "".join(f"{sha256_file(tmp / f)}  {f}\n" for f in files)
+        (tmp / "checksums.sha256").write_text(sums)
+        write_json(tmp / "manifest.json", {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "method": "Ungeneralizable Examples (Ye & Wang, CVPR 2024)",
+            "formats": list(formats), "num_samples": len(data), "image_shape": list(data.images.shape[1:]),
+            "classes": data.classes, "rho": cfg.rho, "rho_levels": int(np.floor(255 * cfg.rho + 1e-9)),
+            "labels_sha256": array_sha256(data.labels), "original_sha256": array_sha256(original.images),
+            "source": source or {}, "authorized": authorized, "recipe": cfg.recipe.to_dict(),
+            "feature_space": result.feature_space, "config": cfg.to_dict(), "history": result.history,
+            "seconds": result.seconds, "versions": versions(),
+            "checksums_sha256": hashlib.sha256(sums.encode()).hexdigest(),
+        })
+    return Path(out)
+
+
+@dataclass
+class Published:
+    """A published set read back from disk."""
+
+    path: Path
+    manifest: dict
+    data: ImageDataset
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe.from_dict(self.manifest["recipe"])
+
+    def authorized_network(self, k: int = 0):
+        """Authorized network k at its published θ0."""
+        a = self.manifest["authorized"][k]
+        return build_network(a["arch"], a["num_classes"], a["in_channels"], weights=self.path / a["theta0"])
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    f = path / "manifest.json"
+    if not path.is_dir():
+        raise DataError(f"published set not found: {path}")
+    if not f.is_file():
+        raise DataError(f"{path} is not a complete published set: manifest.json is missing")
+    try:
+        manifest = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{f} is not valid JSON: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{f} is not a uge published-set manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise DataError(f"{path} was written by a newer uge (format {manifest['format_version']})")
+    return manifest
+
+
+def _read_png_tree(path: Path, manifest: dict, labels: np.ndarray) -> np.ndarray:
+    h, w, c = manifest["image_shape"]
+    images = np.empty((len(labels), h, w, c), np.uint8)
+    for i, y in enumerate(labels):
+        f = path / _png_path(int(y), manifest["classes"], i)
+        try:
+            img = np.asarray(Image.open(f))
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {f}: {e}") from None
+        img = img.reshape(h, w, -1)
+        if img.shape[-1] != c:
+            raise DataError(f"{f} has {img.shape[-1]} channels, expected {c}")
+        images[i] = img
+    return images
+
+
+def read_published(path: str | Path, prefer: str = "npz") -> Published:
+    """Load a published set (from ``data.npz`` if present, else from the PNG tree)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    formats = manifest["formats"]
+    fmt = prefer if prefer in formats else formats[0]
+    if fmt == "npz":
+        try:
+            with np.load(path / "data.npz", allow_pickle=False) as z:
+                data = ImageDataset(z["images"], z["labels"], list(z["classes"]))
+        except (OSError, KeyError, ValueError) as e:
+            raise DataError(f"cannot read {path / 'data.npz'}: {e}") from None
+    else:
+        labels = _labels_from_png_tree(path, manifest)
+        data = ImageDataset(_read_png_tree(path, manifest, labels), labels, manifest["classes"])
+    return Published(path, manifest, data)
+
+
+def _labels_from_png_tree(path: Path, manifest: dict) -> np.ndarray:
+    labels = np.full(manifest["num_samples"], -1, np.int64)
+    for y, c in enumerate(manifest["classes"]):
+        for f in (path / "images" / c).glob("*.png"):
+            labels[int(f.stem)] = y
+    if (labels < 0).any():
+        raise DataError(f"{path / 'images'}: image {int(np.argmax(labels < 0))} is missing")
+    return labels
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of :func:`verify`: one :class:`Check` per property."""
+
+    checks: list[Check] = field(default_factory=list)
+    linf: float | None = None  # measured L∞ distance to the originals on the [0, 1] scale
+
+    @property
+    def ok(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def add(self, name: str, passed: bool, detail: str) -> bool:
+        self.checks.append(Check(name, bool(passed), detail))
+        return bool(passed)
+
+    def raise_if_failed(self):
+        if not self.ok:
+            failed = "; ".join(f"{c.name}: {c.detail}" for c in self.checks if not c.passed)
+            raise VerificationError(f"verification failed: {failed}")
+
+
+def verify(path: str | Path, original: ImageDataset | None = None) -> VerifyReport:
+    """Check a published set: file hashes, format agreement, and (given the originals) budget and labels.
+
+    Every check is run and reported; nothing is raised for a failed check (see
+    :meth:`VerifyReport.raise_if_failed`), only for a folder that is not a published set at all.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    report = VerifyReport()
+
+    sums_file = path / "checksums.sha256"
+    sums = sums_file.read_text() if sums_file.is_file() else ""
+    report.add("checksums file", hashlib.sha256(sums.encode()).hexdigest() == manifest.get("checksums_sha256"),
+               "checksums.sha256 matches the manifest" if sums else "checksums.sha256 is missing")
+    listed = {}
+    for line in sums.splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
+    bad = [n for n, d in listed.items() if not (path / n).is_file() or sha256_file(path / n) != d]
+    present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+    extra = sorted(present - set(listed) - {"manifest.json", "checksums.sha256"})
+    report.add("file hashes", not bad and bool(listed),
+               f"{len(listed)} files match" if not bad else f"{len(bad)} file(s) changed or missing, "
+               f"first: {bad[0]}")
+    report.add("no extra files", not extra, "none" if not extra else f"unexpected file(s), first: {extra[0]}")
+    if bad:
+        return report  # decoding tampered files proves nothing more
+
+    pub = read_published(path)
+    data = pub.data
+    if "png" in manifest["formats"] and "npz" in manifest["formats"]:
+        png = read_published(path, prefer="png").data
+        report.add("npz = png", np.array_equal(png.images, data.images) and np.array_equal(png.labels, data.labels),
+                   "data.npz and the PNG tree hold the same images and labels")
+    report.add("labels", array_sha256(data.labels) == manifest["labels_sha256"] and data.classes == manifest["classes"],
+               f"{len(data)} labels and {data.num_classes} classes match the manifest")
+    for a in manifest["authorized"]:
+        try:
+            build_network(a["arch"], a["num_classes"], a["in_channels"], weights=path / a["theta0"])
+            report.add(f"θ0 {a['theta0']}", True, f"loads into {a['arch']}")
+        except Exception as e:  # noqa: BLE001 — any failure to load is a failed check
+            report.add(f"θ0 {a['theta0']}", False, str(e))
+
+    if original is None:
+        report.add("budget", True, "not checked: pass the original data to check the L∞ budget and the order")
+        return report
+    if original.images.shape != data.images.shape:
+        report.add("originals", False, f"original images are {original.images.shape}, published {data.images.shape}")
+        return report
+    report.add("originals", array_sha256(original.images) == manifest["original_sha256"],
+               "the given originals are the ones that were protected" if
+               array_sha256(original.images) == manifest["original_sha256"] else
+               "the given originals differ from the ones recorded at protection time")
+    report.add("labels unchanged", np.array_equal(original.labels, data.labels) and original.classes == data.classes,
+               "labels, classes and order equal the originals")
+    diff = np.abs(data.images.astype(np.int16) - original.images.astype(np.int16))
+    levels = int(diff.max())
+    report.linf = levels / 255
+    report.add("budget", levels <= manifest["rho_levels"],
+               f"L∞ = {levels}/255 = {levels / 255:.4f} (ρ = {manifest['rho']}, {manifest['rho_levels']} levels); "
+               f"mean |δ| = {diff.mean():.2f}/255")
+    return report

@@ -1,0 +1,218 @@
+"""The one training loop: SGD + momentum, a warmup/decay schedule, crop + flip augmentation on the device.
+
+A *task* turns a batch into a loss (supervised cross-entropy, or distillation from a frozen teacher), so
+normal training, distillation and trajectory recording all run through :func:`train`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data.dataset import ImageDataset
+from .errors import ConfigError
+from .losses import kd_loss
+from .utils import resolve_device
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class Recipe:
+    """How a network is trained. Published with θ0 as the authorized recipe.
+
+    ``schedule``: lr warms up linearly over the first ``warmup`` fraction of steps, then decays to 0
+    ("linear", "cosine") or stays ("constant"). ``crop``: random-crop with zero padding of 1/8 of the
+    image size; ``flip``: random horizontal flip.
+    """
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup: float = 0.1
+    schedule: str = "linear"
+    crop: bool = True
+    flip: bool = True
+    temperature: float = 4.0  # distillation softmax temperature
+
+    def __post_init__(self):
+        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 2, "lr": self.lr > 0,
+                  "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
+                  "warmup": 0 <= self.warmup < 1, "schedule": self.schedule in SCHEDULES,
+                  "temperature": self.temperature > 0}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"invalid recipe value(s) for {', '.join(bad)}: "
+                              f"{ {k: getattr(self, k) for k in bad} } (schedules: {', '.join(SCHEDULES)})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown recipe key(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Learning rate at optimizer step ``step`` of ``total``."""
+        warm = int(self.warmup * total)
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        if self.schedule == "constant":
+            return self.lr
+        frac = (step - warm) / max(1, total - warm)
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * frac))
+        return self.lr * (1 - frac)
+
+
+class SupervisedTask:
+    """Cross-entropy on the data set's labels."""
+
+    name = "normal"
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), y)
+
+
+class DistillTask:
+    """Knowledge distillation (Eq. 10): KL to a frozen teacher's soft outputs on the same batch; labels unused."""
+
+    name = "distill"
+
+    def __init__(self, teacher: nn.Module, temperature: float = 4.0):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.temperature = temperature
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = self.teacher(x)
+        return kd_loss(model(x), t, self.temperature)
+
+
+def augment(x: torch.Tensor, crop: bool = True, flip: bool = True) -> torch.Tensor:
+    """Random crop (zero padding of size/8, at least 1 px) and horizontal flip of a batch, on its device."""
+    b, c, h, w = x.shape
+    if crop:
+        p = max(1, round(min(h, w) / 8))
+        xp = F.pad(x, (p, p, p, p))
+        oy = torch.randint(0, 2 * p + 1, (b, 1), device=x.device)
+        ox = torch.randint(0, 2 * p + 1, (b, 1), device=x.device)
+        rows = (oy + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (ox + torch.arange(w, device=x.device))[:, None, None, :]
+        x = xp[torch.arange(b, device=x.device)[:, None, None, None],
+               torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    if flip:
+        mask = torch.rand(b, 1, 1, 1, device=x.device) < 0.5
+        x = torch.where(mask, x.flip(3), x)
+    return x
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train(model: nn.Module, data: ImageDataset, recipe: Recipe, *, task=None, device="auto", seed: int = 0,
+          stop_after: int | None = None, on_epoch: Callable[[int, nn.Module], None] | None = None,
+          progress: bool = True, desc: str = "train") -> nn.Module:
+    """Train ``model`` in place on ``data`` with ``recipe`` and return it.
+
+    Args:
+        task: :class:`SupervisedTask` (default) or :class:`DistillTask`.
+        seed: fixes the shuffling and augmentation; the same seed repeats the run on the same device.
+        stop_after: stop after this many epochs while keeping the schedule of ``recipe.epochs``
+            (trajectory recording uses the first T epochs of the authorized recipe).
+        on_epoch: called as ``on_epoch(epoch, model)`` after each epoch (epoch counts from 1).
+    """
+    device = resolve_device(device)
+    task = task or SupervisedTask()
+    if isinstance(task, DistillTask):
+        task.teacher.to(device)
+    model.to(device).train()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    images, labels = data.tensors(device)
+    n, bs = len(data), min(recipe.batch_size, len(data))
+    steps_per_epoch = n // bs  # drop the last partial batch: BatchNorm needs more than one sample
+    total = steps_per_epoch * recipe.epochs
+    epochs = recipe.epochs if stop_after is None else min(stop_after, recipe.epochs)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0)
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        bar = tqdm(range(1, epochs + 1), desc=desc, disable=None if progress else True, leave=False)
+        for epoch in bar:
+            order = torch.randperm(n, generator=gen).to(device)
+            running = torch.zeros((), device=device)
+            for i in range(steps_per_epoch):
+                idx = order[i * bs:(i + 1) * bs]
+                x = augment(images[idx].float().div_(255), recipe.crop, recipe.flip)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                for g in opt.param_groups:
+                    g["lr"] = recipe.lr_at(step, total)
+                with _autocast(device):
+                    loss = task.loss(model, x, labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                running += loss.detach()
+                step += 1
+            loss_value = (running / steps_per_epoch).item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"training diverged at epoch {epoch} (loss {loss_value}); lower the lr")
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+            if on_epoch is not None:
+                on_epoch(epoch, model)
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Logits (float32) of uint8 or [0, 1] float images (N, C, H, W), in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        with _autocast(device):
+            out.append(model(x).float())
+    return torch.cat(out)
+
+
+def accuracy(model: nn.Module, data: ImageDataset, batch_size: int = 1000) -> float:
+    """Top-1 accuracy (in %) of ``model`` on ``data``."""
+    device = next(model.parameters()).device
+    images, labels = data.tensors(device)
+    return (predict(model, images, batch_size).argmax(1) == labels).float().mean().item() * 100
+
+
+def record_trajectory(model: nn.Module, data: ImageDataset, recipe: Recipe, steps: int, *, device="auto",
+                      seed: int = 0, progress: bool = True) -> list[dict[str, torch.Tensor]]:
+    """θ0, θ1, …, θT: the model's state (CPU copies) before training and after each of the first T epochs.
+
+    The model is trained in place; on return it holds θT.
+    """
+    snapshot = lambda m: {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()}  # noqa: E731
+    states = [snapshot(model)]
+    train(model, data, recipe, device=device, seed=seed, stop_after=steps,
+          on_epoch=lambda e, m: states.append(snapshot(m)), progress=progress, desc="trajectory")
+    return states

@@ -1,0 +1,50 @@
+"""Safe weight files: safetensors only, never pickle."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import ConfigError
+from .models.registry import Classifier, create_model
+
+
+def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+    """Write a state dict as safetensors (atomically: temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors state dict; a missing or malformed file is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not a valid safetensors weights file: {e}") from None
+
+
+def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load weights from ``path`` into ``model``; a shape or key mismatch is a ConfigError."""
+    state = load_weights(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"weights in {path} do not fit this network: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def build_network(arch: str, num_classes: int, in_channels: int, seed: int = 0,
+                  weights: str | os.PathLike | None = None) -> Classifier:
+    """A registered network initialized from ``seed``, or from a weights file when one is given."""
+    model = create_model(arch, num_classes, in_channels, seed=seed)
+    return load_into(model, weights) if weights else model
