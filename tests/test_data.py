@@ -1,7 +1,6 @@
 """Tests of the data loaders: folder trees, tar archives, npz, digits, caching and every error."""
 from __future__ import annotations
 
-import io
 import tarfile
 from pathlib import Path
 

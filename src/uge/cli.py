@@ -10,9 +10,9 @@ from pathlib import Path
 
 from . import __version__
 from .config import AuthorizedSpec, ProtectConfig
-from .data import ImageDataset, load_dataset
+from .data import ImageDataset, load_dataset, load_splits
 from .errors import ConfigError, UGEError
-from .evaluate import HackerSpec, evaluate_published, evaluate_set, format_table
+from .evaluate import HackerSpec, evaluate_published, format_table
 from .protect import protect
 from .publish import read_published, verify
 from .training import DistillTask, Recipe, accuracy, train
@@ -126,7 +126,7 @@ def cmd_train(args) -> int:
     src = _source_record(args)
     data = load_source(src, args.root, args.download)
     test_src = _source_record(args, "test_") if args.test_data else _default_test_source(src)
-    test = load_source(test_src, args.root, args.download)
+    test = _load_test(test_src, args)
     data.check_compatible(test)
     model = build_network(args.arch, data.num_classes, data.channels, args.seed, args.init)
     task = None
@@ -158,7 +158,14 @@ def _default_test_source(src: dict) -> dict:
         src = read_published(src["data"]).manifest.get("source") or {}
         if not src.get("data"):
             raise ConfigError("this published set records no source; pass --test-data")
-    return {"data": src["data"], "split": "test", "per_class": None, "subset_seed": 0}
+    return {"data": src["data"], "split": "test", "per_class": None, "subset_seed": 0, "default": True}
+
+
+def _load_test(test_src: dict, args) -> ImageDataset:
+    """The test set; a defaulted one must be a real test split of the source, never its training images."""
+    if test_src.get("default"):
+        return load_splits(test_src["data"], root=args.root, download=args.download)[1]
+    return load_source(test_src, args.root, args.download)
 
 
 # ---------------------------------------------------------------- evaluate
@@ -167,7 +174,7 @@ def cmd_evaluate(args) -> int:
     pub = read_published(args.published)
     src = pub.manifest.get("source") or {}
     test_src = _source_record(args, "test_") if args.test_data else _default_test_source({"data": str(pub.path)})
-    test = load_source(test_src, args.root, args.download)
+    test = _load_test(test_src, args)
     if args.test_per_class is None and args.max_test is not None and len(test) > args.max_test:
         test = test.per_class(args.max_test // test.num_classes)
     clean = load_source(src, args.root, args.download) if args.baseline else None
@@ -176,8 +183,10 @@ def cmd_evaluate(args) -> int:
     start = time.perf_counter()
     records = evaluate_published(pub, test, hackers, clean=clean, recipe=_recipe(args, pub.recipe), out_dir=out,
                                  device=args.device, seed=args.seed, progress=not args.quiet)
-    _print(format_table(records))
-    _print(f"\n{len(records)} records in {out} ({time.perf_counter() - start:.1f} s)")
+    table = format_table(records)
+    (out / "table.md").write_text(table + "\n")
+    _print(table)
+    _print(f"\n{len(records)} records and table.md in {out} ({time.perf_counter() - start:.1f} s)")
     return 0
 
 

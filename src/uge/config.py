@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .training import Recipe
+from .utils import from_dict
 
 LOSSES = ("gm", "fd", "ud")
 FEATURE_SPACES = ("encoder", "clip")
@@ -98,10 +99,7 @@ class ProtectConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ProtectConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown protect config key(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return from_dict(cls, d, "protect config")
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ProtectConfig":

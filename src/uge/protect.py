@@ -105,7 +105,8 @@ def _feature_space(cfg, data, device, work, progress):
         train(encoder, data, cfg.encoder_recipe, device=device, seed=cfg.seed + 10_000, progress=progress,
               desc="feature encoder")
         save_weights(f, encoder.state_dict())
-    return build_feature_space("encoder", classes=data.classes, train_set=data, device=device, model=encoder)
+    return build_feature_space("encoder", classes=data.classes, train_set=data, device=device, model=encoder,
+                               arch=cfg.encoder_arch)
 
 
 def _frozen(model: nn.Module, device) -> nn.Module:

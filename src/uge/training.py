@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .data.dataset import ImageDataset
 from .errors import ConfigError
 from .losses import kd_loss
-from .utils import resolve_device
+from .utils import from_dict, resolve_device
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -59,10 +59,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown recipe key(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return from_dict(cls, d, "recipe")
 
     def lr_at(self, step: int, total: int) -> float:
         """Learning rate at optimizer step ``step`` of ``total``."""

@@ -31,6 +31,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def from_dict(cls, d: dict, what: str):
+    """Build dataclass ``cls`` from ``d``, rejecting unknown keys with a ConfigError that names them."""
+    import dataclasses
+
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown {what} key(s): {', '.join(sorted(unknown))}")
+    return cls(**d)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()

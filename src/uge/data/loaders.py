@@ -104,15 +104,19 @@ def load_splits(source: str | os.PathLike, *, per_class_train: int | None = None
     """Load the ``train`` and ``test`` splits of ``source`` and check that they match.
 
     For built-in sets the test split is the official one. An ``.npz`` file or a tree without split
-    folders has one split only, so both results then hold the same images.
+    folders has one split only: that is an error here, since testing on the training images would
+    silently overstate every accuracy.
 
     Raises:
-        DataError: as :func:`load_dataset`, or the two splits differ in classes or image shape.
+        DataError: as :func:`load_dataset`, the source has a single split, or the two splits differ in
+            classes or image shape.
     """
     common = dict(root=root, download=download, cache_dir=cache_dir, seed=seed)
     train = load_dataset(source, "train", per_class=per_class_train, **common)
     test = load_dataset(source, "test", per_class=per_class_test, **common)
     train.check_compatible(test, "test set")
+    if np.array_equal(train.labels, test.labels) and np.array_equal(train.images, test.images):
+        raise DataError(f"{source} holds a single split (no train/test folders); give the test set separately")
     return train, test
 
 
