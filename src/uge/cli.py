@@ -14,7 +14,7 @@ from .data import ImageDataset, load_dataset, load_splits
 from .errors import ConfigError, UGEError
 from .evaluate import HackerSpec, evaluate_published, format_table
 from .protect import protect
-from .publish import read_published, verify
+from .publish import FORMATS, read_published, verify
 from .training import DistillTask, Recipe, accuracy, train
 from .utils import resolve_device, write_json
 from .weights import build_network, save_weights
@@ -102,8 +102,10 @@ def cmd_protect(args) -> int:
     from .publish import publish
 
     cfg = _protect_config(args)
-    data = load_source(_source_record(args), args.root, args.download)
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    if not formats or set(formats) - set(FORMATS):  # fail before any training
+        raise ConfigError(f"--format must be a comma list of {', '.join(FORMATS)}, got {args.format!r}")
+    data = load_source(_source_record(args), args.root, args.download)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it")

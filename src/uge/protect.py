@@ -138,6 +138,9 @@ def protect(data: ImageDataset, config: ProtectConfig, *, device="auto", work_di
     # Authorized networks: the trajectory checkpoints θ0..θT-1 for L_gm, the trained θT for L_ud.
     theta0, gm_models, ud_models = [], [], []
     for k, spec in enumerate(cfg.authorized):
+        if not use & {"gm", "ud"}:  # L_fd alone needs θ0 only (it is still published)
+            theta0.append(build_network(spec.arch, data.num_classes, data.channels, spec.seed, spec.theta0).state_dict())
+            continue
         states = _trajectory(k, spec, cfg, data, device, work, progress)
         theta0.append(states[0])
         if "gm" in use:
@@ -214,6 +217,7 @@ def protect(data: ImageDataset, config: ProtectConfig, *, device="auto", work_di
     seconds["generator"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
+    recalibrate_batchnorm(gen, data, device)
     protected = generate(gen, data, device)
     seconds["generate"] = time.perf_counter() - timer
     if not keep_work:
@@ -225,6 +229,29 @@ def _load(arch: str, data: ImageDataset, state: dict, device) -> nn.Module:
     model = create_model(arch, data.num_classes, data.channels)
     model.load_state_dict(state)
     return model.to(device)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(gen: Generator, data: ImageDataset, device="auto", batch_size: int = 500) -> None:
+    """Set the generator's BatchNorm running statistics to their exact averages over ``data``.
+
+    The generator is optimized in train mode (batch statistics); its running averages lag behind after few
+    steps, so an eval-mode generator could output much weaker perturbations than the one that was trained.
+    One pass with cumulative averaging (``momentum=None``) and dropout off makes eval mode match training.
+    """
+    device = resolve_device(device)
+    gen.to(device).eval()
+    norms = [m for m in gen.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    images, _ = data.tensors("cpu")
+    for i in range(0, len(images), batch_size):
+        gen(images[i:i + batch_size].to(device).float() / 255)
+    for m in norms:
+        m.momentum = 0.1
+    gen.eval()
 
 
 @torch.no_grad()

@@ -166,7 +166,8 @@ def _labels_from_png_tree(path: Path, manifest: dict) -> np.ndarray:
     labels = np.full(manifest["num_samples"], -1, np.int64)
     for y, c in enumerate(manifest["classes"]):
         for f in (path / "images" / c).glob("*.png"):
-            labels[int(f.stem)] = y
+            if f.stem.isdigit() and int(f.stem) < len(labels):  # other files are reported by verify's file check
+                labels[int(f.stem)] = y
     if (labels < 0).any():
         raise DataError(f"{path / 'images'}: image {int(np.argmax(labels < 0))} is missing")
     return labels

@@ -65,7 +65,8 @@ class Generator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Protected images x_u in [0, 1] with ‖x_u − x‖∞ ≤ ρ, for images x in [0, 1] of shape (B, C, H, W)."""
-        g = x + self.rho * torch.tanh(self.perturbation(x))
+        h = torch.nan_to_num(self.perturbation(x))  # an overflow must not let NaN escape the ball
+        g = x + self.rho * torch.tanh(h)
         return project(g, x, self.rho)
 
 
