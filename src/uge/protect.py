@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,105 @@ def _frozen(model: nn.Module, device) -> nn.Module:
     return model.to(device).eval().requires_grad_(False)
 
 
+class UGEObjective:
+    """L_all = L_gm + λ_fd·L_fd + λ_ud·L_ud (Eq. 4), with the losses that are switched off left out.
+
+    Holds the frozen pieces the losses need: the trajectory checkpoints θ0..θT-1 of every authorized
+    network (L_gm), their trained θT and a random hacker network (L_ud), and the feature space (L_fd).
+    """
+
+    def __init__(self, cfg: ProtectConfig, gm_models, ud_models, space, hacker):
+        self.cfg, self.gm_models, self.ud_models, self.space, self.hacker = cfg, gm_models, ud_models, space, hacker
+        self.class_feats = space.class_features() if space is not None else None
+
+    def terms(self, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> dict:
+        """The weighted loss terms of one batch, by name ("gm", "fd", "ud")."""
+        cfg, terms = self.cfg, {}
+        if self.gm_models:  # Eq. 6, averaged over authorized networks (Eq. 12); a random θt per step
+            terms["gm"] = torch.stack([gradient_matching_loss(models[rng.integers(len(models))], x, x_u, y)
+                                       for models in self.gm_models]).mean()
+        if self.space is not None:  # Eqs. 7–9
+            with torch.no_grad():
+                f_clean = self.space.image_features(x)
+            terms["fd"] = cfg.lambda_fd * feature_distance_loss(f_clean, self.space.image_features(x_u),
+                                                                self.class_feats, y, cfg.alpha)
+        if self.ud_models:  # Eq. 11, averaged over authorized networks (Eq. 12)
+            h = self.hacker(x_u)
+            terms["ud"] = cfg.lambda_ud * torch.stack([undistill_loss(m(x_u), h, y, cfg.omega, cfg.temperature)
+                                                       for m in self.ud_models]).mean()
+        return terms
+
+
+def _objective(cfg: ProtectConfig, data: ImageDataset, device, work: _Workdir, progress: bool, seconds: dict):
+    """Build the objective: trajectories (or θ0 alone), feature space and hacker; returns (objective, θ0s).
+
+    The wall times of the two stages go into ``seconds`` ("trajectory", "feature_space").
+    """
+    use, timer = set(cfg.losses), time.perf_counter()
+    theta0, gm_models, ud_models = [], [], []
+    for k, spec in enumerate(cfg.authorized):
+        if not use & {"gm", "ud"}:  # L_fd alone needs θ0 only (it is still published)
+            net = build_network(spec.arch, data.num_classes, data.channels, spec.seed, spec.theta0)
+            theta0.append(net.state_dict())
+            continue
+        states = _trajectory(k, spec, cfg, data, device, work, progress)
+        theta0.append(states[0])
+        if "gm" in use:
+            gm_models.append([_load(spec.arch, data, s, device).train() for s in states[:-1]])
+        if "ud" in use:
+            ud_models.append(_frozen(_load(spec.arch, data, states[-1], device), device))
+    seconds["trajectory"], timer = time.perf_counter() - timer, time.perf_counter()
+    space = _frozen(_feature_space(cfg, data, device, work, progress), device) if "fd" in use else None
+    hacker = None
+    if "ud" in use:
+        hacker = _frozen(create_model(cfg.hacker_arch or cfg.authorized[0].arch, data.num_classes, data.channels,
+                                      seed=cfg.seed + 20_000), device)
+    seconds["feature_space"] = time.perf_counter() - timer
+    return UGEObjective(cfg, gm_models, ud_models, space, hacker), theta0
+
+
+def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDataset, device, work: _Workdir,
+                     progress: bool) -> tuple[Generator, list[dict]]:
+    """Algorithm 1, lines 6–15: minimize L_all over the generator, checkpointing after every epoch."""
+    torch.manual_seed(cfg.seed)
+    gen = Generator(data.channels, cfg.rho, width=cfg.generator_width).to(device)
+    opt = torch.optim.Adam(gen.parameters(), lr=cfg.generator_lr)
+    history, start, rng = [], 0, np.random.default_rng(cfg.seed)
+    ckpt = work.file("generator.pt")
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        gen.load_state_dict(state["generator"])
+        opt.load_state_dict(state["optimizer"])
+        history, start = state["history"], state["epoch"]
+        rng = np.random.default_rng([cfg.seed, start])
+        log.info("generator resumed after epoch %d of %d", start, cfg.generator_epochs)
+    images, labels = data.tensors(device)
+    n, bs = len(data), min(cfg.generator_batch_size, len(data))
+    steps = max(1, n // bs)
+    bar = tqdm(range(start, cfg.generator_epochs), desc="generator", disable=None if progress else True, leave=False,
+               initial=start, total=cfg.generator_epochs)
+    for epoch in bar:
+        gen.train()
+        sums: dict[str, float] = {}
+        order = torch.from_numpy(rng.permutation(n)).to(device)
+        for i in range(steps):
+            idx = order[i * bs:(i + 1) * bs]
+            x, y = images[idx].float().div_(255), labels[idx]
+            terms = objective.terms(x, gen(x), y, rng)
+            terms["total"] = loss = sum(terms.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward(inputs=list(gen.parameters()))  # the networks inside the losses stay untouched
+            opt.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+        record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
+        history.append(record)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "epoch"})
+        torch.save({"generator": gen.state_dict(), "optimizer": opt.state_dict(), "history": history,
+                    "epoch": epoch + 1}, ckpt)
+    return gen, history
+
+
 def protect(data: ImageDataset, config: ProtectConfig, *, device="auto", work_dir: str | Path | None = None,
             progress: bool = True, keep_work: bool = False) -> Protection:
     """Train a UGE generator on ``data`` and return the protected (8-bit) set.
@@ -127,101 +227,19 @@ def protect(data: ImageDataset, config: ProtectConfig, *, device="auto", work_di
     cfg, device = config, resolve_device(device)
     for a in cfg.authorized:  # fail on a bad name before any training
         create_model(a.arch, data.num_classes, data.channels)
-    if work_dir is None:
-        import tempfile
-        work_dir = tempfile.mkdtemp(prefix="uge-work-")
-    work = _Workdir(Path(work_dir), cfg.to_dict())
-    timer, seconds = time.perf_counter(), {}
-    rng = np.random.default_rng(cfg.seed)
-    use = set(cfg.losses)
-
-    # Authorized networks: the trajectory checkpoints θ0..θT-1 for L_gm, the trained θT for L_ud.
-    theta0, gm_models, ud_models = [], [], []
-    for k, spec in enumerate(cfg.authorized):
-        if not use & {"gm", "ud"}:  # L_fd alone needs θ0 only (it is still published)
-            theta0.append(build_network(spec.arch, data.num_classes, data.channels, spec.seed, spec.theta0).state_dict())
-            continue
-        states = _trajectory(k, spec, cfg, data, device, work, progress)
-        theta0.append(states[0])
-        if "gm" in use:
-            gm_models.append([_load(spec.arch, data, s, device).train() for s in states[:-1]])
-        if "ud" in use:
-            ud_models.append(_frozen(_load(spec.arch, data, states[-1], device), device))
-    seconds["trajectory"] = time.perf_counter() - timer
-
+    work = _Workdir(Path(work_dir or tempfile.mkdtemp(prefix="uge-work-")), cfg.to_dict())
+    seconds = {}
+    objective, theta0 = _objective(cfg, data, device, work, progress, seconds)
     timer = time.perf_counter()
-    space = _feature_space(cfg, data, device, work, progress) if "fd" in use else None
-    space_name = space.name if space is not None else "none"
-    if space is not None:
-        space = _frozen(space, device)
-        class_feats = space.class_features().to(device)
-    hacker = None
-    if "ud" in use:
-        hacker = _frozen(create_model(cfg.hacker_arch or cfg.authorized[0].arch, data.num_classes, data.channels,
-                                      seed=cfg.seed + 20_000), device)
-    seconds["feature_space"] = time.perf_counter() - timer
-
-    # Generator training (Algorithm 1, lines 6–15), resumable per epoch.
-    timer = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    gen = Generator(data.channels, cfg.rho, width=cfg.generator_width).to(device)
-    opt = torch.optim.Adam(gen.parameters(), lr=cfg.generator_lr)
-    history, start = [], 0
-    ckpt = work.file("generator.pt")
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        gen.load_state_dict(state["generator"])
-        opt.load_state_dict(state["optimizer"])
-        history, start = state["history"], state["epoch"]
-        rng = np.random.default_rng([cfg.seed, start])
-        log.info("generator resumed after epoch %d of %d", start, cfg.generator_epochs)
-    images, labels = data.tensors(device)
-    n, bs = len(data), min(cfg.generator_batch_size, len(data))
-    bar = tqdm(range(start, cfg.generator_epochs), desc="generator", disable=None if progress else True, leave=False,
-               initial=start, total=cfg.generator_epochs)
-    for epoch in bar:
-        gen.train()
-        sums = {"gm": 0.0, "fd": 0.0, "ud": 0.0, "total": 0.0}
-        order = torch.from_numpy(rng.permutation(n)).to(device)
-        steps = max(1, n // bs)
-        for i in range(steps):
-            idx = order[i * bs:(i + 1) * bs]
-            x, y = images[idx].float().div_(255), labels[idx]
-            x_u = gen(x)
-            terms = {}
-            if "gm" in use:  # Eq. 6, averaged over authorized networks (Eq. 12); a random θt per step
-                terms["gm"] = torch.stack([
-                    gradient_matching_loss(models[rng.integers(len(models))], x, x_u, y) for models in gm_models
-                ]).mean()
-            if "fd" in use:  # Eqs. 7–9
-                with torch.no_grad():
-                    f_clean = space.image_features(x)
-                terms["fd"] = cfg.lambda_fd * feature_distance_loss(f_clean, space.image_features(x_u), class_feats,
-                                                                    y, cfg.alpha)
-            if "ud" in use:  # Eq. 11, averaged over authorized networks (Eq. 12)
-                h = hacker(x_u)
-                terms["ud"] = cfg.lambda_ud * torch.stack([
-                    undistill_loss(m(x_u), h, y, cfg.omega, cfg.temperature) for m in ud_models]).mean()
-            loss = sum(terms.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward(inputs=list(gen.parameters()))
-            opt.step()
-            for k, v in terms.items():
-                sums[k] += v.item()
-            sums["total"] += loss.item()
-        record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items() if k == "total" or k in use}}
-        history.append(record)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "epoch"})
-        torch.save({"generator": gen.state_dict(), "optimizer": opt.state_dict(), "history": history,
-                    "epoch": epoch + 1}, ckpt)
+    gen, history = _train_generator(objective, cfg, data, device, work, progress)
     seconds["generator"] = time.perf_counter() - timer
-
     timer = time.perf_counter()
     recalibrate_batchnorm(gen, data, device)
     protected = generate(gen, data, device)
     seconds["generate"] = time.perf_counter() - timer
     if not keep_work:
         shutil.rmtree(work.path, ignore_errors=True)
+    space_name = objective.space.name if objective.space is not None else "none"
     return Protection(protected, cfg, theta0, space_name, history, seconds)
 
 
