@@ -227,7 +227,8 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="uge", description=__doc__)
+    p = argparse.ArgumentParser(prog="uge", description="Ungeneralizable Examples: publish an image data set "
+                                "that only your chosen (authorized) network can learn from.")
     p.add_argument("--version", action="version", version=f"uge {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
