@@ -97,7 +97,8 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
                 write_json(rec_file, rec)
             records.append(rec)
             log.info("%s  authorized %-12s test acc %.2f%%", data_label, name, res["test_acc"])
-        teacher = teacher or model
+        if teacher is None:
+            teacher = model
     for h in hackers:
         rec_file = out / f"{data_label}_hacker_{h.key}.json" if out else None
         if rec_file and rec_file.exists():
