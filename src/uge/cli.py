@@ -166,7 +166,8 @@ def _default_test_source(src: dict) -> dict:
 def _load_test(test_src: dict, args) -> ImageDataset:
     """The test set; a defaulted one must be a real test split of the source, never its training images."""
     if test_src.get("default"):
-        return load_splits(test_src["data"], root=args.root, download=args.download)[1]
+        test = load_splits(test_src["data"], root=args.root, download=args.download)[1]
+        return test.per_class(args.test_per_class, args.test_subset_seed) if args.test_per_class else test
     return load_source(test_src, args.root, args.download)
 
 
@@ -177,8 +178,6 @@ def cmd_evaluate(args) -> int:
     src = pub.manifest.get("source") or {}
     test_src = _source_record(args, "test_") if args.test_data else _default_test_source({"data": str(pub.path)})
     test = _load_test(test_src, args)
-    if args.test_per_class is None and args.max_test is not None and len(test) > args.max_test:
-        test = test.per_class(args.max_test // test.num_classes)
     clean = load_source(src, args.root, args.download) if args.baseline else None
     hackers = [HackerSpec.parse(h) for h in args.hackers.split(",") if h.strip()]
     out = Path(args.out) if args.out else pub.path.with_name(pub.path.name + "-eval")
@@ -281,7 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(test_split="test")
     e.add_argument("--hackers", default=DEFAULT_HACKERS, help=f"ARCH[:MODE[:SEED]],... (default {DEFAULT_HACKERS})")
     e.add_argument("--baseline", action="store_true", help="also train the same networks on the clean originals")
-    e.add_argument("--max-test", type=int, default=None, help="class-balanced cap on the test set size")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="records folder (default: <published>-eval)")
     e.set_defaults(func=cmd_evaluate)
