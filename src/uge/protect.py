@@ -25,7 +25,7 @@ from .features import build_feature_space
 from .losses import feature_distance_loss, gradient_matching_loss, undistill_loss
 from .models import Generator, create_model
 from .training import record_trajectory, train
-from .utils import resolve_device
+from .utils import atomic_file, atomic_write_text, resolve_device
 from .weights import build_network, load_weights, save_weights
 
 log = logging.getLogger("uge")
@@ -67,7 +67,7 @@ class _Workdir:
                 raise ConfigError(f"work folder {path} holds a run with another config; "
                                   "delete it or rerun with the same config to resume")
         else:
-            cfg_file.write_text(json.dumps(config, indent=2))
+            atomic_write_text(cfg_file, json.dumps(config, indent=2))
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -208,8 +208,9 @@ def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDat
         record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
         history.append(record)
         bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "epoch"})
-        torch.save({"generator": gen.state_dict(), "optimizer": opt.state_dict(), "history": history,
-                    "epoch": epoch + 1}, ckpt)
+        with atomic_file(ckpt) as tmp:  # a kill mid-save must not corrupt the resume point
+            torch.save({"generator": gen.state_dict(), "optimizer": opt.state_dict(), "history": history,
+                        "epoch": epoch + 1}, tmp)
     return gen, history
 
 

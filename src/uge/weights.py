@@ -11,15 +11,13 @@ from torch import nn
 
 from .errors import ConfigError
 from .models.registry import Classifier, create_model
+from .utils import atomic_file
 
 
 def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
     """Write a state dict as safetensors (atomically: temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -41,7 +41,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -49,6 +48,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ..errors import DataError
+from ..utils import atomic_file
 from .dataset import ImageDataset
 
 __all__ = ["load_dataset", "load_splits", "save_npz", "BUILTINS", "default_cache_dir"]
@@ -442,16 +442,5 @@ def _cached(cache_dir: Path, label: str, key: str, build: Callable[[], ImageData
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
