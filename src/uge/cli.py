@@ -212,6 +212,32 @@ def cmd_verify(args) -> int:
     return 0 if report.ok else 1
 
 
+# ---------------------------------------------------------------- benchmark and report
+
+def cmd_benchmark(args) -> int:
+    from .benchmark import load_config, run_benchmark, write_report
+
+    cfg = load_config(args.config)
+    if args.data:  # the same experiment on data stored elsewhere (e.g. a copy on a GPU machine)
+        cfg.data.source = args.data
+    out = Path(args.out or Path("runs") / cfg.name)
+    start = time.perf_counter()
+    records = run_benchmark(cfg, out, device=args.device, root=args.root, progress=not args.quiet)
+    report = write_report(out)
+    _print((report / "table.md").read_text())
+    _print(f"{len(records)} records in {out}, report in {report} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .benchmark import write_report
+
+    report = write_report(args.run_dir, args.out)
+    _print((report / "report.md").read_text())
+    _print(f"report written to {report}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 
 def cmd_demo(args) -> int:
@@ -289,6 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(v, required=False, prefix="original-")
     _add_common(v)
     v.set_defaults(func=cmd_verify)
+
+    b = sub.add_parser("benchmark", help="run (or resume) an experiment grid from a TOML config")
+    b.add_argument("config", help="a benchmark config, e.g. configs/table1-cpu.toml")
+    b.add_argument("--out", help="run folder (default runs/<config name>); rerun to resume")
+    b.add_argument("--data", help="override the config's data source (same experiment, other location)")
+    b.add_argument("--device", default=None, help="auto, cpu or cuda (default: the config's)")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.add_argument("--root", default=None, help="torchvision data root for cifar10/cifar100")
+    b.set_defaults(func=cmd_benchmark)
+
+    r = sub.add_parser("report", help="tables and figures from a benchmark run folder (never retrains)")
+    r.add_argument("run_dir")
+    r.add_argument("--out", help="report folder (default <run_dir>/report)")
+    r.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="protect and evaluate the built-in digits set (CPU, minutes)")
     d.add_argument("--out", default="uge-demo", help="output folder (default ./uge-demo)")

@@ -61,15 +61,18 @@ def _fit(model, train_set, test_set, recipe, task, device, seed, progress, desc)
                    "seconds": round(time.perf_counter() - start, 2)}
 
 
-def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: list[tuple[str, Classifier]],
+def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: list[tuple],
                  hackers: list[HackerSpec], recipe: Recipe, *, data_label: str, out_dir: str | Path | None = None,
-                 device="auto", seed: int = 0, progress: bool = True, extra: dict | None = None) -> list[dict]:
+                 device="auto", seed: int = 0, progress: bool = True, extra: dict | None = None,
+                 recipes: dict[str, Recipe] | None = None) -> list[dict]:
     """Train the authorized networks (from their θ0) and the hackers on ``train_set``; test on ``test_set``.
 
     Args:
-        authorized: (name, network at θ0) pairs; the first one, once trained, is the distillation teacher.
+        authorized: (arch, network at θ0) or (arch, network, init label) tuples; the first one, once
+            trained, is the distillation teacher.
         data_label: "clean" or "protected" (or any tag), stored in each record and its file name.
         out_dir: where records (and the trained authorized weights, for resuming) go; None keeps them in memory.
+        recipes: per-architecture recipes for the hackers (the authorized networks always use ``recipe``).
     Returns:
         one record per trained network.
     """
@@ -81,7 +84,7 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
     common = {"data": data_label, "n_train": len(train_set), "n_test": len(test_set), "recipe": recipe.to_dict(),
               "device": str(device), "versions": versions(), **(extra or {})}
     records, teacher = [], None
-    for k, (name, model) in enumerate(authorized):
+    for k, (name, model, *init) in enumerate(authorized):
         rec_file = out / f"{data_label}_authorized{k}_{name}.json" if out else None
         weights = rec_file.with_suffix(".safetensors") if rec_file else None
         if rec_file and rec_file.exists() and weights.exists():
@@ -91,7 +94,8 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
         else:
             model, res = _fit(model, train_set, test_set, recipe, SupervisedTask(), device, seed, progress,
                               f"{data_label}: authorized {name}")
-            rec = {**common, "role": "authorized", "arch": name, "mode": "normal", "init": "theta0", **res}
+            rec = {**common, "role": "authorized", "index": k, "arch": name, "mode": "normal",
+                   "init": init[0] if init else "theta0", **res}
             if out:
                 save_weights(weights, model.state_dict())
                 write_json(rec_file, rec)
@@ -106,9 +110,11 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
             log.info("skip %s (done)", rec_file.name)
             continue
         model = create_model(h.arch, train_set.num_classes, train_set.channels, seed=h.seed)
-        _, res = _fit(model, train_set, test_set, recipe, TASKS[h.mode](teacher, recipe), device, seed, progress,
+        h_recipe = (recipes or {}).get(h.arch, recipe)
+        _, res = _fit(model, train_set, test_set, h_recipe, TASKS[h.mode](teacher, h_recipe), device, seed, progress,
                       f"{data_label}: {h.arch} {h.mode}")
-        rec = {**common, "role": "hacker", "arch": h.arch, "mode": h.mode, "init": f"seed:{h.seed}", **res}
+        rec = {**common, "recipe": h_recipe.to_dict(), "role": "hacker", "arch": h.arch, "mode": h.mode,
+               "init": f"seed:{h.seed}", **res}
         if rec_file:
             write_json(rec_file, rec)
         records.append(rec)

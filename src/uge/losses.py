@@ -52,8 +52,11 @@ def gradient_matching_loss(model: nn.Module, x: torch.Tensor, x_u: torch.Tensor,
 
 
 def least_similar_class(f_clean: torch.Tensor, class_feats: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """For each sample, the class c ≠ y whose class feature is least similar to the clean image feature."""
-    sim = f_clean @ class_feats.T
+    """For each sample, the class c ≠ y whose class feature is least similar to the clean image feature.
+
+    Classes without a feature (NaN rows, e.g. classes absent from one server's part) are never chosen.
+    """
+    sim = (f_clean @ class_feats.T).nan_to_num(nan=float("inf"))
     sim = sim.scatter(1, y[:, None], float("inf"))  # exclude the true class
     return sim.argmin(dim=1)
 

@@ -9,6 +9,7 @@ text feature of "A photo of a <class c>").
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Callable
 
 import torch
@@ -17,6 +18,8 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from .base import FeatureSpace, check_images, register_feature_space
+
+log = logging.getLogger("uge")
 
 
 def _in_channels(model: nn.Module, default: int) -> int:
@@ -61,9 +64,14 @@ class EncoderSpace(FeatureSpace):
             sums.index_add_(0, y, feats)
             counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))
         empty = [train_set.classes[c] for c in range(train_set.num_classes) if counts[c] == 0]
-        if empty:
-            raise DataError(f"cannot build class features: no training images of class(es) {empty}")
-        return F.normalize(sums / counts.double()[:, None], dim=-1).float()
+        if len(empty) >= train_set.num_classes - 1:
+            raise DataError(f"cannot build class features: images of at least two classes are needed, "
+                            f"none of {empty}")
+        if empty:  # e.g. one server of a class-split (federated) set; L_fd never picks these classes
+            log.warning("no training images of class(es) %s: they get no class feature", empty)
+        protos = F.normalize(sums / counts.double().clamp(min=1)[:, None], dim=-1).float()
+        protos[counts == 0] = float("nan")
+        return protos
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x)

@@ -1,0 +1,181 @@
+"""Experiment grids as small TOML files: data, recipes, protection variants, hackers, the paper's numbers.
+
+A config is validated completely when it is read (unknown keys, wrong types, bad values, unknown
+architectures), so a typo fails in a second instead of after an hour of training.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import AuthorizedSpec, ProtectConfig
+from ..errors import ConfigError
+from ..evaluate import HackerSpec
+from ..models.registry import list_models
+from ..training import Recipe
+from ..utils import from_dict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PROTECTORS = ("clean", "uge")  # issue 4 adds the baseline protectors (EM, TAP, REM, CUDA, random)
+
+
+@dataclass
+class DataSpec:
+    """Where the training and test images come from, and which class-balanced subsets to use."""
+
+    source: str = "digits"
+    split: str = "train"
+    test_source: str | None = None  # default: ``source``'s test split
+    test_split: str = "test"
+    per_class: int | None = None  # None: every training image
+    test_per_class: int | None = None
+    subset_seed: int = 0
+
+    def __post_init__(self):
+        for name in ("per_class", "test_per_class"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be positive (or left out for every image)")
+
+
+@dataclass
+class Variant:
+    """One way of producing the training set: the clean originals, or a protector with overrides.
+
+    ``overrides`` are ProtectConfig fields (e.g. ``losses``, ``rho``, ``authorized``) on top of the
+    config's ``[protect]`` table. ``federated`` splits the classes between servers that each protect
+    their own part with the same authorized networks (Table 9); the union is evaluated.
+    """
+
+    name: str
+    protector: str = "uge"
+    federated: list[list[int]] | None = None
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.name).strip("-").lower()
+
+
+@dataclass
+class BenchmarkConfig:
+    """A whole experiment: every variant is evaluated with the same authorized networks and hackers."""
+
+    name: str
+    description: str = ""
+    device: str = "auto"
+    seed: int = 0
+    data: DataSpec = field(default_factory=DataSpec)
+    recipe: Recipe = field(default_factory=Recipe)  # the authorized (published) recipe; hackers' default
+    recipes: dict[str, Recipe] = field(default_factory=dict)  # per-architecture hacker recipes
+    protect: dict = field(default_factory=dict)  # ProtectConfig fields shared by the variants
+    hackers: list[HackerSpec] = field(default_factory=list)
+    variants: list[Variant] = field(default_factory=list)
+    paper: dict = field(default_factory=dict)  # the paper's numbers, shown beside ours by the report
+
+    def protect_config(self, variant: Variant) -> ProtectConfig:
+        """The full protect config of a variant (the clean variant uses it for its authorized networks)."""
+        d = {**copy.deepcopy(self.protect), **copy.deepcopy(variant.overrides)}
+        d["authorized"] = [vars(AuthorizedSpec.parse(a)) if isinstance(a, str) else a for a in d.get(
+            "authorized", ["resnet18:0"])]
+        d["recipe"] = self.recipe.to_dict()
+        if "encoder_epochs" in d:  # shorthand for encoder_recipe.epochs
+            d.setdefault("encoder_recipe", {})["epochs"] = d.pop("encoder_epochs")
+        return ProtectConfig.from_dict(d)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "device": self.device, "seed": self.seed,
+                "data": vars(self.data), "recipe": self.recipe.to_dict(),
+                "recipes": {k: r.to_dict() for k, r in self.recipes.items()}, "protect": self.protect,
+                "evaluate": {"hackers": [f"{h.arch}:{h.mode}:{h.seed}" for h in self.hackers]},
+                "variant": [{"name": v.name, "protector": v.protector, "federated": v.federated, **v.overrides}
+                            for v in self.variants], "paper": self.paper}
+
+
+_TOP_KEYS = {"name", "description", "device", "seed", "data", "recipe", "recipes", "protect", "evaluate",
+             "variant", "paper"}
+
+
+def parse_config(d: dict, where: str = "config") -> BenchmarkConfig:
+    """Build and validate a :class:`BenchmarkConfig` from a parsed TOML/JSON document."""
+    unknown = set(d) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_TOP_KEYS))}")
+    if not isinstance(d.get("name"), str) or not d["name"]:
+        raise ConfigError(f"{where}: 'name' (a non-empty string) is required")
+    try:
+        ev = d.get("evaluate", {})
+        if set(ev) - {"hackers"}:
+            raise ConfigError(f"unknown evaluate key(s): {', '.join(sorted(set(ev) - {'hackers'}))}; known: hackers")
+        cfg = BenchmarkConfig(
+            name=d["name"], description=d.get("description", ""), device=d.get("device", "auto"),
+            seed=d.get("seed", 0), data=from_dict(DataSpec, d.get("data", {}), "data"),
+            recipe=Recipe.from_dict(d.get("recipe", {})),
+            recipes={k: Recipe.from_dict({**d.get("recipe", {}), **v}) for k, v in d.get("recipes", {}).items()},
+            protect=dict(d.get("protect", {})), hackers=[HackerSpec.parse(h) for h in ev.get("hackers", [])],
+            variants=[_variant(v) for v in d.get("variant", [])], paper=dict(d.get("paper", {})))
+        _check(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg
+
+
+def _variant(v: dict) -> Variant:
+    if not isinstance(v, dict) or not isinstance(v.get("name"), str) or not v["name"].strip():
+        raise ConfigError(f"every [[variant]] needs a 'name', got {v!r}")
+    rest = dict(v)
+    return Variant(name=rest.pop("name"), protector=rest.pop("protector", "uge"),
+                   federated=rest.pop("federated", None), overrides=rest)
+
+
+def _check(cfg: BenchmarkConfig) -> None:
+    if not cfg.variants:
+        raise ConfigError("at least one [[variant]] is needed")
+    slugs = [v.slug for v in cfg.variants]
+    if len(set(slugs)) != len(slugs) or "" in slugs:
+        raise ConfigError(f"variant names must be distinct (as folder names): {[v.name for v in cfg.variants]}")
+    models = set(list_models())
+    archs = {h.arch for h in cfg.hackers} | set(cfg.recipes)
+    for v in cfg.variants:
+        if v.protector not in PROTECTORS:
+            raise ConfigError(f"variant {v.name!r}: unknown protector {v.protector!r}; available: "
+                              f"{', '.join(PROTECTORS)}")
+        if v.protector == "clean" and (v.overrides.keys() - {"authorized"} or v.federated):
+            raise ConfigError(f"variant {v.name!r}: the clean variant takes no protect options "
+                              f"(got {sorted(v.overrides.keys() - {'authorized'}) or 'federated'})")
+        if v.federated is not None:
+            _check_groups(v)
+        pc = cfg.protect_config(v)  # validates every protect option of the variant
+        archs |= {a.arch for a in pc.authorized} | {pc.encoder_arch} | ({pc.hacker_arch} - {None})
+    missing = archs - models
+    if missing:
+        raise ConfigError(f"unknown architecture(s) {', '.join(sorted(missing))}; available: {', '.join(sorted(models))}")
+
+
+def _check_groups(v: Variant) -> None:
+    groups = v.federated
+    ok = isinstance(groups, list) and len(groups) >= 2 and all(
+        isinstance(g, list) and len(g) >= 2 and all(isinstance(c, int) and not isinstance(c, bool) for c in g)
+        for g in groups)
+    flat = [c for g in groups for c in g] if ok else []
+    if not ok or len(set(flat)) != len(flat) or min(flat) < 0:
+        raise ConfigError(f"variant {v.name!r}: federated must list two or more disjoint groups of at least two "
+                          f"class indices, e.g. [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]; got {groups!r}")
+
+
+def load_config(path: str | Path) -> BenchmarkConfig:
+    """Read and validate a benchmark config file (TOML)."""
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    return parse_config(doc, str(path))

@@ -1,0 +1,282 @@
+"""Turn a run folder's records into the paper's tables (markdown, CSV, LaTeX) and figures (PNG).
+
+Reads only what the runner wrote (records, protect.json, samples.npz, config.json); never trains.
+Tables follow the paper's Table 1: one row per (variant, training mode), one column per network, each
+number beside its change from the same network trained on the clean data.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+from .runner import read_records
+
+
+def _column(r: dict, n_auth: int, hacker_archs: dict) -> str:
+    """The table column of a record: "authorized" (or "authorized<k>") or the hacker's architecture."""
+    if r["role"] == "authorized":
+        return "authorized" if n_auth == 1 else f"authorized{r.get('index', 0)}"
+    return r["arch"] if len(hacker_archs[(r["arch"], r["mode"])]) == 1 else f"{r['arch']}({r['init']})"
+
+
+def _match_key(r: dict) -> tuple:
+    return (r["role"], r["arch"], r["mode"], r["init"])
+
+
+def build_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
+    """Columns and rows of the main table; each row: variant, mode, and per column acc / clean / change."""
+    if not records:
+        raise ConfigError("no records found; run `uge benchmark` first")
+    clean = {}
+    for r in records:
+        if r.get("protector") == "clean":
+            clean.setdefault(_match_key(r), r["test_acc"])
+    n_auth = 1 + max((r.get("index", 0) for r in records if r["role"] == "authorized"), default=0)
+    hacker_archs = defaultdict(set)
+    for r in records:
+        if r["role"] == "hacker":
+            hacker_archs[(r["arch"], r["mode"])].add(r["init"])
+    columns: list[str] = []
+    rows: dict[tuple, dict] = {}
+    for r in records:
+        col = _column(r, n_auth, hacker_archs)
+        if col not in columns:
+            columns.append(col)
+        row = rows.setdefault((r.get("variant", r["data"]), r["mode"]),
+                              {"variant": r.get("variant", r["data"]), "mode": r["mode"], "rho": r.get("rho"),
+                               "protector": r.get("protector"), "cells": {}})
+        base = clean.get(_match_key(r))
+        row["cells"][col] = {"acc": r["test_acc"], "clean": base, "arch": r["arch"],
+                             "change": None if base is None else r["test_acc"] - base}
+    auth = sorted(c for c in columns if c.startswith("authorized"))
+    columns = auth + [c for c in columns if c not in auth]
+    ordered = sorted(rows.values(), key=lambda row: row["mode"] != "normal")  # stable: variant order kept
+    return columns, ordered
+
+
+def _header(columns, rows) -> list[str]:
+    names = []
+    for c in columns:
+        arch = next((row["cells"][c]["arch"] for row in rows if c in row["cells"]), "")
+        names.append(f"{c} ({arch})" if c.startswith("authorized") else c)
+    return names
+
+
+def _fmt(cell: dict | None, clean_row: bool) -> str:
+    if cell is None:
+        return "–"
+    if clean_row or cell["change"] is None:
+        return f"{cell['acc']:.2f}"
+    return f"{cell['acc']:.2f} ({cell['change']:+.2f})"
+
+
+def markdown_table(columns, rows) -> str:
+    lines = ["| data | mode | " + " | ".join(_header(columns, rows)) + " |", "|---|---|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [_fmt(row["cells"].get(c), row["protector"] == "clean") for c in columns]
+        lines.append(f"| {row['variant']} | {row['mode']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def latex_table(columns, rows) -> str:
+    esc = lambda s: str(s).replace("_", r"\_").replace("%", r"\%")  # noqa: E731
+    lines = [r"\begin{tabular}{ll" + "r" * len(columns) + "}", r"\toprule",
+             "data & mode & " + " & ".join(esc(h) for h in _header(columns, rows)) + r" \\", r"\midrule"]
+    for row in rows:
+        cells = [esc(_fmt(row["cells"].get(c), row["protector"] == "clean")) for c in columns]
+        lines.append(f"{esc(row['variant'])} & {row['mode']} & " + " & ".join(cells) + r" \\")
+    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"])
+
+
+def write_csv(path: Path, columns, rows, paper: dict) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "mode", "network", "arch", "test_acc", "clean_acc", "change", "paper_acc"])
+        for row in rows:
+            for c in columns:
+                cell = row["cells"].get(c)
+                if cell is not None:
+                    p = paper.get((row["variant"], row["mode"]), {}).get(c)
+                    w.writerow([row["variant"], row["mode"], c, cell["arch"], f"{cell['acc']:.2f}",
+                                "" if cell["clean"] is None else f"{cell['clean']:.2f}",
+                                "" if cell["change"] is None else f"{cell['change']:.2f}", "" if p is None else p])
+
+
+def paper_numbers(cfg: dict) -> tuple[str, dict]:
+    """The paper's rows from a config's ``[paper]`` table: (source, {(variant, mode): {column: acc}})."""
+    paper = cfg.get("paper") or {}
+    rows = {}
+    for row in paper.get("row", []):
+        row = dict(row)
+        rows[(row.pop("variant"), row.pop("mode", "normal"))] = row
+    return paper.get("source", "the paper"), rows
+
+
+def paper_table(columns, rows, source: str, paper: dict) -> str:
+    """Ours beside the paper's, as "ours / paper" with both changes from the clean row."""
+    if not paper:
+        return ""
+    clean_paper = next((v for (name, mode), v in paper.items() if mode == "normal" and any(
+        row["variant"] == name and row["protector"] == "clean" for row in rows)), {})
+    lines = [f"Ours vs {source} (accuracy %, change from clean in brackets; ours / paper):", "",
+             "| data | mode | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for row in rows:
+        p = paper.get((row["variant"], row["mode"]))
+        if p is None:
+            continue
+        cells = []
+        for c in columns:
+            ours = row["cells"].get(c)
+            theirs = p.get(c)
+            o = _fmt(ours, row["protector"] == "clean")
+            if theirs is None:
+                t = "–"
+            elif row["protector"] == "clean" or c not in clean_paper:
+                t = f"{theirs:.2f}"
+            else:
+                t = f"{theirs:.2f} ({theirs - clean_paper[c]:+.2f})"
+            cells.append(f"{o} / {t}")
+        lines.append(f"| {row['variant']} | {row['mode']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def protection_table(run_dir: Path) -> str:
+    """Per protected variant: stage wall times, the last generator epoch's losses, the verified budget."""
+    head = ("| variant | part | images | trajectory s | feature space s | generator s | generate s | "
+            "last epoch losses | feature space | budget |")
+    lines = [head, "|---" * 10 + "|"]
+    for f in sorted((run_dir / "variants").glob("*/protect.json")):
+        d = json.loads(f.read_text())
+        for i, p in enumerate(d["parts"]):
+            s = p.get("seconds") or {}
+            last = (p.get("history") or [{}])[-1]
+            losses = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "epoch")
+            lines.append(f"| {d['variant']} | {i} | {p['n']} | " + " | ".join(
+                f"{s.get(k, float('nan')):.1f}" for k in ("trajectory", "feature_space", "generator", "generate"))
+                + f" | {losses} | {p.get('feature_space')} | {p.get('budget')} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+# ---------------------------------------------------------------- figures
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def accuracy_figure(path: Path, columns, rows) -> None:
+    """Grouped bars: test accuracy of every network (group) for every (variant, mode) row (bar)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(columns) + 2), 4))
+    width = 0.8 / max(1, len(rows))
+    for i, row in enumerate(rows):
+        vals = [row["cells"][c]["acc"] if c in row["cells"] else np.nan for c in columns]
+        ax.bar(np.arange(len(columns)) + i * width, vals, width, label=f"{row['variant']} ({row['mode']})")
+    ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2, _header(columns, rows), rotation=20, ha="right")
+    ax.set_ylabel("clean test accuracy (%)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def rho_figure(path: Path, columns, rows) -> bool:
+    """Accuracy against the budget ρ (Fig. 3), one line per network and mode; False if there is no sweep."""
+    sweep = [r for r in rows if r["rho"] is not None]
+    if len({r["rho"] for r in sweep}) < 2:
+        return False
+    clean = {row["mode"]: row for row in rows if row["protector"] == "clean"}
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in sorted({r["mode"] for r in sweep}):
+        pts = sorted((r for r in sweep if r["mode"] == mode), key=lambda r: r["rho"])
+        for c in columns:
+            pts_c = [(r["rho"] * 255, r["cells"][c]["acc"]) for r in pts if c in r["cells"]]
+            if mode in clean and c in clean[mode]["cells"]:
+                pts_c.insert(0, (0.0, clean[mode]["cells"][c]["acc"]))
+            if pts_c:
+                xs, ys = zip(*pts_c)
+                ax.plot(xs, ys, "o-" if mode == "normal" else "s--", label=f"{c} ({mode})")
+    ax.set_xlabel("budget ρ (8-bit levels, 0 = clean)")
+    ax.set_ylabel("clean test accuracy (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def samples_figure(path: Path, run_dir: Path, max_images: int = 8) -> bool:
+    """Figs. 4/6: per protected variant, rows of clean images, the noise scaled to fill [0, 1], protected."""
+    samples = []
+    for f in sorted((run_dir / "variants").glob("*/samples.npz")):
+        with np.load(f) as z:
+            if not math.isnan(float(z["rho"])):
+                samples.append((f.parent.name, z["clean"][:max_images], z["protected"][:max_images], float(z["rho"])))
+    if not samples:
+        return False
+    plt = _plt()
+    n = samples[0][1].shape[0]
+    fig, axes = plt.subplots(3 * len(samples), n, figsize=(1.1 * n, 3.5 * len(samples)), squeeze=False)
+    for s, (name, clean, prot, rho) in enumerate(samples):
+        noise = prot.astype(np.float32) - clean.astype(np.float32)
+        shown = 0.5 + noise / (2 * max(1.0, 255 * rho))  # ±ρ maps to [0, 1]
+        for j in range(n):
+            for k, (img, title) in enumerate(((clean[j] / 255.0, "clean"), (shown[j], f"noise ×{0.5 / rho:.0f}"),
+                                              (prot[j] / 255.0, "protected"))):
+                ax = axes[3 * s + k, j]
+                ax.imshow(np.clip(img.squeeze(), 0, 1), cmap="gray" if img.shape[-1] == 1 else None)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j == 0:
+                    ax.set_ylabel(f"{name}\n{title}" if k == 0 else title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write table.md/.csv/.tex, report.md and the figures for ``run_dir``; returns the report folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder not found: {run_dir}")
+    out = Path(out_dir) if out_dir else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    columns, rows = build_rows(read_records(run_dir))
+    source, paper = paper_numbers(cfg)
+    table = markdown_table(columns, rows)
+    (out / "table.md").write_text(table + "\n")
+    (out / "table.tex").write_text(latex_table(columns, rows) + "\n")
+    write_csv(out / "table.csv", columns, rows, paper)
+    accuracy_figure(out / "accuracy.png", columns, rows)
+    figures = ["accuracy.png"]
+    if rho_figure(out / "rho.png", columns, rows):
+        figures.append("rho.png")
+    if samples_figure(out / "samples.png", run_dir):
+        figures.append("samples.png")
+    parts = [f"# {cfg.get('name', run_dir.name)}", cfg.get("description", ""),
+             ("Clean test accuracy (%) of each network trained on each variant of the training set; in brackets "
+              "the change from the same network trained on the clean data."), table]
+    pt = paper_table(columns, rows, source, paper)
+    if pt:
+        parts.append(pt)
+    prot = protection_table(run_dir)
+    if prot:
+        parts += ["Protection runs (wall seconds per stage; losses of the last generator epoch):", prot]
+    parts.append("Figures: " + ", ".join(f"![{f}]({f})" for f in figures))
+    (out / "report.md").write_text("\n\n".join(p for p in parts if p) + "\n")
+    return out

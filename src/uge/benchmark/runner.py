@@ -1,0 +1,167 @@
+"""Run an experiment grid: protect every variant, publish it, evaluate it; resumable at every level.
+
+Run folder layout::
+
+    RUN/config.json                       the resolved config (a rerun must use the same one)
+    RUN/variants/<variant>/published[-i]  the published set(s) of a variant (npz), verified after writing
+    RUN/variants/<variant>/protect.json   protection wall times, loss history, verify result
+    RUN/variants/<variant>/samples.npz    a few clean and protected images for the report's pictures
+    RUN/records/<variant>/*.json          one record per trained network (uge.evaluate)
+
+Nothing finished is recomputed: a published set with a manifest is reused, a generator resumes from its
+last epoch checkpoint, and a network with a record is skipped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..data import ImageDataset, load_dataset, load_splits
+from ..errors import ConfigError
+from ..evaluate import evaluate_set
+from ..protect import protect
+from ..publish import publish, read_published, verify
+from ..utils import atomic_write_text, resolve_device, versions, write_json
+from ..weights import build_network
+from .config import BenchmarkConfig, Variant
+
+log = logging.getLogger("uge")
+SAMPLES_PER_CLASS = 1
+
+
+def load_data(cfg: BenchmarkConfig, root=None) -> tuple[ImageDataset, ImageDataset]:
+    """The benchmark's training and test sets (class-balanced subsets where the config asks)."""
+    d = cfg.data
+    if d.test_source is None:
+        train, test = load_splits(d.source, root=root)
+        if d.split != "train":
+            train = load_dataset(d.source, d.split, root=root)
+    else:
+        train = load_dataset(d.source, d.split, root=root)
+        test = load_dataset(d.test_source, d.test_split, root=root)
+    if d.per_class:
+        train = train.per_class(d.per_class, d.subset_seed)
+    if d.test_per_class:
+        test = test.per_class(d.test_per_class, d.subset_seed)
+    train.check_compatible(test)
+    return train, test
+
+
+def _open_run(run_dir: Path, cfg: BenchmarkConfig) -> None:
+    """Create the run folder, or check that an existing one holds the same experiment."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = run_dir / "config.json"
+    mine = cfg.to_dict()
+    mine.pop("device")  # the same experiment may resume on another device
+    if f.exists():
+        theirs = json.loads(f.read_text())
+        theirs.pop("device", None)
+        if theirs != mine:
+            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ConfigError(f"run folder {run_dir} holds another experiment (differs in: {', '.join(changed)}); "
+                              "use another --out, or the same config to resume")
+    else:
+        atomic_write_text(f, json.dumps(mine, indent=2))
+
+
+def _protect_variant(cfg: BenchmarkConfig, v: Variant, train: ImageDataset, vdir: Path, device,
+                     progress: bool) -> ImageDataset:
+    """Protect (or reuse) a variant's published set(s) and return what was published, in the original order."""
+    pc = cfg.protect_config(v)
+    groups = v.federated or [list(range(train.num_classes))]
+    if max(c for g in groups for c in g) >= train.num_classes:
+        raise ConfigError(f"variant {v.name!r}: federated class index out of range for {train.num_classes} classes")
+    images = train.images.copy()
+    covered = np.zeros(len(train), bool)
+    stats = []
+    for i, group in enumerate(groups):
+        idx = np.flatnonzero(np.isin(train.labels, group))
+        part = train.subset(idx)
+        pub_dir = vdir / ("published" if v.federated is None else f"published-{i}")
+        if not (pub_dir / "manifest.json").is_file():
+            log.info("[%s] protecting %d images%s", v.name, len(part),
+                     f" (server {i}: classes {group})" if v.federated else "")
+            result = protect(part, pc, device=device, work_dir=vdir / f".work-{i}", progress=progress)
+            publish(result, part, pub_dir, formats=("npz",), overwrite=True,
+                    source={"benchmark": cfg.name, "variant": v.name, "classes": group})
+        else:
+            log.info("[%s] reusing %s", v.name, pub_dir)
+        report = verify(pub_dir, part)  # evaluation reads the saved files; check them first
+        report.raise_if_failed()
+        pub = read_published(pub_dir)
+        images[idx] = pub.data.images
+        covered[idx] = True
+        linf = next((c.detail for c in report.checks if c.name == "budget"), "")
+        stats.append({"classes": group, "n": len(part), "seconds": pub.manifest.get("seconds"),
+                      "history": pub.manifest.get("history"), "feature_space": pub.manifest.get("feature_space"),
+                      "verify_ok": report.ok, "budget": linf})
+    if not covered.all():  # classes no server holds stay clean, as they would in the published union
+        log.warning("[%s] %d images belong to no federated group and stay clean", v.name, int((~covered).sum()))
+    write_json(vdir / "protect.json", {"variant": v.name, "config": pc.to_dict(), "parts": stats})
+    return ImageDataset(images, train.labels.copy(), list(train.classes))
+
+
+def _save_samples(vdir: Path, clean: ImageDataset, used: ImageDataset, rho: float | None) -> None:
+    f = vdir / "samples.npz"
+    if f.exists():
+        return
+    idx = np.concatenate([np.flatnonzero(clean.labels == c)[:SAMPLES_PER_CLASS] for c in range(clean.num_classes)])
+    np.savez(f, clean=clean.images[idx], protected=used.images[idx], labels=clean.labels[idx],
+             classes=np.array(clean.classes), rho=np.nan if rho is None else rho)
+
+
+def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, root=None,
+                  progress: bool = True) -> list[dict]:
+    """Run (or resume) every variant of ``cfg`` into ``run_dir``; returns all records."""
+    run_dir = Path(run_dir)
+    device = resolve_device(device or cfg.device)
+    _open_run(run_dir, cfg)
+    train, test = load_data(cfg, root)
+    log.info("%s: %d training and %d test images, %d variants, %d hackers, device %s", cfg.name, len(train),
+             len(test), len(cfg.variants), len(cfg.hackers), device)
+    records = []
+    for v in cfg.variants:
+        vdir = run_dir / "variants" / v.slug
+        vdir.mkdir(parents=True, exist_ok=True)
+        pc = cfg.protect_config(v)
+        start = time.perf_counter()
+        used = train if v.protector == "clean" else _protect_variant(cfg, v, train, vdir, device, progress)
+        _save_samples(vdir, train, used, None if v.protector == "clean" else pc.rho)
+        authorized = [(a.arch, build_network(a.arch, train.num_classes, train.channels, a.seed, a.theta0),
+                       f"theta0:{a.theta0 or f'seed{a.seed}'}") for a in pc.authorized]
+        extra = {"variant": v.name, "protector": v.protector, "rho": None if v.protector == "clean" else pc.rho,
+                 "losses": None if v.protector == "clean" else list(pc.losses), "federated": v.federated,
+                 "benchmark": cfg.name}
+        records += evaluate_set(used, test, authorized, cfg.hackers, cfg.recipe, data_label=v.slug,
+                                out_dir=run_dir / "records" / v.slug, device=device, seed=cfg.seed,
+                                progress=progress, extra=extra, recipes=cfg.recipes)
+        log.info("[%s] done in %.1f s", v.name, time.perf_counter() - start)
+    write_json(run_dir / "finished.json", {"versions": versions(), "device": str(device), "records": len(records),
+                                           "machine": _machine(device)})
+    return records
+
+
+def _machine(device) -> str:
+    import os
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), torch threads {torch.get_num_threads()}"
+
+
+def read_records(run_dir: str | Path) -> list[dict]:
+    """Every record of a run folder, in variant order of its config."""
+    run_dir = Path(run_dir)
+    order = {}
+    cfg_file = run_dir / "config.json"
+    if cfg_file.exists():
+        order = {v["name"]: i for i, v in enumerate(json.loads(cfg_file.read_text()).get("variant", []))}
+    records = [json.loads(f.read_text()) for f in sorted((run_dir / "records").glob("*/*.json"))]
+    return sorted(records, key=lambda r: order.get(r.get("variant"), len(order)))

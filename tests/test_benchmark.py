@@ -1,0 +1,243 @@
+"""uge benchmark / uge report: config validation, resuming after an interruption, reports from records alone."""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import uge.benchmark.runner as runner_mod
+import uge.evaluate as evaluate_mod
+from uge.benchmark import load_config, parse_config, read_records, run_benchmark, write_report
+from uge.cli import main
+from uge.errors import ConfigError
+from uge.losses import least_similar_class
+from uge.publish import read_published
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+TINY = {
+    "name": "tiny", "device": "cpu",
+    "data": {"source": "digits", "per_class": 6, "test_per_class": 5},
+    "recipe": {"epochs": 1, "batch_size": 32, "lr": 0.05, "flip": False},
+    "protect": {"authorized": ["lenet:0"], "trajectory_epochs": 1, "generator_epochs": 1, "generator_width": 4,
+                "generator_batch_size": 30, "encoder_arch": "lenet", "encoder_epochs": 1},
+    "evaluate": {"hackers": ["lenet:normal:1", "lenet:distill:1"]},
+    "variant": [{"name": "Original", "protector": "clean"}, {"name": "UGE"},
+                {"name": "Fed", "federated": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], "losses": ["gm", "fd"]}],
+}
+
+
+def tiny(**changes) -> dict:
+    d = copy.deepcopy(TINY)
+    d.update(changes)
+    return d
+
+
+# ---------------------------------------------------------------- config validation
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.variants and cfg.hackers
+    for v in cfg.variants:
+        cfg.protect_config(v)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colour": "red"}, "unknown key"),
+    ({"data": {"source": "digits", "per_clas": 3}}, "per_clas"),
+    ({"recipe": {"epochs": "ten"}}, "epochs"),
+    ({"recipe": {"lr": -1.0}}, "lr"),
+    ({"protect": {**TINY["protect"], "rho": 2.0}}, "rho"),
+    ({"protect": {**TINY["protect"], "generator_epoks": 2}}, "generator_epoks"),
+    ({"evaluate": {"hackers": ["lenet:sideways"]}}, "unknown hacker mode"),
+    ({"evaluate": {"hackers": ["alexnet:normal"]}}, "unknown architecture"),
+    ({"evaluate": {"hackers": [], "extra": 1}}, "unknown evaluate key"),
+    ({"variant": []}, "at least one"),
+    ({"variant": [{"name": "A", "protector": "em"}]}, "unknown protector"),
+    ({"variant": [{"name": "A"}, {"name": "a"}]}, "distinct"),
+    ({"variant": [{"name": "A", "losses": ["gm", "xx"]}]}, "losses"),
+    ({"variant": [{"name": "A", "federated": [[0, 1], [1, 2]]}]}, "disjoint"),
+    ({"variant": [{"name": "A", "protector": "clean", "rho": 0.1}]}, "clean variant"),
+    ({"name": ""}, "name"),
+])
+def test_bad_config_is_rejected_with_a_clear_message(change, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(tiny(**change))
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[recipe]\nepocs = 3\n[[variant]]\nname = "Original"\nprotector = "clean"\n')
+    assert main(["benchmark", str(bad), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "epocs" in err[0] and "bad.toml" in err[0]
+    (tmp_path / "broken.toml").write_text("name = \n")
+    assert main(["benchmark", str(tmp_path / "broken.toml")]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- running and resuming
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One finished tiny run (3 variants, 3 networks each) shared by the read-only tests below."""
+    out = tmp_path_factory.mktemp("bench") / "run"
+    records = run_benchmark(parse_config(tiny()), out, progress=False)
+    return out, records
+
+
+def test_run_writes_one_record_per_network(tiny_run):
+    out, records = tiny_run
+    assert len(records) == 9  # 3 variants x (authorized + 2 hackers)
+    assert len(list((out / "records").glob("*/*.json"))) == 9
+    assert {r["variant"] for r in records} == {"Original", "UGE", "Fed"}
+    assert all(0 <= r["test_acc"] <= 100 for r in records)
+    assert (out / "finished.json").exists()
+
+
+def test_protected_variants_are_published_within_budget(tiny_run):
+    out, _ = tiny_run
+    pub = read_published(out / "variants" / "uge" / "published")
+    clean = runner_mod.load_data(parse_config(tiny()))[0]
+    diff = np.abs(pub.data.images.astype(int) - clean.images.astype(int))
+    assert 0 < diff.max() <= int(255 * 0.04)
+    assert np.array_equal(pub.data.labels, clean.labels)
+
+
+def test_federated_servers_publish_their_own_classes(tiny_run):
+    out, _ = tiny_run
+    parts = [read_published(out / "variants" / "fed" / f"published-{i}") for i in range(2)]
+    assert set(parts[0].data.labels) == {0, 1, 2, 3, 4} and set(parts[1].data.labels) == {5, 6, 7, 8, 9}
+    for p in parts:  # both servers share the global network's θ0
+        assert p.manifest["authorized"][0]["arch"] == "lenet"
+    a, b = (read_published(out / "variants" / "fed" / f"published-{i}").path / "authorized" / "theta0_0.safetensors"
+            for i in range(2))
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
+    cfg = parse_config(tiny(variant=TINY["variant"][:2]))
+    calls = {"train": 0, "protect": 0}
+    real_train, real_protect = evaluate_mod.train, runner_mod.protect
+
+    def counting_train(*a, **k):
+        calls["train"] += 1
+        if calls["train"] == 4:  # the machine dies during the 4th network (the UGE variant's authorized one)
+            raise KeyboardInterrupt
+        return real_train(*a, **k)
+
+    def counting_protect(*a, **k):
+        calls["protect"] += 1
+        return real_protect(*a, **k)
+
+    monkeypatch.setattr(evaluate_mod, "train", counting_train)
+    monkeypatch.setattr(runner_mod, "protect", counting_protect)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(cfg, out, progress=False)
+    done = {f: f.read_bytes() for f in (out / "records").glob("*/*.json")}
+    assert len(done) == 3 and calls["protect"] == 1
+    assert not (out / "finished.json").exists()
+
+    calls.update(train=0, protect=0)
+    monkeypatch.setattr(evaluate_mod, "train", lambda *a, **k: (calls.__setitem__("train", calls["train"] + 1),
+                                                                real_train(*a, **k))[1])
+    records = run_benchmark(cfg, out, progress=False)
+    assert calls == {"train": 3, "protect": 0}  # only the 3 unfinished networks; the published set is reused
+    assert len(records) == 6
+    for f, content in done.items():
+        assert f.read_bytes() == content  # finished records are untouched
+
+
+def test_rerun_with_another_config_is_refused(tiny_run):
+    out, _ = tiny_run
+    other = tiny(recipe={**TINY["recipe"], "epochs": 2})
+    with pytest.raises(ConfigError, match="another experiment.*recipe"):
+        run_benchmark(parse_config(other), out, progress=False)
+
+
+# ---------------------------------------------------------------- reports
+
+def _record(variant, protector, role, arch, mode, acc, index=0, init=None, rho=None):
+    return {"variant": variant, "protector": protector, "role": role, "arch": arch, "mode": mode, "index": index,
+            "init": init or ("theta0:seed0" if role == "authorized" else "seed:1"), "test_acc": acc, "rho": rho,
+            "data": variant.lower()}
+
+
+def _fake_run(tmp_path) -> Path:
+    run = tmp_path / "run"
+    recs = [_record("Original", "clean", "authorized", "resnet18", "normal", 90.0),
+            _record("Original", "clean", "hacker", "cnn", "normal", 80.0),
+            _record("Original", "clean", "hacker", "cnn", "distill", 82.0),
+            _record("UGE", "uge", "authorized", "resnet18", "normal", 88.5, rho=4 / 255),
+            _record("UGE", "uge", "hacker", "cnn", "normal", 30.0, rho=4 / 255),
+            _record("UGE", "uge", "hacker", "cnn", "distill", 41.0, rho=4 / 255),
+            _record("UGE big", "uge", "hacker", "cnn", "normal", 20.0, rho=8 / 255)]
+    for i, r in enumerate(recs):
+        d = run / "records" / r["data"].replace(" ", "-")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i}.json").write_text(json.dumps(r))
+    (run / "config.json").write_text(json.dumps({
+        "name": "fake", "variant": [{"name": "Original"}, {"name": "UGE"}, {"name": "UGE big"}],
+        "paper": {"source": "Table 1", "row": [{"variant": "Original", "authorized": 95.0, "cnn": 86.0},
+                                               {"variant": "UGE", "authorized": 94.0, "cnn": 26.0}]}}))
+    return run
+
+
+def test_report_is_built_from_records_alone(tmp_path):
+    run = _fake_run(tmp_path)  # records only: no data, no published sets, no weights
+    out = write_report(run)
+    table = (out / "table.md").read_text()
+    assert "| UGE | normal | 88.50 (-1.50) | 30.00 (-50.00) |" in table
+    assert "| UGE | distill | – | 41.00 (-41.00) |" in table
+    assert "| Original | normal | 90.00 | 80.00 |" in table
+    report = (out / "report.md").read_text()
+    assert "30.00 (-50.00) / 26.00 (-60.00)" in report  # ours beside the paper's, both as drops
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    cnn_uge = next(r for r in rows if r["variant"] == "UGE" and r["mode"] == "normal" and r["network"] == "cnn")
+    assert float(cnn_uge["change"]) == -50.0 and float(cnn_uge["paper_acc"]) == 26.0
+    assert r"\begin{tabular}" in (out / "table.tex").read_text()
+    for fig in ("accuracy.png", "rho.png"):  # two budgets -> the Fig. 3 curve
+        assert (out / fig).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_of_a_real_run_matches_its_records(tiny_run, tmp_path):
+    out, records = tiny_run
+    rep = write_report(out, tmp_path / "rep")
+    rows = list(csv.DictReader(open(rep / "table.csv")))
+    assert len(rows) == len(records)
+    clean = {(r["role"], r["arch"], r["mode"]): r["test_acc"] for r in records if r["variant"] == "Original"}
+    for r in records:
+        row = next(x for x in rows if x["variant"] == r["variant"] and x["mode"] == r["mode"]
+                   and x["arch"] == r["arch"] and (x["network"] == "authorized") == (r["role"] == "authorized"))
+        assert float(row["test_acc"]) == pytest.approx(r["test_acc"], abs=0.005)
+        assert float(row["clean_acc"]) == pytest.approx(clean[(r["role"], r["arch"], r["mode"])], abs=0.005)
+    assert (rep / "samples.png").exists()
+    assert len(read_records(out)) == len(records)
+
+
+def test_report_cli_and_missing_run(tmp_path, capsys):
+    run = _fake_run(tmp_path)
+    assert main(["report", str(run)]) == 0
+    assert "report written" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    empty = tmp_path / "empty"
+    (empty / "records").mkdir(parents=True)
+    assert main(["report", str(empty)]) == 2
+    assert "no records" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a class-split server's feature space
+
+def test_classes_without_features_are_never_the_target():
+    feats = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    feats[2] = float("nan")  # class 2 has no images on this server
+    f = torch.nn.functional.normalize(-feats[2:3].nan_to_num() + torch.randn(64, 8), dim=1)
+    y = torch.randint(0, 2, (64,))
+    assert not (least_similar_class(f, feats, y) == 2).any()
