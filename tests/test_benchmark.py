@@ -241,3 +241,19 @@ def test_classes_without_features_are_never_the_target():
     f = torch.nn.functional.normalize(-feats[2:3].nan_to_num() + torch.randn(64, 8), dim=1)
     y = torch.randint(0, 2, (64,))
     assert not (least_similar_class(f, feats, y) == 2).any()
+
+
+def test_config_inherits_from_its_base(tmp_path):
+    fast = load_config(CONFIGS / "table1-fast.toml")
+    paper = load_config(CONFIGS / "table1-paper.toml")
+    assert [v.name for v in fast.variants] == [v.name for v in paper.variants]
+    assert fast.recipe.epochs < paper.recipe.epochs and fast.hackers == paper.hackers
+    assert fast.protect["generator_epochs"] < paper.protect["generator_epochs"]
+    assert fast.protect["alpha"] == paper.protect["alpha"]  # inherited key by key
+    (tmp_path / "a.toml").write_text('base = "b.toml"\nname = "a"\n')
+    (tmp_path / "b.toml").write_text('base = "a.toml"\n')
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text('base = "missing.toml"\nname = "c"\n')
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "c.toml")

@@ -169,13 +169,32 @@ def _check_groups(v: Variant) -> None:
                           f"class indices, e.g. [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]; got {groups!r}")
 
 
-def load_config(path: str | Path) -> BenchmarkConfig:
-    """Read and validate a benchmark config file (TOML)."""
-    path = Path(path)
+def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``: tables merge key by key, everything else (lists included) is replaced."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_toml(path: Path, seen: tuple = ()) -> dict:
+    """A TOML document; ``base = "other.toml"`` (relative to this file) inherits everything it does not set."""
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path} includes itself through 'base'")
     try:
         doc = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    return parse_config(doc, str(path))
+    base = doc.pop("base", None)
+    if base is None:
+        return doc
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a file name, got {base!r}")
+    return _merge(_read_toml(path.parent / base, (*seen, path.resolve())), doc)
+
+
+def load_config(path: str | Path) -> BenchmarkConfig:
+    """Read and validate a benchmark config file (TOML, optionally built on a ``base`` config)."""
+    return parse_config(_read_toml(Path(path)), str(path))
