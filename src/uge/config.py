@@ -57,6 +57,7 @@ class ProtectConfig:
     clip_checkpoint: str | None = None
     encoder_arch: str = "resnetc20"
     encoder_recipe: Recipe = field(default_factory=lambda: Recipe(epochs=10))
+    clean_grad_cache_mb: int = 1024  # memory for reusing L_gm's clean gradients across epochs; 0: recompute
     seed: int = 0
 
     def __post_init__(self):
@@ -86,6 +87,8 @@ class ProtectConfig:
         for name in ("generator_lr", "temperature"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if self.clean_grad_cache_mb < 0:
+            problems.append("clean_grad_cache_mb must be >= 0")
         for name in ("lambda_fd", "lambda_ud", "alpha", "omega"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be non-negative")

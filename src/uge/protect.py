@@ -22,7 +22,7 @@ from .config import ProtectConfig
 from .data.dataset import ImageDataset
 from .errors import ConfigError
 from .features import build_feature_space
-from .losses import feature_distance_loss, gradient_matching_loss, undistill_loss
+from .losses import clean_gradient, feature_distance_loss, gradient_matching_loss, matched_parameters, undistill_loss
 from .models import Generator, create_model
 from .training import record_trajectory, train
 from .utils import atomic_file, atomic_write_text, resolve_device
@@ -33,14 +33,30 @@ log = logging.getLogger("uge")
 
 @dataclass
 class Protection:
-    """What a protection run produces; :func:`uge.publish.publish` writes it to disk."""
+    """What a protection run produces; :func:`uge.publish.publish` writes it to disk.
+
+    UGE runs carry their :class:`ProtectConfig`; baseline protectors (:mod:`uge.protectors`) leave
+    ``config`` None, name themselves in ``method`` and record their parameters in ``params``.
+    """
 
     protected: ImageDataset  # the quantized (8-bit) protected images, same order and labels
-    config: ProtectConfig
-    theta0: list[dict[str, torch.Tensor]]  # θ0 of every authorized network, in config order
-    feature_space: str  # which feature space L_fd used (logged and published)
-    history: list[dict] = field(default_factory=list)  # mean losses per generator epoch
+    config: ProtectConfig | None  # None for baseline protectors
+    theta0: list[dict[str, torch.Tensor]] = field(default_factory=list)  # θ0 of every authorized network
+    feature_space: str = "none"  # which feature space L_fd used (logged and published)
+    history: list[dict] = field(default_factory=list)  # mean losses per generator epoch (or per round)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
+    method: str = "uge"  # the protector's registry name (uge.protectors)
+    params: dict = field(default_factory=dict)  # the protector's parameters, as plain values
+    rho: float | None = None  # L∞ budget on the [0, 1] scale (default: config.rho); None: not norm-bounded
+
+    def __post_init__(self):
+        if self.rho is None and self.config is not None:
+            self.rho = self.config.rho
+
+    @property
+    def norm_bounded(self) -> bool:
+        """Whether the images are within an L∞ ball of the originals (CUDA's filters are not)."""
+        return self.rho is not None
 
 
 def quantize(x_u: torch.Tensor, x_uint8: torch.Tensor, rho: float) -> torch.Tensor:
@@ -114,6 +130,32 @@ def _frozen(model: nn.Module, device) -> nn.Module:
     return model.to(device).eval().requires_grad_(False)
 
 
+class CleanGradientCache:
+    """Clean gradients ∇θ CE(f_θt(x), y) by (network, checkpoint, batch), kept up to a memory budget.
+
+    The clean target of L_gm depends only on the checkpoint and the clean batch, not on the generator, so
+    when the generator sees the same batches every epoch each target is computed once instead of once per
+    epoch. Entries are never evicted: once the budget is full, further targets are recomputed each time.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.used, self.hits, self.misses = max_bytes, 0, 0, 0
+        self._store: dict = {}
+
+    def get(self, key, compute) -> list[torch.Tensor]:
+        g = self._store.get(key)
+        if g is not None:
+            self.hits += 1
+            return g
+        self.misses += 1
+        g = compute()
+        size = sum(t.numel() * t.element_size() for t in g)
+        if key is not None and self.used + size <= self.max_bytes:
+            self._store[key] = g
+            self.used += size
+        return g
+
+
 class UGEObjective:
     """L_all = L_gm + λ_fd·L_fd + λ_ud·L_ud (Eq. 4), with the losses that are switched off left out.
 
@@ -124,13 +166,26 @@ class UGEObjective:
     def __init__(self, cfg: ProtectConfig, gm_models, ud_models, space, hacker):
         self.cfg, self.gm_models, self.ud_models, self.space, self.hacker = cfg, gm_models, ud_models, space, hacker
         self.class_feats = space.class_features() if space is not None else None
+        self.gm_params = [[matched_parameters(m) for m in models] for models in gm_models]
+        self.grad_cache = CleanGradientCache(cfg.clean_grad_cache_mb * 2 ** 20)
 
-    def terms(self, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> dict:
-        """The weighted loss terms of one batch, by name ("gm", "fd", "ud")."""
+    def terms(self, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
+              batch_id: int | None = None) -> dict:
+        """The weighted loss terms of one batch, by name ("gm", "fd", "ud").
+
+        ``batch_id`` names the clean batch when the same batch comes back in later epochs, so its clean
+        gradients can be reused (None: always recompute).
+        """
         cfg, terms = self.cfg, {}
         if self.gm_models:  # Eq. 6, averaged over authorized networks (Eq. 12); a random θt per step
-            terms["gm"] = torch.stack([gradient_matching_loss(models[rng.integers(len(models))], x, x_u, y)
-                                       for models in self.gm_models]).mean()
+            gm = []
+            for k, models in enumerate(self.gm_models):
+                t = int(rng.integers(len(models)))
+                model, params = models[t], self.gm_params[k][t]
+                key = None if batch_id is None else (k, t, batch_id)
+                g_clean = self.grad_cache.get(key, lambda: clean_gradient(model, x, y, params))
+                gm.append(gradient_matching_loss(model, x, x_u, y, params, g_clean=g_clean))
+            terms["gm"] = torch.stack(gm).mean()
         if self.space is not None:  # Eqs. 7–9
             with torch.no_grad():
                 f_clean = self.space.image_features(x)
@@ -189,22 +244,29 @@ def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDat
     images, labels = data.tensors(device)
     n, bs = len(data), min(cfg.generator_batch_size, len(data))
     steps = max(1, n // bs)
+    # With a clean-gradient cache the batches are one fixed partition visited in a new order every epoch
+    # (so clean targets repeat); without it, every epoch reshuffles the images (the reference behaviour).
+    fixed = cfg.clean_grad_cache_mb > 0 and "gm" in cfg.losses
+    partition = torch.from_numpy(np.random.default_rng([cfg.seed, 1]).permutation(n)).to(device)
     bar = tqdm(range(start, cfg.generator_epochs), desc="generator", disable=None if progress else True, leave=False,
                initial=start, total=cfg.generator_epochs)
     for epoch in bar:
         gen.train()
-        sums: dict[str, float] = {}
-        order = torch.from_numpy(rng.permutation(n)).to(device)
+        sums: dict[str, torch.Tensor] = {}
+        batch_order = rng.permutation(steps) if fixed else range(steps)
+        order = partition if fixed else torch.from_numpy(rng.permutation(n)).to(device)
         for i in range(steps):
-            idx = order[i * bs:(i + 1) * bs]
+            j = int(batch_order[i])
+            idx = order[j * bs:(j + 1) * bs]
             x, y = images[idx].float().div_(255), labels[idx]
-            terms = objective.terms(x, gen(x), y, rng)
+            terms = objective.terms(x, gen(x), y, rng, batch_id=j if fixed else None)
             terms["total"] = loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward(inputs=list(gen.parameters()))  # the networks inside the losses stay untouched
             opt.step()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
+            for k, v in terms.items():  # summed on the device: one synchronization per epoch, not per step
+                sums[k] = sums.get(k, 0) + v.detach()
+        sums = {k: v.item() for k, v in sums.items()}
         record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
         history.append(record)
         bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "epoch"})
