@@ -1,7 +1,8 @@
 """The one training loop: SGD + momentum, a warmup/decay schedule, crop + flip augmentation on the device.
 
-A *task* turns a batch into a loss (supervised cross-entropy, or distillation from a frozen teacher), so
-normal training, distillation and trajectory recording all run through :func:`train`.
+A *task* turns a batch into a loss (supervised cross-entropy, distillation from a frozen teacher, or PGD
+adversarial training around either), so normal training, distillation, a hacker's countermeasures and
+trajectory recording all run through :func:`train`.
 """
 from __future__ import annotations
 
@@ -75,9 +76,13 @@ class Recipe:
 
 
 class SupervisedTask:
-    """Cross-entropy on the data set's labels."""
+    """Cross-entropy on the data set's labels: int64 labels (B,) or class-probability targets (B, K), the
+    soft targets of mixup / cutmix."""
 
     name = "normal"
+
+    def to(self, device) -> "SupervisedTask":
+        return self
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(x), y)
@@ -92,10 +97,65 @@ class DistillTask:
         self.teacher = teacher.eval().requires_grad_(False)
         self.temperature = temperature
 
+    def to(self, device) -> "DistillTask":
+        self.teacher.to(device)
+        return self
+
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             t = self.teacher(x)
         return kd_loss(model(x), t, self.temperature)
+
+
+class AdversarialTask:
+    """PGD adversarial training (Madry et al., ICLR 2018) around another task: the loss of ``task`` at the
+    worst case x + δ, ‖δ‖∞ ≤ ``eps``, found by ``steps`` signed-gradient ascent steps of size ``step`` from a
+    uniform random start in the ball, staying inside [0, 1].
+
+    ``eps`` and ``step`` are on the [0, 1] pixel scale (8/255 is "8 levels"). The attack maximizes the
+    wrapped task's own loss, so ``AdversarialTask(DistillTask(teacher))`` is adversarial distillation, and
+    soft targets (mixup / cutmix) work as well.
+
+    The attack runs the model in **eval mode** (restored afterwards): in train mode every PGD iterate
+    would update the BatchNorm running statistics with partially perturbed copies of the batch (``steps``
+    extra updates per step, which then drive test-time predictions), and the perturbation would depend on
+    the batch's own statistics and on dropout noise rather than on the network being attacked. The
+    training step itself then runs in train mode on the final x + δ (as in TRADES and MART).
+    """
+
+    name = "adv"
+
+    def __init__(self, task=None, eps: float = 8 / 255, steps: int = 5, step: float | None = None):
+        if not eps > 0 or steps < 1 or (step is not None and not step > 0):
+            raise ConfigError(f"adversarial training needs eps > 0, steps >= 1, step > 0; got eps={eps}, "
+                              f"steps={steps}, step={step}")
+        self.task = task or SupervisedTask()
+        self.eps, self.steps = eps, steps
+        self.step = step if step is not None else 2.5 * eps / steps  # Madry et al.'s rule of thumb
+
+    def to(self, device) -> "AdversarialTask":
+        self.task.to(device)
+        return self
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The adversarial batch x + δ (detached), ‖δ‖∞ ≤ eps, values in [0, 1]."""
+        was_training = model.training
+        model.eval()
+        try:
+            delta = (torch.rand_like(x) * 2 - 1) * self.eps
+            delta = (x + delta).clamp(0, 1) - x
+            for _ in range(self.steps):
+                delta.requires_grad_(True)
+                loss = self.task.loss(model, x + delta, y)
+                (grad,) = torch.autograd.grad(loss, delta)
+                delta = (delta.detach() + self.step * grad.sign()).clamp(-self.eps, self.eps)
+                delta = (x + delta).clamp(0, 1) - x
+        finally:
+            model.train(was_training)
+        return (x + delta).detach()
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.task.loss(model, self.perturb(model, x, y), y)
 
 
 def augment(x: torch.Tensor, crop: bool = True, flip: bool = True) -> torch.Tensor:
@@ -122,20 +182,25 @@ def _autocast(device: torch.device):
 
 def train(model: nn.Module, data: ImageDataset, recipe: Recipe, *, task=None, device="auto", seed: int = 0,
           stop_after: int | None = None, on_epoch: Callable[[int, nn.Module], None] | None = None,
-          progress: bool = True, desc: str = "train") -> nn.Module:
+          progress: bool = True, desc: str = "train",
+          batch_augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+          ) -> nn.Module:
     """Train ``model`` in place on ``data`` with ``recipe`` and return it.
 
     Args:
-        task: :class:`SupervisedTask` (default) or :class:`DistillTask`.
+        task: :class:`SupervisedTask` (default), :class:`DistillTask` or :class:`AdversarialTask`.
         seed: fixes the shuffling and augmentation; the same seed repeats the run on the same device.
+        batch_augment: ``(x, y) -> (x, y)`` applied to every batch after the recipe's crop and flip; x is
+            float (B, C, H, W) in [0, 1] on the device, y int64 labels (B,); it may return soft targets
+            (B, K). A hacker's countermeasures (:func:`uge.countermeasures.make_batch_augment`) come in here.
         stop_after: stop after this many epochs while keeping the schedule of ``recipe.epochs``
             (trajectory recording uses the first T epochs of the authorized recipe).
         on_epoch: called as ``on_epoch(epoch, model)`` after each epoch (epoch counts from 1).
     """
     device = resolve_device(device)
     task = task or SupervisedTask()
-    if isinstance(task, DistillTask):
-        task.teacher.to(device)
+    if hasattr(task, "to"):  # tasks that hold networks (a distillation teacher) move them to the device
+        task.to(device)
     model.to(device).train()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -161,12 +226,15 @@ def train(model: nn.Module, data: ImageDataset, recipe: Recipe, *, task=None, de
             for i in range(steps_per_epoch):
                 idx = order[i * bs:(i + 1) * bs]
                 x = augment(images[idx].float().div_(255), recipe.crop, recipe.flip)
+                y = labels[idx]
+                if batch_augment is not None:
+                    x, y = batch_augment(x, y)
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 for g in opt.param_groups:
                     g["lr"] = recipe.lr_at(step, total)
                 with _autocast(device):
-                    loss = task.loss(model, x, labels[idx])
+                    loss = task.loss(model, x, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
