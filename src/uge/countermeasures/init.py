@@ -1,0 +1,35 @@
+"""A hacker who knows the authorized architecture and θ0 approximately: θ0 plus Gaussian noise.
+
+Used to sweep "how close must an initialization be to count as authorized": σ = 0 is the authorized start
+exactly, and the distance to θ0 grows linearly with σ. In :mod:`uge.evaluate` such a hacker is written
+``ARCH:MODE:theta0+SIGMA[:SEED]`` (see :class:`uge.evaluate.HackerSpec`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+@torch.no_grad()
+def perturb_init(model: nn.Module, sigma: float, seed: int = 1) -> nn.Module:
+    """Add relative Gaussian noise to every parameter tensor of ``model``, in place, and return it.
+
+    Each floating-point parameter tensor p becomes p + σ·std(p)·N(0, I): the noise is relative to the
+    tensor's own spread, so σ means the same for a conv kernel and a classifier head. Tensors with a
+    single value or no spread (e.g. BatchNorm weights at 1) get no noise; buffers (BatchNorm running
+    statistics) are left alone. The noise comes from a private CPU generator seeded with ``seed``, so it is
+    the same on every machine and, for one seed, its direction is the same for every σ.
+    """
+    if not (sigma >= 0):
+        raise ConfigError(f"the θ0 noise sigma must be >= 0, got {sigma}")
+    if sigma == 0:
+        return model
+    gen = torch.Generator().manual_seed(seed)
+    for _, p in model.named_parameters():
+        if not p.is_floating_point() or p.numel() < 2:
+            continue
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+        p.add_((sigma * p.detach().float().std().cpu() * noise).to(p.device, p.dtype))
+    return model
