@@ -113,8 +113,10 @@ class AdversarialTask:
     uniform random start in the ball, staying inside [0, 1].
 
     ``eps`` and ``step`` are on the [0, 1] pixel scale (8/255 is "8 levels"). The attack maximizes the
-    wrapped task's own loss, so ``AdversarialTask(DistillTask(teacher))`` is adversarial distillation, and
-    soft targets (mixup / cutmix) work as well.
+    wrapped task's own loss, so soft targets (mixup / cutmix) work as well. Around a :class:`DistillTask`
+    it is adversarially robust distillation (ARD, Goldblum et al., AAAI 2020): the teacher's targets come
+    from the clean batch, the student's outputs from the perturbed one (a teacher re-run on x + δ would
+    move its targets along with the attack, which the attack's gradient cannot see).
 
     The attack runs the model in **eval mode** (restored afterwards): in train mode every PGD iterate
     would update the BatchNorm running statistics with partially perturbed copies of the batch (``steps``
@@ -137,8 +139,17 @@ class AdversarialTask:
         self.task.to(device)
         return self
 
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _loss_at(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x_adv -> the wrapped task's loss of this batch at x_adv (teacher targets fixed on the clean x)."""
+        if isinstance(self.task, DistillTask):
+            with torch.no_grad():
+                t = self.task.teacher(x)
+            return lambda xa: kd_loss(model(xa), t, self.task.temperature)
+        return lambda xa: self.task.loss(model, xa, y)
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_at=None) -> torch.Tensor:
         """The adversarial batch x + δ (detached), ‖δ‖∞ ≤ eps, values in [0, 1]."""
+        loss_at = loss_at or self._loss_at(model, x, y)
         was_training = model.training
         model.eval()
         try:
@@ -146,8 +157,7 @@ class AdversarialTask:
             delta = (x + delta).clamp(0, 1) - x
             for _ in range(self.steps):
                 delta.requires_grad_(True)
-                loss = self.task.loss(model, x + delta, y)
-                (grad,) = torch.autograd.grad(loss, delta)
+                (grad,) = torch.autograd.grad(loss_at(x + delta), delta)
                 delta = (delta.detach() + self.step * grad.sign()).clamp(-self.eps, self.eps)
                 delta = (x + delta).clamp(0, 1) - x
         finally:
@@ -155,7 +165,8 @@ class AdversarialTask:
         return (x + delta).detach()
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.task.loss(model, self.perturb(model, x, y), y)
+        loss_at = self._loss_at(model, x, y)
+        return loss_at(self.perturb(model, x, y, loss_at))
 
 
 def augment(x: torch.Tensor, crop: bool = True, flip: bool = True) -> torch.Tensor:

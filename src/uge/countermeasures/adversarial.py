@@ -1,6 +1,8 @@
 """Adversarial training as a countermeasure: ``adv:eps=E,steps=S,step=A`` (E and A in 8-bit levels)."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 from ..training import AdversarialTask
 from .registry import Param, TaskWrapper, register_countermeasure
 
@@ -13,7 +15,7 @@ class Adversarial(TaskWrapper):
 
     name = "adv"
     summary = "PGD L-inf adversarial training (eps and step in 8-bit levels, i.e. /255)."
-    params = {"eps": Param(float, 8.0, 0, 64, low_open=True, help="L-inf radius in 8-bit levels"),
+    params: ClassVar[dict[str, Param]] = {"eps": Param(float, 8.0, 0, 64, low_open=True, help="L-inf radius in 8-bit levels"),
               "steps": Param(int, 5, 1, 100, help="PGD steps per training step"),
               "step": Param(float, None, 0, 64, low_open=True, help="PGD step size in levels; auto = 2.5*eps/steps")}
 

@@ -7,6 +7,7 @@ comes from torch's global RNG, which :func:`uge.training.train` seeds, so a trai
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,7 @@ class Cutout(BatchAugment):
 
     name = "cutout"
     summary = "blank one random square per training image."
-    params = {"size": Param(int, 16, 1, 1024, help="side of the square in pixels")}
+    params: ClassVar[dict[str, Param]] = {"size": Param(int, 16, 1, 1024, help="side of the square in pixels")}
 
     def augment(self, x, y, num_classes):
         b, _, h, w = x.shape
@@ -57,7 +58,7 @@ class Mixup(BatchAugment):
 
     name = "mixup"
     summary = "blend pairs of training images and their labels."
-    params = {"alpha": Param(float, 1.0, 0, 100, low_open=True, help="Beta(alpha, alpha) mixing weight")}
+    params: ClassVar[dict[str, Param]] = {"alpha": Param(float, 1.0, 0, 100, low_open=True, help="Beta(alpha, alpha) mixing weight")}
 
     def augment(self, x, y, num_classes):
         lam = _beta(self.alpha)
@@ -73,7 +74,7 @@ class CutMix(BatchAugment):
 
     name = "cutmix"
     summary = "paste a random box of another training image, mixing the labels by area."
-    params = {"alpha": Param(float, 1.0, 0, 100, low_open=True, help="Beta(alpha, alpha) mixing weight")}
+    params: ClassVar[dict[str, Param]] = {"alpha": Param(float, 1.0, 0, 100, low_open=True, help="Beta(alpha, alpha) mixing weight")}
 
     def augment(self, x, y, num_classes):
         b, _, h, w = x.shape
@@ -178,7 +179,7 @@ class UEraser(BatchAugment):
 
     name = "ueraser"
     summary = "strong random photometric and geometric augmentation in the UEraser style."
-    params = {"strength": Param(float, 1.0, 0, 1, low_open=True, help="scales every magnitude; 1 = UEraser's")}
+    params: ClassVar[dict[str, Param]] = {"strength": Param(float, 1.0, 0, 1, low_open=True, help="scales every magnitude; 1 = UEraser's")}
 
     def augment(self, x, y, num_classes):
         b, c, h, w = x.shape
@@ -197,7 +198,7 @@ class UEraser(BatchAugment):
         return self._trivial_augment(x), y
 
     def _trivial_augment(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        b = len(x)
         dev, s = x.device, self.strength
         op = torch.randint(0, len(_OPS), (b,), device=dev)
         m = s * torch.rand(b, device=dev)  # magnitude in [0, strength]

@@ -28,7 +28,7 @@ from ..errors import ConfigError
 KINDS = ("input", "batch", "task")
 SYNTAX = "NAME[:key=value[,key=value]] joined by '+', e.g. jpeg:quality=10+cutout:size=8"
 
-_REGISTRY: dict[str, type["Countermeasure"]] = {}
+_REGISTRY: dict[str, type[Countermeasure]] = {}
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,9 @@ class Param:
         try:
             if isinstance(value, str):
                 v = self.type(value.strip())
-            elif isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError
-            elif self.type is int and value != int(value):
-                raise ValueError
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    self.type is int and value != int(value)):
+                raise ValueError  # reported below as a ConfigError, like an unparsable string
             else:
                 v = self.type(value)
         except (ValueError, OverflowError):
