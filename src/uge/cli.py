@@ -10,12 +10,15 @@ from pathlib import Path
 
 from . import __version__
 from .config import AuthorizedSpec, ProtectConfig
+from .countermeasures import (SYNTAX, countermeasure_slug, describe_countermeasures, format_countermeasures,
+                              list_countermeasures, make_batch_augment, parse_countermeasures, transform_data,
+                              wrap_task)
 from .data import ImageDataset, load_dataset, load_splits
 from .errors import ConfigError, UGEError
-from .evaluate import HackerSpec, evaluate_published, format_table
+from .evaluate import HACKER_SYNTAX, HackerSpec, evaluate_published, format_table
 from .protect import protect
 from .publish import FORMATS, read_published, verify
-from .training import DistillTask, Recipe, accuracy, train
+from .training import DistillTask, Recipe, SupervisedTask, accuracy, train
 from .utils import resolve_device, write_json
 from .weights import build_network, save_weights
 
@@ -55,6 +58,22 @@ def _recipe(args, base: Recipe | None = None) -> Recipe:
     d.update({k: v for k, v in {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                                 "flip": args.flip, "crop": args.crop}.items() if v is not None})
     return Recipe.from_dict(d)
+
+
+class _CountermeasureAction(argparse.Action):
+    """Store a countermeasure spec; ``list`` prints every countermeasure with its parameters and exits."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values.strip() == "list":
+            print(describe_countermeasures())
+            parser.exit(0)
+        setattr(namespace, self.dest, values)
+
+
+def _add_countermeasure_arg(p: argparse.ArgumentParser, flag: str = "--countermeasure", who: str = "the hackers"):
+    p.add_argument(flag, metavar="SPEC", action=_CountermeasureAction,
+                   help=f"countermeasures of {who}: {SYNTAX}; known: {', '.join(list_countermeasures())} "
+                        f"('{flag} list' shows their parameters and defaults)")
 
 
 def _source_record(args, prefix: str = "") -> dict:
@@ -125,11 +144,13 @@ def cmd_protect(args) -> int:
 # ---------------------------------------------------------------- train
 
 def cmd_train(args) -> int:
+    cms = parse_countermeasures(args.countermeasure)  # fail on a bad spec before loading anything
     src = _source_record(args)
     data = load_source(src, args.root, args.download)
     test_src = _source_record(args, "test_") if args.test_data else _default_test_source(src)
     test = _load_test(test_src, args)
     data.check_compatible(test)
+    data, test = transform_data(cms, data), transform_data(cms, test, test=True)
     model = build_network(args.arch, data.num_classes, data.channels, args.seed, args.init)
     task = None
     if args.teacher:
@@ -139,11 +160,12 @@ def cmd_train(args) -> int:
         task = DistillTask(teacher, args.temperature)
     recipe = _recipe(args)
     start = time.perf_counter()
-    train(model, data, recipe, task=task, device=args.device, seed=args.seed, progress=not args.quiet,
-          desc=f"train {args.arch}")
+    train(model, data, recipe, task=wrap_task(cms, task or SupervisedTask()), device=args.device, seed=args.seed,
+          progress=not args.quiet, desc=f"train {args.arch}", batch_augment=make_batch_augment(cms, data.num_classes))
     rec = {"arch": args.arch, "mode": "distill" if task else "normal", "init": args.init or f"seed:{args.seed}",
            "data": src, "test": test_src, "test_acc": accuracy(model, test), "train_acc": accuracy(model, data),
-           "seconds": round(time.perf_counter() - start, 2), "recipe": recipe.to_dict()}
+           "seconds": round(time.perf_counter() - start, 2), "recipe": recipe.to_dict(),
+           "countermeasures": format_countermeasures(cms) or None}
     _print(f"{args.arch} ({rec['mode']}): test accuracy {rec['test_acc']:.2f}% "
            f"(train {rec['train_acc']:.2f}%) in {rec['seconds']:.1f} s")
     if args.save:
@@ -174,6 +196,8 @@ def _load_test(test_src: dict, args) -> ImageDataset:
 # ---------------------------------------------------------------- evaluate
 
 def cmd_evaluate(args) -> int:
+    cms = parse_countermeasures(args.countermeasure)  # fail on a bad spec before loading anything
+    auth_cms = parse_countermeasures(args.authorized_countermeasure)
     pub = read_published(args.published)
     src = pub.manifest.get("source") or {}
     test_src = _source_record(args, "test_") if args.test_data else _default_test_source({"data": str(pub.path)})
@@ -183,11 +207,14 @@ def cmd_evaluate(args) -> int:
     out = Path(args.out) if args.out else pub.path.with_name(pub.path.name + "-eval")
     start = time.perf_counter()
     records = evaluate_published(pub, test, hackers, clean=clean, recipe=_recipe(args, pub.recipe), out_dir=out,
-                                 device=args.device, seed=args.seed, progress=not args.quiet)
+                                 device=args.device, seed=args.seed, progress=not args.quiet,
+                                 countermeasures=cms, authorized_countermeasures=auth_cms)
     table = format_table(records)
-    (out / "table.md").write_text(table + "\n")
+    # one table per countermeasure setting, like the records ("table.md" without countermeasures)
+    tag = "".join(f"__{p}{countermeasure_slug(c)}" for p, c in (("", cms), ("authorized-", auth_cms)) if c)
+    (out / f"table{tag}.md").write_text(table + "\n")
     _print(table)
-    _print(f"\n{len(records)} records and table.md in {out} ({time.perf_counter() - start:.1f} s)")
+    _print(f"\n{len(records)} records and table{tag}.md in {out} ({time.perf_counter() - start:.1f} s)")
     return 0
 
 
@@ -296,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--temperature", type=float, default=4.0)
     t.add_argument("--save", help="write the trained weights here (safetensors)")
     t.add_argument("--record", help="write a JSON record here")
+    _add_countermeasure_arg(t, who="this training run")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="the paper's threat model on a published set")
@@ -304,7 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
     _add_recipe_args(e)
     e.set_defaults(test_split="test")
-    e.add_argument("--hackers", default=DEFAULT_HACKERS, help=f"ARCH[:MODE[:SEED]],... (default {DEFAULT_HACKERS})")
+    e.add_argument("--hackers", default=DEFAULT_HACKERS,
+                   help=f"comma list of {HACKER_SYNTAX} (default {DEFAULT_HACKERS})")
+    _add_countermeasure_arg(e)
+    _add_countermeasure_arg(e, "--authorized-countermeasure", "the authorized networks (default none)")
     e.add_argument("--baseline", action="store_true", help="also train the same networks on the clean originals")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="records folder (default: <published>-eval)")

@@ -1,7 +1,10 @@
 """The paper's threat model: the authorized network and hackers (normal or distilled) trained on a set.
 
 Every trained network becomes one JSON record (numbers as numbers) written as soon as it finishes; a rerun
-with the same output folder skips the records that already exist.
+with the same output folder skips the records that already exist. Hackers (and, separately, the authorized
+networks) may use countermeasures (:mod:`uge.countermeasures`); their canonical text is stored in each
+record and, when there is one, appended to the record's file name (``..._s1__jpeg-quality10.json``), so
+runs with different countermeasures share an output folder without overwriting each other.
 """
 from __future__ import annotations
 
@@ -9,8 +12,11 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+from .countermeasures import (Countermeasure, countermeasure_slug, format_countermeasures, make_batch_augment,
+                              parse_countermeasures, perturb_init, transform_data, wrap_task)
 from .data.dataset import ImageDataset
 from .errors import ConfigError
 from .models import create_model
@@ -25,75 +31,158 @@ TASKS = {"normal": lambda teacher, recipe: SupervisedTask(),
          "distill": lambda teacher, recipe: DistillTask(teacher, recipe.temperature)}
 
 
+HACKER_SYNTAX = "ARCH[:MODE[:SEED]] or ARCH:MODE:theta0+SIGMA[:SEED], e.g. cnn:distill or resnet18:normal:theta0+0.1"
+
+
 @dataclass(frozen=True)
 class HackerSpec:
-    """A hacker network: an architecture, a training mode ("normal" or "distill") and an init seed."""
+    """A hacker network: an architecture, a training mode ("normal" or "distill") and its initialization.
+
+    By default the init is random from ``seed``. With ``init_noise`` = σ (not None) the hacker knows the
+    authorized architecture and θ0 approximately: it starts from the θ0 of the (first) authorized network
+    of the same architecture plus relative Gaussian noise of size σ drawn with ``seed``
+    (:func:`uge.countermeasures.perturb_init`), and trains with the authorized recipe, so σ = 0 repeats
+    the authorized network exactly. Sweeping σ measures how close an init must be to count as authorized.
+    """
 
     arch: str
     mode: str = "normal"
     seed: int = 1
+    init_noise: float | None = None
 
     def __post_init__(self):
         if self.mode not in TASKS:
             raise ConfigError(f"unknown hacker mode {self.mode!r} in {self}; modes: {', '.join(TASKS)}")
+        if self.init_noise is not None and not self.init_noise >= 0:
+            raise ConfigError(f"the θ0 noise of hacker {self.arch} must be >= 0, got {self.init_noise}")
 
     @classmethod
     def parse(cls, text: str) -> "HackerSpec":
-        """Parse ``ARCH[:MODE[:SEED]]``, e.g. ``resnet18:distill:3``."""
+        """Parse ``ARCH[:MODE[:SEED]]`` (e.g. ``resnet18:distill:3``) or ``ARCH:MODE:theta0+SIGMA[:SEED]``
+        (e.g. ``cnn:normal:theta0+0.05``: θ0 plus noise σ = 0.05 drawn with seed SEED, default 1)."""
         parts = text.strip().split(":")
-        if not parts[0] or len(parts) > 3:
-            raise ConfigError(f"bad hacker spec {text!r}; expected ARCH[:MODE[:SEED]], e.g. cnn:distill")
+        noisy = len(parts) > 2 and parts[2].startswith("theta0")
+        if not parts[0] or len(parts) > (4 if noisy else 3):
+            raise ConfigError(f"bad hacker spec {text!r}; expected {HACKER_SYNTAX}")
+        mode = parts[1] if len(parts) > 1 else "normal"
         try:
-            seed = int(parts[2]) if len(parts) > 2 else 1
+            if noisy:
+                sigma = parts[2][len("theta0"):]
+                if sigma and not sigma.startswith("+"):
+                    raise ValueError
+                return cls(parts[0], mode, int(parts[3]) if len(parts) > 3 else 1, float(sigma[1:] or 0))
+            return cls(parts[0], mode, int(parts[2]) if len(parts) > 2 else 1)
         except ValueError:
-            raise ConfigError(f"bad seed in hacker spec {text!r}") from None
-        return cls(parts[0], parts[1] if len(parts) > 1 else "normal", seed)
+            raise ConfigError(f"bad seed or θ0 noise in hacker spec {text!r}; expected {HACKER_SYNTAX}") from None
+
+    @property
+    def spec(self) -> str:
+        """The text :meth:`parse` reads back into this spec."""
+        if self.init_noise is None:
+            return f"{self.arch}:{self.mode}:{self.seed}"
+        return f"{self.arch}:{self.mode}:theta0+{self.init_noise!r}:{self.seed}"
 
     @property
     def key(self) -> str:
-        return f"{self.arch}_{self.mode}_s{self.seed}"
+        noise = "" if self.init_noise is None else f"_theta0+{self.init_noise!r}"
+        return f"{self.arch}_{self.mode}{noise}_s{self.seed}"
 
 
-def _fit(model, train_set, test_set, recipe, task, device, seed, progress, desc) -> tuple[Classifier, dict]:
-    start = time.perf_counter()
-    train(model, train_set, recipe, task=task, device=device, seed=seed, progress=progress, desc=desc)
-    return model, {"test_acc": accuracy(model, test_set), "train_acc": accuracy(model, train_set),
-                   "seconds": round(time.perf_counter() - start, 2)}
+class _Setting:
+    """One side's countermeasures (hackers', or the authorized networks'), applied to the data once, when
+    the first network of that side trains."""
+
+    def __init__(self, cms: list[Countermeasure], train_set: ImageDataset, test_set: ImageDataset):
+        self.cms = cms
+        self.text = format_countermeasures(cms) or None
+        self.suffix = f"__{countermeasure_slug(cms)}" if cms else ""  # "" keeps the historical file names
+        self._train, self._test = train_set, test_set
+
+    @cached_property
+    def train_set(self) -> ImageDataset:
+        return transform_data(self.cms, self._train)
+
+    @cached_property
+    def test_set(self) -> ImageDataset:
+        return transform_data(self.cms, self._test, test=True)
+
+    def fit(self, model, recipe, task, device, seed, progress, desc) -> tuple[Classifier, dict]:
+        start = time.perf_counter()
+        train(model, self.train_set, recipe, task=wrap_task(self.cms, task), device=device, seed=seed,
+              progress=progress, desc=desc, batch_augment=make_batch_augment(self.cms, self.train_set.num_classes))
+        return model, {"test_acc": accuracy(model, self.test_set), "train_acc": accuracy(model, self.train_set),
+                       "seconds": round(time.perf_counter() - start, 2), "countermeasures": self.text}
+
+
+def _done(rec_file: Path, recipe: Recipe, countermeasures: str | None) -> dict:
+    """The record of a finished network; a record made with other settings is refused, never reused."""
+    rec = json.loads(rec_file.read_text())
+    stored = rec.get("recipe", {})
+    diff = [f"{k}={stored[k]!r} (now {v!r})" for k, v in recipe.to_dict().items() if k in stored and stored[k] != v]
+    if rec.get("countermeasures") != countermeasures:
+        diff.append(f"countermeasures={rec.get('countermeasures')!r} (now {countermeasures!r})")
+    if diff:
+        raise ConfigError(f"{rec_file} was made with other settings: {', '.join(diff)}; use another output "
+                          "folder or delete the record")
+    log.info("skip %s (done)", rec_file.name)
+    return rec
 
 
 def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: list[tuple],
                  hackers: list[HackerSpec], recipe: Recipe, *, data_label: str, out_dir: str | Path | None = None,
                  device="auto", seed: int = 0, progress: bool = True, extra: dict | None = None,
-                 recipes: dict[str, Recipe] | None = None) -> list[dict]:
+                 recipes: dict[str, Recipe] | None = None,
+                 countermeasures: str | list[Countermeasure] | None = None,
+                 authorized_countermeasures: str | list[Countermeasure] | None = None) -> list[dict]:
     """Train the authorized networks (from their θ0) and the hackers on ``train_set``; test on ``test_set``.
 
     Args:
         authorized: (arch, network at θ0) or (arch, network, init label) tuples; the first one, once
             trained, is the distillation teacher.
+        hackers: hacker networks; one with ``init_noise`` starts from the θ0 of the first authorized
+            network of its architecture plus noise and trains with ``recipe``.
+        recipe: the authorized networks' recipe (to train them with another recipe than the published one,
+            pass it here), and the hackers' unless ``recipes`` names their architecture.
         data_label: "clean" or "protected" (or any tag), stored in each record and its file name.
         out_dir: where records (and the trained authorized weights, for resuming) go; None keeps them in memory.
         recipes: per-architecture recipes for the hackers (the authorized networks always use ``recipe``).
+        countermeasures: the hackers' countermeasures (text such as ``"jpeg:quality=10+cutout:size=8"`` or
+            a parsed list); input transforms are applied to ``train_set`` once (and, where they say so, to
+            ``test_set``), batch augmentations and adversarial training inside the training loop.
+        authorized_countermeasures: the same for the authorized networks (none by default): "the
+            authorized user trains with countermeasure X". The distillation teacher is the authorized
+            network as trained here.
     Returns:
-        one record per trained network.
+        one record per trained network; each stores its ``countermeasures`` text (None for none).
     """
     device = resolve_device(device)
     train_set.check_compatible(test_set)
-    for h in hackers:  # fail on a bad name before any training
+    hacker_cms = parse_countermeasures(countermeasures)  # fail on a bad spec or name before any training
+    auth_cms = parse_countermeasures(authorized_countermeasures)
+    for h in hackers:
         create_model(h.arch, train_set.num_classes, train_set.channels)
+    theta0 = {}  # arch -> (θ0 state, init label) for the hackers that start near an authorized θ0
+    for h in hackers:
+        if h.init_noise is not None and h.arch not in theta0:
+            match = [(m, init[0] if init else "theta0") for name, m, *init in authorized if name == h.arch]
+            if not match:
+                raise ConfigError(f"hacker {h.spec} starts from an authorized θ0, but no authorized network is a "
+                                  f"{h.arch}; authorized: {', '.join(a[0] for a in authorized) or 'none'}")
+            theta0[h.arch] = ({k: v.detach().clone() for k, v in match[0][0].state_dict().items()}, match[0][1])
     out = Path(out_dir) if out_dir is not None else None
     common = {"data": data_label, "n_train": len(train_set), "n_test": len(test_set), "recipe": recipe.to_dict(),
               "device": str(device), "versions": versions(), **(extra or {})}
+    auth = _Setting(auth_cms, train_set, test_set)
     records, teacher = [], None
     for k, (name, model, *init) in enumerate(authorized):
-        rec_file = out / f"{data_label}_authorized{k}_{name}.json" if out else None
+        rec_file = out / f"{data_label}_authorized{k}_{name}{auth.suffix}.json" if out else None
         weights = rec_file.with_suffix(".safetensors") if rec_file else None
         if rec_file and rec_file.exists() and weights.exists():
-            records.append(json.loads(rec_file.read_text()))
+            records.append(_done(rec_file, recipe, auth.text))
             load_into(model, weights).to(device).eval()
-            log.info("skip %s (done)", rec_file.name)
         else:
-            model, res = _fit(model, train_set, test_set, recipe, SupervisedTask(), device, seed, progress,
-                              f"{data_label}: authorized {name}")
+            model, res = auth.fit(model, recipe, SupervisedTask(), device, seed, progress,
+                                  f"{data_label}: authorized {name}")
             rec = {**common, "role": "authorized", "index": k, "arch": name, "mode": "normal",
                    "init": init[0] if init else "theta0", **res}
             if out:
@@ -103,18 +192,24 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
             log.info("%s  authorized %-12s test acc %.2f%%", data_label, name, res["test_acc"])
         if teacher is None:
             teacher = model
+    hack = _Setting(hacker_cms, train_set, test_set)
     for h in hackers:
-        rec_file = out / f"{data_label}_hacker_{h.key}.json" if out else None
+        rec_file = out / f"{data_label}_hacker_{h.key}{hack.suffix}.json" if out else None
+        h_recipe = recipe if h.init_noise is not None else (recipes or {}).get(h.arch, recipe)
         if rec_file and rec_file.exists():
-            records.append(json.loads(rec_file.read_text()))
-            log.info("skip %s (done)", rec_file.name)
+            records.append(_done(rec_file, h_recipe, hack.text))
             continue
         model = create_model(h.arch, train_set.num_classes, train_set.channels, seed=h.seed)
-        h_recipe = (recipes or {}).get(h.arch, recipe)
-        _, res = _fit(model, train_set, test_set, h_recipe, TASKS[h.mode](teacher, h_recipe), device, seed, progress,
-                      f"{data_label}: {h.arch} {h.mode}")
+        init = {"init": f"seed:{h.seed}"}
+        if h.init_noise is not None:
+            state, label = theta0[h.arch]
+            model.load_state_dict(state)
+            perturb_init(model, h.init_noise, seed=h.seed)
+            init = {"init": f"{label}+noise{h.init_noise!r}:seed{h.seed}", "init_noise": h.init_noise}
+        _, res = hack.fit(model, h_recipe, TASKS[h.mode](teacher, h_recipe), device, seed, progress,
+                          f"{data_label}: {h.arch} {h.mode}")
         rec = {**common, "recipe": h_recipe.to_dict(), "role": "hacker", "arch": h.arch, "mode": h.mode,
-               "init": f"seed:{h.seed}", **res}
+               **init, **res}
         if rec_file:
             write_json(rec_file, rec)
         records.append(rec)
@@ -125,11 +220,15 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
 def evaluate_published(pub: Published, test_set: ImageDataset, hackers: list[HackerSpec], *,
                        clean: ImageDataset | None = None, recipe: Recipe | None = None,
                        out_dir: str | Path | None = None, device="auto", seed: int = 0,
-                       progress: bool = True) -> list[dict]:
+                       progress: bool = True, countermeasures: str | list[Countermeasure] | None = None,
+                       authorized_countermeasures: str | list[Countermeasure] | None = None) -> list[dict]:
     """The paper's evaluation of a published set, optionally beside the same grid on the clean originals.
 
     The authorized networks start from the published θ0 and train with the published recipe unless
-    ``recipe`` overrides it; hackers train with the same recipe.
+    ``recipe`` overrides it (e.g. ``dataclasses.replace(pub.recipe, batch_size=64)``: the authorized user
+    trains differently from the recipe the generator matched); hackers train with the same recipe.
+    ``countermeasures`` apply to the hackers and ``authorized_countermeasures`` to the authorized networks
+    (see :func:`evaluate_set`), on the clean and the protected set alike.
     """
     recipe = recipe or pub.recipe
     extra = {"published": str(pub.path), "checksums_sha256": pub.manifest.get("checksums_sha256")}
@@ -138,7 +237,8 @@ def evaluate_published(pub: Published, test_set: ImageDataset, hackers: list[Hac
     for label, data in sets:
         authorized = [(f"{a['arch']}", pub.authorized_network(k)) for k, a in enumerate(pub.manifest["authorized"])]
         records += evaluate_set(data, test_set, authorized, hackers, recipe, data_label=label, out_dir=out_dir,
-                                device=device, seed=seed, progress=progress, extra=extra)
+                                device=device, seed=seed, progress=progress, extra=extra,
+                                countermeasures=countermeasures, authorized_countermeasures=authorized_countermeasures)
     return records
 
 
@@ -146,16 +246,17 @@ def format_table(records: list[dict]) -> str:
     """A markdown table: one row per network, test accuracy on clean and protected data, and the change."""
     rows: dict[tuple, dict] = {}
     for r in records:
-        key = (r["role"], r["arch"], r["mode"], r["init"])
+        key = (r["role"], r["arch"], r["mode"], r["init"], r.get("countermeasures") or "")
         rows.setdefault(key, {})[r["data"]] = r["test_acc"]
     labels = [lab for lab in ("clean", "protected") if any(lab in v for v in rows.values())]
-    head = "| network | mode | init | " + " | ".join(f"{lab} acc %" for lab in labels)
-    head += " | change |" if len(labels) == 2 else " |"
+    with_cm = any(k[4] for k in rows)  # the countermeasure column only when one was used
+    head = "| network | mode | init | " + ("countermeasures | " if with_cm else "")
+    head += " | ".join(f"{lab} acc %" for lab in labels) + (" | change |" if len(labels) == 2 else " |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for (role, arch, mode, init), accs in rows.items():
+    for (role, arch, mode, init, cm), accs in rows.items():
         cells = [f"{accs[lab]:.2f}" if lab in accs else "–" for lab in labels]
         if len(labels) == 2:
             cells.append(f"{accs['protected'] - accs['clean']:+.2f}" if len(accs) == 2 else "–")
         name = f"{arch} (authorized)" if role == "authorized" else arch
-        lines.append(f"| {name} | {mode} | {init} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {mode} | {init} | " + (f"{cm or '–'} | " if with_cm else "") + " | ".join(cells) + " |")
     return "\n".join(lines)
