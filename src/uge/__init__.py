@@ -18,11 +18,12 @@ from .evaluate import HackerSpec, evaluate_published, evaluate_set, format_table
 from .models import Generator, create_model, list_models  # noqa: E402
 from .protect import Protection, protect  # noqa: E402
 from .publish import Published, publish, read_published, verify  # noqa: E402
-from .training import DistillTask, Recipe, SupervisedTask, accuracy, train  # noqa: E402
+from .training import AdversarialTask, DistillTask, Recipe, SupervisedTask, accuracy, train  # noqa: E402
 
 __all__ = [
-    "AuthorizedSpec", "ConfigError", "DataError", "DistillTask", "Generator", "HackerSpec", "ImageDataset",
-    "ProtectConfig", "Protection", "Published", "Recipe", "SupervisedTask", "UGEError", "VerificationError",
+    "AdversarialTask", "AuthorizedSpec", "ConfigError", "DataError", "DistillTask", "Generator", "HackerSpec",
+    "ImageDataset", "ProtectConfig", "Protection", "Published", "Recipe", "SupervisedTask", "UGEError",
+    "VerificationError",
     "accuracy", "create_model", "evaluate_published", "evaluate_set", "format_table", "list_models",
     "load_dataset", "load_splits", "protect", "publish", "read_published", "save_npz", "train", "verify",
 ]
