@@ -136,7 +136,8 @@ class AdversarialTask:
         self.step = step if step is not None else 2.5 * eps / steps  # Madry et al.'s rule of thumb
 
     def to(self, device) -> "AdversarialTask":
-        self.task.to(device)
+        if hasattr(self.task, "to"):
+            self.task.to(device)
         return self
 
     def _loss_at(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
