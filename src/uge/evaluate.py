@@ -258,5 +258,6 @@ def format_table(records: list[dict]) -> str:
         if len(labels) == 2:
             cells.append(f"{accs['protected'] - accs['clean']:+.2f}" if len(accs) == 2 else "–")
         name = f"{arch} (authorized)" if role == "authorized" else arch
-        lines.append(f"| {name} | {mode} | {init} | " + (f"{cm or '–'} | " if with_cm else "") + " | ".join(cells) + " |")
+        cm_cell = f"{cm or '–'} | " if with_cm else ""
+        lines.append(f"| {name} | {mode} | {init} | {cm_cell}" + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -43,7 +43,8 @@ class Cutout(BatchAugment):
 
     name = "cutout"
     summary = "blank one random square per training image."
-    params: ClassVar[dict[str, Param]] = {"size": Param(int, 16, 1, 1024, help="side of the square in pixels")}
+    params: ClassVar[dict[str, Param]] = {
+        "size": Param(int, 16, 1, 1024, help="side of the square in pixels")}
 
     def augment(self, x, y, num_classes):
         b, _, h, w = x.shape
@@ -58,7 +59,8 @@ class Mixup(BatchAugment):
 
     name = "mixup"
     summary = "blend pairs of training images and their labels."
-    params: ClassVar[dict[str, Param]] = {"alpha": Param(float, 1.0, 0, 100, low_open=True, help="Beta(alpha, alpha) mixing weight")}
+    params: ClassVar[dict[str, Param]] = {
+        "alpha": Param(float, 1.0, 0, 100, low_open=True, help="Beta(alpha, alpha) mixing weight")}
 
     def augment(self, x, y, num_classes):
         lam = _beta(self.alpha)
@@ -74,7 +76,8 @@ class CutMix(BatchAugment):
 
     name = "cutmix"
     summary = "paste a random box of another training image, mixing the labels by area."
-    params: ClassVar[dict[str, Param]] = {"alpha": Param(float, 1.0, 0, 100, low_open=True, help="Beta(alpha, alpha) mixing weight")}
+    params: ClassVar[dict[str, Param]] = {
+        "alpha": Param(float, 1.0, 0, 100, low_open=True, help="Beta(alpha, alpha) mixing weight")}
 
     def augment(self, x, y, num_classes):
         b, _, h, w = x.shape
@@ -179,7 +182,8 @@ class UEraser(BatchAugment):
 
     name = "ueraser"
     summary = "strong random photometric and geometric augmentation in the UEraser style."
-    params: ClassVar[dict[str, Param]] = {"strength": Param(float, 1.0, 0, 1, low_open=True, help="scales every magnitude; 1 = UEraser's")}
+    params: ClassVar[dict[str, Param]] = {
+        "strength": Param(float, 1.0, 0, 1, low_open=True, help="scales every magnitude; 1 = UEraser's")}
 
     def augment(self, x, y, num_classes):
         b, c, h, w = x.shape

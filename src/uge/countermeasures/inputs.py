@@ -26,7 +26,8 @@ class JPEG(InputTransform):
 
     name = "jpeg"
     summary = "JPEG-compress every training image at the given quality (Pillow)."
-    params: ClassVar[dict[str, Param]] = {"quality": Param(int, 10, 10, 95, help="JPEG quality; lower removes more")}
+    params: ClassVar[dict[str, Param]] = {
+        "quality": Param(int, 10, 10, 95, help="JPEG quality; lower removes more")}
 
     def transform(self, images: np.ndarray) -> np.ndarray:
         out = np.empty_like(images)
@@ -68,8 +69,10 @@ class Blur(InputTransform):
 
     name = "blur"
     summary = "Gaussian-blur every training image."
-    params: ClassVar[dict[str, Param]] = {"sigma": Param(float, 1.0, 0, 10, low_open=True, help="standard deviation in pixels"),
-              "kernel": Param(int, None, 3, 61, odd=True, help="kernel size; auto = 2*ceil(3*sigma)+1")}
+    params: ClassVar[dict[str, Param]] = {
+        "sigma": Param(float, 1.0, 0, 10, low_open=True, help="standard deviation in pixels"),
+        "kernel": Param(int, None, 3, 61, odd=True, help="kernel size; auto = 2*ceil(3*sigma)+1"),
+    }
 
     def resolve(self, values: dict) -> dict:
         if values["kernel"] is None:
