@@ -33,6 +33,20 @@ def test_batched_distance_equals_the_per_tensor_loop():
     assert gradient_distance(a, [t.detach() for t in a]).item() == pytest.approx(1 / 32 / 4, abs=1e-12)  # the dead row
 
 
+def test_a_channel_without_gradient_gives_finite_gradients():
+    a, b = _grads(2)
+    b = [t.detach().clone() for t in b]
+    b[2][5] = 0  # the perturbed batch's gradient vanishes on a channel too
+    b = [t.requires_grad_() for t in b]
+    grads = torch.autograd.grad(gradient_distance(a, b), b)
+    ref = torch.autograd.grad(gradient_distance_reference(a, b), b)
+    for k, (g, r) in enumerate(zip(grads, ref)):
+        assert torch.isfinite(g).all()
+        if k == 2:  # at an exactly zero row the cosine has no derivative; both versions return a finite stand-in
+            g, r = torch.cat([g[:5], g[6:]]), torch.cat([r[:5], r[6:]])
+        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
+
+
 def test_batched_distance_float32_within_precision():
     a, b = _grads(1)
     a, b = [t.float() for t in a], [t.detach().float() for t in b]

@@ -72,6 +72,8 @@ class HackerSpec:
                     raise ValueError
                 return cls(parts[0], mode, int(parts[3]) if len(parts) > 3 else 1, float(sigma[1:] or 0))
             return cls(parts[0], mode, int(parts[2]) if len(parts) > 2 else 1)
+        except ConfigError:
+            raise
         except ValueError:
             raise ConfigError(f"bad seed or θ0 noise in hacker spec {text!r}; expected {HACKER_SYNTAX}") from None
 

@@ -38,9 +38,10 @@ def gradient_distance(g_a: Sequence[torch.Tensor], g_b: Sequence[torch.Tensor], 
     flat_b = torch.cat([b.reshape(-1) for b in g_b])
     row_len, rows = _segments(tuple(tuple(a.shape) for a in g_a), flat_a.device)
     dot = torch.segment_reduce(flat_a * flat_b, "sum", lengths=row_len)
-    norms = torch.segment_reduce(flat_a * flat_a, "sum", lengths=row_len).sqrt() * \
-        torch.segment_reduce(flat_b * flat_b, "sum", lengths=row_len).sqrt()
-    per_row = 1 - dot / norms.clamp(min=eps)
+    sq = torch.segment_reduce(flat_a * flat_a, "sum", lengths=row_len) * \
+        torch.segment_reduce(flat_b * flat_b, "sum", lengths=row_len)
+    # clamp before the square root: a channel with no gradient (dead ReLU) would otherwise get sqrt'(0) = inf
+    per_row = 1 - dot / sq.clamp(min=eps * eps).sqrt()
     return torch.segment_reduce(per_row, "mean", lengths=rows).mean()
 
 

@@ -267,6 +267,9 @@ def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDat
             for k, v in terms.items():  # summed on the device: one synchronization per epoch, not per step
                 sums[k] = sums.get(k, 0) + v.detach()
         sums = {k: v.item() for k, v in sums.items()}
+        if not all(np.isfinite(v) for v in sums.values()) or not all(torch.isfinite(p).all() for p in gen.parameters()):
+            raise FloatingPointError(f"generator training diverged in epoch {epoch + 1} (losses {sums}); "
+                                     "lower generator_lr, or report this with the config")
         record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
         history.append(record)
         bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "epoch"})

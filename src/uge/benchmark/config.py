@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import AuthorizedSpec, ProtectConfig
+from ..countermeasures import format_countermeasures, parse_countermeasures
 from ..errors import ConfigError
 from ..evaluate import HackerSpec
 from ..models.registry import list_models
@@ -76,6 +77,8 @@ class BenchmarkConfig:
     recipes: dict[str, Recipe] = field(default_factory=dict)  # per-architecture hacker recipes
     protect: dict = field(default_factory=dict)  # ProtectConfig fields shared by the variants
     hackers: list[HackerSpec] = field(default_factory=list)
+    countermeasures: list[str] = field(default_factory=lambda: [""])  # canonical texts; "" is none
+    countermeasures_authorized: bool = True  # the authorized networks train with the same countermeasure
     variants: list[Variant] = field(default_factory=list)
     paper: dict = field(default_factory=dict)  # the paper's numbers, shown beside ours by the report
 
@@ -89,15 +92,23 @@ class BenchmarkConfig:
             d.setdefault("encoder_recipe", {})["epochs"] = d.pop("encoder_epochs")
         return ProtectConfig.from_dict(d)
 
+    def _evaluate_dict(self) -> dict:
+        d = {"hackers": [h.spec for h in self.hackers]}
+        if self.countermeasures != [""]:  # only when used, so older run folders keep matching their config
+            d["countermeasures"] = self.countermeasures
+            d["countermeasures_authorized"] = self.countermeasures_authorized
+        return d
+
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "device": self.device, "seed": self.seed,
                 "data": vars(self.data), "recipe": self.recipe.to_dict(),
                 "recipes": {k: r.to_dict() for k, r in self.recipes.items()}, "protect": self.protect,
-                "evaluate": {"hackers": [f"{h.arch}:{h.mode}:{h.seed}" for h in self.hackers]},
+                "evaluate": self._evaluate_dict(),
                 "variant": [{"name": v.name, "protector": v.protector, "federated": v.federated, **v.overrides}
                             for v in self.variants], "paper": self.paper}
 
 
+_EVALUATE_KEYS = {"hackers", "countermeasures", "countermeasures_authorized"}
 _TOP_KEYS = {"name", "description", "device", "seed", "data", "recipe", "recipes", "protect", "evaluate",
              "variant", "paper"}
 
@@ -111,14 +122,25 @@ def parse_config(d: dict, where: str = "config") -> BenchmarkConfig:
         raise ConfigError(f"{where}: 'name' (a non-empty string) is required")
     try:
         ev = d.get("evaluate", {})
-        if set(ev) - {"hackers"}:
-            raise ConfigError(f"unknown evaluate key(s): {', '.join(sorted(set(ev) - {'hackers'}))}; known: hackers")
+        if set(ev) - _EVALUATE_KEYS:
+            raise ConfigError(f"unknown evaluate key(s): {', '.join(sorted(set(ev) - _EVALUATE_KEYS))}; "
+                              f"known: {', '.join(sorted(_EVALUATE_KEYS))}")
+        cms = ev.get("countermeasures", ["none"])
+        if not isinstance(cms, list) or not cms or not all(isinstance(c, str) for c in cms):
+            raise ConfigError(f"evaluate.countermeasures must be a non-empty list of texts such as "
+                              f"[\"none\", \"jpeg:quality=10\"], got {cms!r}")
+        cms = [format_countermeasures(parse_countermeasures(c)) for c in cms]
+        if len(set(cms)) != len(cms):
+            raise ConfigError(f"evaluate.countermeasures lists the same setting twice: {cms}")
+        if not isinstance(ev.get("countermeasures_authorized", True), bool):
+            raise ConfigError("evaluate.countermeasures_authorized must be true or false")
         cfg = BenchmarkConfig(
             name=d["name"], description=d.get("description", ""), device=d.get("device", "auto"),
             seed=d.get("seed", 0), data=from_dict(DataSpec, d.get("data", {}), "data"),
             recipe=Recipe.from_dict(d.get("recipe", {})),
             recipes={k: Recipe.from_dict({**d.get("recipe", {}), **v}) for k, v in d.get("recipes", {}).items()},
             protect=dict(d.get("protect", {})), hackers=[HackerSpec.parse(h) for h in ev.get("hackers", [])],
+            countermeasures=cms, countermeasures_authorized=ev.get("countermeasures_authorized", True),
             variants=[_variant(v) for v in d.get("variant", [])], paper=dict(d.get("paper", {})))
         _check(cfg)
     except ConfigError as e:

@@ -26,7 +26,7 @@ def _column(r: dict, n_auth: int, hacker_archs: dict) -> str:
 
 
 def _match_key(r: dict) -> tuple:
-    return (r["role"], r["arch"], r["mode"], r["init"])
+    return (r["role"], r["arch"], r["mode"], r["init"], r.get("countermeasures") or "")
 
 
 def build_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
@@ -48,16 +48,18 @@ def build_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
         col = _column(r, n_auth, hacker_archs)
         if col not in columns:
             columns.append(col)
-        row = rows.setdefault((r.get("variant", r["data"]), r["mode"]),
-                              {"variant": r.get("variant", r["data"]), "mode": r["mode"], "rho": r.get("rho"),
-                               "protector": r.get("protector"), "cells": {}})
+        cm = r.get("countermeasures") or ""
+        row = rows.setdefault((r.get("variant", r["data"]), cm, r["mode"]),
+                              {"variant": r.get("variant", r["data"]), "countermeasure": cm, "mode": r["mode"],
+                               "rho": r.get("rho"), "protector": r.get("protector"), "cells": {}})
         base = clean.get(_match_key(r))
         row["cells"][col] = {"acc": r["test_acc"], "clean": base, "arch": r["arch"],
                              "change": None if base is None else r["test_acc"] - base}
     auth = sorted(c for c in columns if c.startswith("authorized"))
     columns = auth + [c for c in columns if c not in auth]
-    ordered = sorted(rows.values(), key=lambda row: row["mode"] != "normal")  # stable: variant order kept
-    return columns, ordered
+    cms = list(dict.fromkeys(row["countermeasure"] for row in rows.values()))
+    ordered = sorted(rows.values(), key=lambda row: (cms.index(row["countermeasure"]), row["mode"] != "normal"))
+    return columns, ordered  # stable sort: the variants keep their config order
 
 
 def _header(columns, rows) -> list[str]:
@@ -76,34 +78,66 @@ def _fmt(cell: dict | None, clean_row: bool) -> str:
     return f"{cell['acc']:.2f} ({cell['change']:+.2f})"
 
 
+def _lead(row, has_cm: bool) -> list[str]:
+    """The row's leading cells: data (variant), the countermeasure where any is used, the training mode."""
+    return [row["variant"]] + ([row["countermeasure"] or "none"] if has_cm else []) + [row["mode"]]
+
+
 def markdown_table(columns, rows) -> str:
-    lines = ["| data | mode | " + " | ".join(_header(columns, rows)) + " |", "|---|---|" + "---|" * len(columns)]
+    has_cm = any(row["countermeasure"] for row in rows)
+    lead = ["data"] + (["countermeasure"] if has_cm else []) + ["mode"]
+    lines = ["| " + " | ".join(lead + _header(columns, rows)) + " |", "|" + "---|" * (len(lead) + len(columns))]
     for row in rows:
         cells = [_fmt(row["cells"].get(c), row["protector"] == "clean") for c in columns]
-        lines.append(f"| {row['variant']} | {row['mode']} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_lead(row, has_cm) + cells) + " |")
     return "\n".join(lines)
+
+
+def robustness_matrix(columns, rows) -> str:
+    """Per network and mode: variants (rows) x countermeasures (columns), each beside its clean counterpart."""
+    cms = list(dict.fromkeys(row["countermeasure"] for row in rows))
+    if len(cms) < 2:
+        return ""
+    parts = []
+    for mode in dict.fromkeys(row["mode"] for row in rows):
+        for c in columns:
+            variants = list(dict.fromkeys(row["variant"] for row in rows if row["mode"] == mode and c in row["cells"]))
+            if not variants:
+                continue
+            cell = {(row["variant"], row["countermeasure"]): row for row in rows if row["mode"] == mode}
+            lines = [f"**{c}** ({mode}):", "", "| data | " + " | ".join(cm or "none" for cm in cms) + " |",
+                     "|---|" + "---|" * len(cms)]
+            for v in variants:
+                vals = [_fmt(cell[(v, cm)]["cells"].get(c), cell[(v, cm)]["protector"] == "clean")
+                        if (v, cm) in cell else "–" for cm in cms]
+                lines.append(f"| {v} | " + " | ".join(vals) + " |")
+            parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def latex_table(columns, rows) -> str:
     esc = lambda s: str(s).replace("_", r"\_").replace("%", r"\%")  # noqa: E731
-    lines = [r"\begin{tabular}{ll" + "r" * len(columns) + "}", r"\toprule",
-             "data & mode & " + " & ".join(esc(h) for h in _header(columns, rows)) + r" \\", r"\midrule"]
+    has_cm = any(row["countermeasure"] for row in rows)
+    lead = ["data"] + (["countermeasure"] if has_cm else []) + ["mode"]
+    lines = [r"\begin{tabular}{" + "l" * len(lead) + "r" * len(columns) + "}", r"\toprule",
+             " & ".join(esc(h) for h in lead + _header(columns, rows)) + r" \\", r"\midrule"]
     for row in rows:
         cells = [esc(_fmt(row["cells"].get(c), row["protector"] == "clean")) for c in columns]
-        lines.append(f"{esc(row['variant'])} & {row['mode']} & " + " & ".join(cells) + r" \\")
+        lines.append(" & ".join(esc(x) for x in _lead(row, has_cm) + cells) + r" \\")
     return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"])
 
 
 def write_csv(path: Path, columns, rows, paper: dict) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["variant", "mode", "network", "arch", "test_acc", "clean_acc", "change", "paper_acc"])
+        w.writerow(["variant", "countermeasure", "mode", "network", "arch", "test_acc", "clean_acc", "change",
+                    "paper_acc"])
         for row in rows:
             for c in columns:
                 cell = row["cells"].get(c)
                 if cell is not None:
-                    p = paper.get((row["variant"], row["mode"]), {}).get(c)
-                    w.writerow([row["variant"], row["mode"], c, cell["arch"], f"{cell['acc']:.2f}",
+                    p = None if row["countermeasure"] else paper.get((row["variant"], row["mode"]), {}).get(c)
+                    w.writerow([row["variant"], row["countermeasure"], row["mode"], c, cell["arch"], f"{cell['acc']:.2f}",
                                 "" if cell["clean"] is None else f"{cell['clean']:.2f}",
                                 "" if cell["change"] is None else f"{cell['change']:.2f}", "" if p is None else p])
 
@@ -127,7 +161,7 @@ def paper_table(columns, rows, source: str, paper: dict) -> str:
     lines = [f"Ours vs {source} (accuracy %, change from clean in brackets; ours / paper):", "",
              "| data | mode | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for row in rows:
-        p = paper.get((row["variant"], row["mode"]))
+        p = None if row["countermeasure"] else paper.get((row["variant"], row["mode"]))
         if p is None:
             continue
         cells = []
@@ -181,7 +215,8 @@ def accuracy_figure(path: Path, columns, rows) -> None:
     width = 0.8 / max(1, len(rows))
     for i, row in enumerate(rows):
         vals = [row["cells"][c]["acc"] if c in row["cells"] else np.nan for c in columns]
-        ax.bar(np.arange(len(columns)) + i * width, vals, width, label=f"{row['variant']} ({row['mode']})")
+        label = " ".join(x for x in (row["variant"], row["countermeasure"], f"({row['mode']})") if x)
+        ax.bar(np.arange(len(columns)) + i * width, vals, width, label=label)
     ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2, _header(columns, rows), rotation=20, ha="right")
     ax.set_ylabel("clean test accuracy (%)")
     ax.legend(fontsize=7, ncol=2)
@@ -271,6 +306,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     parts = [f"# {cfg.get('name', run_dir.name)}", cfg.get("description", ""),
              ("Clean test accuracy (%) of each network trained on each variant of the training set; in brackets "
               "the change from the same network trained on the clean data."), table]
+    matrix = robustness_matrix(columns, rows)
+    if matrix:
+        parts += ["Robustness matrix: every network's accuracy for each protection (rows) under each "
+                  "countermeasure (columns); in brackets the change from the clean data under the same "
+                  "countermeasure.", matrix]
     pt = paper_table(columns, rows, source, paper)
     if pt:
         parts.append(pt)

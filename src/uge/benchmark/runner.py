@@ -136,9 +136,11 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
         extra = {"variant": v.name, "protector": v.protector, "rho": None if v.protector == "clean" else pc.rho,
                  "losses": None if v.protector == "clean" else list(pc.losses), "federated": v.federated,
                  "benchmark": cfg.name}
-        records += evaluate_set(used, test, authorized, cfg.hackers, cfg.recipe, data_label=v.slug,
-                                out_dir=run_dir / "records" / v.slug, device=device, seed=cfg.seed,
-                                progress=progress, extra=extra, recipes=cfg.recipes)
+        for cm in cfg.countermeasures:  # one evaluation grid per countermeasure setting ("" = none)
+            records += evaluate_set(used, test, authorized, cfg.hackers, cfg.recipe, data_label=v.slug,
+                                    out_dir=run_dir / "records" / v.slug, device=device, seed=cfg.seed,
+                                    progress=progress, extra=extra, recipes=cfg.recipes, countermeasures=cm,
+                                    authorized_countermeasures=cm if cfg.countermeasures_authorized else None)
         log.info("[%s] done in %.1f s", v.name, time.perf_counter() - start)
     write_json(run_dir / "finished.json", {"versions": versions(), "device": str(device), "records": len(records),
                                            "machine": _machine(device)})
