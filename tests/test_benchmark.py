@@ -257,3 +257,15 @@ def test_config_inherits_from_its_base(tmp_path):
     (tmp_path / "c.toml").write_text('base = "missing.toml"\nname = "c"\n')
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "c.toml")
+
+
+def test_countermeasure_grid_and_robustness_matrix(tmp_path):
+    cfg = parse_config(tiny(variant=TINY["variant"][:2],
+                            evaluate={"hackers": ["lenet:normal:1"], "countermeasures": ["none", "jpeg:quality=10"]}))
+    records = run_benchmark(cfg, tmp_path / "run", progress=False)
+    assert len(records) == 8  # 2 variants x 2 settings x (authorized + 1 hacker)
+    assert {r["countermeasures"] for r in records} == {None, "jpeg:quality=10"}
+    report = (write_report(tmp_path / "run") / "report.md").read_text()
+    assert "Robustness matrix" in report and "| data | none | jpeg:quality=10 |" in report
+    with pytest.raises(ConfigError, match="countermeasure"):
+        parse_config(tiny(evaluate={"hackers": [], "countermeasures": ["jpeg:quality=5"]}))
