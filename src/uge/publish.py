@@ -24,6 +24,7 @@ from PIL import Image
 from .data.dataset import ImageDataset
 from .errors import ConfigError, DataError, VerificationError
 from .protect import Protection
+from .similarity import similarity
 from .training import Recipe
 from .utils import atomic_dir, sha256_file, versions, write_json
 from .weights import build_network, save_weights
@@ -47,7 +48,11 @@ def _png_path(label: int, classes: list[str], index: int) -> str:
 
 def publish(result: Protection, original: ImageDataset, out: str | Path, *, formats=("npz",),
             source: dict | None = None, overwrite: bool = False) -> Path:
-    """Write ``result`` as a published set in folder ``out`` and return its path.
+    """Write ``result`` (of UGE or of any protector in :mod:`uge.protectors`) as a published set in ``out``.
+
+    The manifest names the method and its parameters, its budget (``rho``/``rho_levels``, None when not
+    norm-bounded) and the PSNR/SSIM of the published images to the originals; baselines have no
+    authorized network (``"authorized": []``) and no recipe. Returns the folder's path.
 
     Args:
         original: the clean set that was protected (its hash is recorded so ``verify`` can find
@@ -58,7 +63,9 @@ def publish(result: Protection, original: ImageDataset, out: str | Path, *, form
     formats = tuple(formats)
     if not formats or set(formats) - set(FORMATS):
         raise ConfigError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
-    data, cfg = result.protected, result.config
+    data, cfg = result.protected, result.config  # cfg is None for baseline protectors (uge.protectors)
+    if data.images.shape != original.images.shape:
+        raise DataError(f"protected images {data.images.shape} do not match the originals {original.images.shape}")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if "npz" in formats:
             np.savez(tmp / "data.npz", images=data.images, labels=data.labels, classes=np.array(data.classes))
@@ -69,7 +76,7 @@ def publish(result: Protection, original: ImageDataset, out: str | Path, *, form
                 Image.fromarray(img[..., 0] if data.channels == 1 else img).save(
                     tmp / _png_path(int(y), data.classes, i), compress_level=6)
         authorized = []
-        for k, (spec, state) in enumerate(zip(cfg.authorized, result.theta0)):
+        for k, (spec, state) in enumerate(zip(cfg.authorized if cfg else [], result.theta0)):
             rel = f"authorized/theta0_{k}.safetensors"
             save_weights(tmp / rel, state, metadata={"arch": spec.arch})
             authorized.append({"arch": spec.arch, "seed": spec.seed, "theta0": rel,
@@ -80,16 +87,26 @@ def publish(result: Protection, original: ImageDataset, out: str | Path, *, form
         write_json(tmp / "manifest.json", {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "method": "Ungeneralizable Examples (Ye & Wang, CVPR 2024)",
+            "method": result.method, "method_title": _title(result.method),
             "formats": list(formats), "num_samples": len(data), "image_shape": list(data.images.shape[1:]),
-            "classes": data.classes, "rho": cfg.rho, "rho_levels": int(np.floor(255 * cfg.rho + 1e-9)),
+            "classes": data.classes, "norm_bounded": result.norm_bounded, "rho": result.rho,
+            "rho_levels": int(np.floor(255 * result.rho + 1e-9)) if result.norm_bounded else None,
+            "similarity": similarity(data.images, original.images),
             "labels_sha256": array_sha256(data.labels), "original_sha256": array_sha256(original.images),
-            "source": source or {}, "authorized": authorized, "recipe": cfg.recipe.to_dict(),
-            "feature_space": result.feature_space, "config": cfg.to_dict(), "history": result.history,
+            "source": source or {}, "authorized": authorized, "recipe": cfg.recipe.to_dict() if cfg else None,
+            "feature_space": result.feature_space, "config": cfg.to_dict() if cfg else None,
+            "params": result.params or (cfg.to_dict() if cfg else {}), "history": result.history,
             "seconds": result.seconds, "versions": versions(),
             "checksums_sha256": hashlib.sha256(sums.encode()).hexdigest(),
         })
     return Path(out)
+
+
+def _title(method: str) -> str:
+    """The paper behind a protector name, for people reading the manifest."""
+    from .protectors import list_protectors, protector_class
+
+    return protector_class(method).title if method in list_protectors() else method
 
 
 @dataclass
@@ -102,7 +119,9 @@ class Published:
 
     @property
     def recipe(self) -> Recipe:
-        return Recipe.from_dict(self.manifest["recipe"])
+        """The authorized training recipe; the default :class:`Recipe` for sets without one (baselines)."""
+        recipe = self.manifest.get("recipe")
+        return Recipe.from_dict(recipe) if recipe else Recipe()
 
     def authorized_network(self, k: int = 0):
         """Authorized network k at its published θ0."""
@@ -186,6 +205,7 @@ class VerifyReport:
 
     checks: list[Check] = field(default_factory=list)
     linf: float | None = None  # measured L∞ distance to the originals on the [0, 1] scale
+    similarity: dict | None = None  # measured PSNR / SSIM of sets that are not norm-bounded
 
     @property
     def ok(self) -> bool:
@@ -203,6 +223,10 @@ class VerifyReport:
 
 def verify(path: str | Path, original: ImageDataset | None = None) -> VerifyReport:
     """Check a published set: file hashes, format agreement, and (given the originals) budget and labels.
+
+    Norm-bounded sets must hold ‖published − original‖∞ ≤ ρ on the saved 8-bit files ("budget"); sets that
+    are not (CUDA) get a "similarity" check instead: their PSNR and SSIM to the originals, which must equal
+    what the manifest reports.
 
     Every check is run and reported; nothing is raised for a failed check (see
     :meth:`VerifyReport.raise_if_failed`), only for a folder that is not a published set at all.
@@ -259,7 +283,17 @@ def verify(path: str | Path, original: ImageDataset | None = None) -> VerifyRepo
     diff = np.abs(data.images.astype(np.int16) - original.images.astype(np.int16))
     levels = int(diff.max())
     report.linf = levels / 255
-    report.add("budget", levels <= manifest["rho_levels"],
-               f"L∞ = {levels}/255 = {levels / 255:.4f} (ρ = {manifest['rho']}, {manifest['rho_levels']} levels); "
-               f"mean |δ| = {diff.mean():.2f}/255")
+    if manifest.get("norm_bounded", True):  # manifests from before baselines existed are all bounded
+        report.add("budget", levels <= manifest["rho_levels"],
+                   f"L∞ = {levels}/255 = {levels / 255:.4f} (ρ = {manifest['rho']}, {manifest['rho_levels']} levels); "
+                   f"mean |δ| = {diff.mean():.2f}/255")
+        return report
+    # Not norm-bounded (CUDA): no budget to hold; the similarity the manifest claims must be the real one.
+    measured, claimed = similarity(data.images, original.images), manifest.get("similarity") or {}
+    report.similarity = measured
+    agrees = all(isinstance(claimed.get(k), (int, float)) and abs(claimed[k] - v) <= tol
+                 for (k, v), tol in zip(measured.items(), (1e-3, 1e-5)))
+    report.add("similarity", agrees,
+               f"PSNR = {measured['psnr']:.2f} dB, SSIM = {measured['ssim']:.4f} (mean over images; not norm-bounded, "
+               f"L∞ = {levels}/255)" + ("" if agrees else f"; the manifest claims {claimed}"))
     return report
