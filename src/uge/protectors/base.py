@@ -1,0 +1,132 @@
+"""Protector registry: ``register_protector``, ``build_protector``, ``list_protectors`` (like the model registry).
+
+A *protector* turns a clean :class:`~uge.data.ImageDataset` into a :class:`~uge.protect.Protection` that
+:func:`uge.publish.publish` writes and :func:`uge.publish.verify` checks. Every method — UGE and the
+unlearnable-example baselines of the paper's Table 3 — has the same call shape::
+
+    p = build_protector("em", pgd_steps=10)          # parameters as plain values (config files, CLI)
+    result = p.protect(train, device="auto", seed=0)  # -> Protection, 8-bit images in result.protected
+    p.name, p.norm_bounded, p.rho                      # "em", True, 8/255 (rho None when not norm-bounded)
+
+Baseline protectors are dataclasses whose fields are their parameters; the type of every field and the
+ranges from :meth:`Protector.limits` are checked on construction, so a bad value fails before any work.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..data.dataset import ImageDataset
+from ..errors import ConfigError
+from ..protect import Protection, quantize
+from ..utils import _type_ok
+
+_REGISTRY: dict[str, type["Protector"]] = {}
+
+
+class Protector:
+    """Base class: a named method with parameters and ``protect(data, ...) -> Protection``.
+
+    Subclasses set ``name`` (the registry key), ``title`` (the paper), ``norm_bounded``, and give ``rho``
+    (the L∞ budget on the [0, 1] scale, None when not norm-bounded) as a field or attribute.
+    """
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    norm_bounded: ClassVar[bool] = True
+    rho: float | None
+
+    def __post_init__(self):  # dataclass subclasses: validate types, then ranges
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not _type_ok(v, f.type):
+                raise ConfigError(f"protector {self.name!r}: parameter {f.name} must be {f.type}, "
+                                  f"got {v!r} ({type(v).__name__})")
+        bad = [f"{k} must be {req}, got {getattr(self, k)!r}" for k, ok, req in self.limits() if not ok]
+        if bad:
+            raise ConfigError(f"protector {self.name!r}: parameter " + "; ".join(bad))
+
+    def limits(self) -> list[tuple[str, bool, str]]:
+        """(parameter, whether its value is allowed, the allowed range in words) for each range check."""
+        return []
+
+    @classmethod
+    def parameter_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def params(self) -> dict:
+        """The parameters as plain values (what the manifest records)."""
+        return dataclasses.asdict(self)
+
+    def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
+                progress: bool = True, seed: int = 0) -> Protection:
+        """Protect ``data`` and return the 8-bit result; equal seeds give equal output on one device."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
+
+
+def register_protector(cls: type[Protector]) -> type[Protector]:
+    """Register a :class:`Protector` subclass under its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_protectors() -> list[str]:
+    """Names of all registered protectors, sorted."""
+    return sorted(_REGISTRY)
+
+
+def protector_class(name: str) -> type[Protector]:
+    """The registered class of protector ``name`` (its ``title``, ``norm_bounded``, parameter names)."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown protector {name!r}; known protectors: {', '.join(list_protectors())}")
+    return _REGISTRY[name]
+
+
+def build_protector(name: str, **params) -> Protector:
+    """The protector ``name`` with ``params`` (plain values); unknown names or parameters are ConfigErrors."""
+    cls = protector_class(name)
+    allowed = cls.parameter_names()
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown parameter(s) {', '.join(unknown)} for protector {name!r}; "
+                          f"allowed: {', '.join(allowed)}")
+    return cls(**params)
+
+
+# ------------------------------------------------------------------ helpers shared by the baselines
+
+def check_rho(rho) -> tuple[str, bool, str]:
+    """The range check of an L∞ budget: at least one 8-bit level, below the whole pixel range."""
+    return "rho", 1 / 255 <= rho < 1, "in [1/255, 1) on the [0, 1] pixel scale"
+
+
+def add_noise(data: ImageDataset, delta: torch.Tensor, rho: float) -> ImageDataset:
+    """``data`` + ``delta`` (float (N, C, H, W) on the [0, 1] scale), rounded to 8 bits within ±floor(255ρ)
+    levels of each clean pixel (:func:`uge.protect.quantize`), so the budget holds on the saved files."""
+    images, _ = data.tensors("cpu")
+    x_u = quantize(images.float() / 255 + delta.detach().cpu().float(), images, rho)
+    return ImageDataset(x_u.permute(0, 2, 3, 1).numpy(), data.labels.copy(), list(data.classes))
+
+
+def noise_result(protector: Protector, data: ImageDataset, delta: torch.Tensor, *, history=None,
+                 seconds=None) -> Protection:
+    """The :class:`Protection` of a norm-bounded protector: ``data`` + ``delta``, see :func:`add_noise`."""
+    images = add_noise(data, delta, protector.rho).images
+    return image_result(protector, data, images, history=history, seconds=seconds)
+
+
+def image_result(protector: Protector, data: ImageDataset, images: np.ndarray, *, history=None,
+                 seconds=None) -> Protection:
+    """A :class:`Protection` holding ``images`` (uint8 (N, H, W, C)) with ``data``'s labels and classes."""
+    protected = ImageDataset(images, data.labels.copy(), list(data.classes))
+    return Protection(protected, None, [], "none", history or [], seconds or {}, method=protector.name,
+                      params=protector.params(), rho=protector.rho)

@@ -1,0 +1,98 @@
+"""Error-minimizing noise (EM): Huang et al., "Unlearnable Examples: Making Personal Data Unexploitable",
+ICLR 2021 — the sample-wise variant."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.dataset import ImageDataset
+from ..models import create_model, list_models
+from ..protect import Protection
+from ..training import Recipe, SupervisedTask, accuracy, train
+from ..utils import resolve_device
+from .base import Protector, add_noise, check_rho, noise_result, register_protector
+from .pgd import pgd, uniform_start
+
+
+@register_protector
+@dataclass
+class ErrorMinimizing(Protector):
+    """Sample-wise error-minimizing noise: min over δ (‖δ‖∞ ≤ ρ) of min over θ of the training loss on x + δ.
+
+    The bi-level problem is solved by alternation (Huang et al., Sec. 3): train a source network on x + δ
+    for ``train_steps`` SGD steps, then run ``pgd_steps`` signed-gradient steps on every δ that *lower* its
+    cross-entropy; stop once the network's accuracy on x + δ reaches ``stop_acc`` % (or after
+    ``max_rounds``). The noise becomes a shortcut that fits the labels, so networks trained on the data
+    learn the noise instead of the images. Paper (CIFAR-10, ResNet-18 source): ρ = 8/255, 20 PGD steps of
+    0.8/255, 10 training steps per round, stop at 99 % accuracy. The source here trains through
+    :func:`uge.training.train` (SGD + momentum, constant lr, no augmentation); its momentum restarts each round.
+
+    Example: ``build_protector("em", arch="cnn", max_rounds=5).protect(train)``.
+    """
+
+    name = "em"
+    title = "Error-minimizing noise, sample-wise (Huang et al., ICLR 2021)"
+    rho: float = 8 / 255
+    arch: str = "resnetc20"  # source network
+    train_steps: int = 10  # source-network SGD steps per round (paper: 10)
+    pgd_steps: int = 20  # noise steps per round (paper: 20)
+    step_size: float = 0.8 / 255  # paper: ρ/10
+    max_rounds: int = 10
+    stop_acc: float | None = 99.0  # % accuracy of the source network on x + δ; None: always max_rounds
+    batch_size: int = 128
+    lr: float = 0.1
+
+    def limits(self):
+        return [check_rho(self.rho), ("arch", self.arch in list_models(), f"one of {', '.join(list_models())}"),
+                *[(k, getattr(self, k) >= 1, ">= 1") for k in ("train_steps", "pgd_steps", "max_rounds")],
+                ("step_size", self.step_size > 0, "> 0"), ("batch_size", self.batch_size >= 2, ">= 2"),
+                ("lr", self.lr > 0, "> 0"),
+                ("stop_acc", self.stop_acc is None or 0 < self.stop_acc <= 100, "in (0, 100] or None")]
+
+    # The two pieces REM changes: how the source network trains, and what the noise minimizes.
+    def task(self):
+        return SupervisedTask()
+
+    def noise_loss(self, model: nn.Module, x_u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x_u), y)
+
+    def minimize_noise(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                       delta: torch.Tensor) -> torch.Tensor:
+        """``pgd_steps`` steps on every δ of the set (uint8 ``images`` (N, C, H, W)) against a fixed ``model``."""
+        model.eval().requires_grad_(False)  # eval: the noise must fit the network as it predicts
+        out = torch.empty_like(delta)
+        for i in range(0, len(images), self.batch_size):
+            x, y = images[i:i + self.batch_size].float() / 255, labels[i:i + self.batch_size]
+            out[i:i + len(x)] = pgd(lambda x_u: self.noise_loss(model, x_u, y), x, delta[i:i + len(x)], self.rho,
+                                    self.pgd_steps, self.step_size, minimize=True)
+        model.requires_grad_(True)
+        return out
+
+    def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
+                progress: bool = True, seed: int = 0) -> Protection:
+        device = resolve_device(device)
+        model = create_model(self.arch, data.num_classes, data.channels, seed=seed).to(device)
+        images, labels = data.tensors(device)
+        delta = uniform_start(images.shape, self.rho, seed, device)  # Huang et al. start from random noise
+        bs = min(self.batch_size, len(data))
+        recipe = Recipe(epochs=1, batch_size=bs, lr=self.lr, warmup=0.0, schedule="constant", crop=False,
+                        flip=False)
+        rng, history, start = np.random.default_rng(seed), [], time.perf_counter()
+        for r in range(self.max_rounds):
+            poisoned = add_noise(data, delta, self.rho)  # the source trains on what would be published
+            # train_steps batches: one "epoch" of a random draw of train_steps·bs images
+            draw = np.concatenate([rng.permutation(len(data)) for _ in range(-(-self.train_steps * bs // len(data)))])
+            train(model, poisoned.subset(draw[:self.train_steps * bs]), recipe, task=self.task(), device=device,
+                  seed=seed * 100_003 + r, progress=False)
+            delta = self.minimize_noise(model, images, labels, delta)
+            acc = accuracy(model, add_noise(data, delta, self.rho))
+            history.append({"round": r + 1, "source_acc": acc})
+            if self.stop_acc is not None and acc >= self.stop_acc:
+                break
+        return noise_result(self, data, delta, history=history, seconds={"noise": time.perf_counter() - start})

@@ -1,0 +1,88 @@
+"""Targeted adversarial poisoning (TAP): Fowl et al., "Adversarial Examples Make Strong Poisons",
+NeurIPS 2021."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.dataset import ImageDataset
+from ..errors import ConfigError
+from ..models import create_model, list_models
+from ..protect import Protection
+from ..training import Recipe, train
+from ..training import augment as crop_flip
+from ..utils import resolve_device
+from .base import Protector, check_rho, noise_result, register_protector
+from .pgd import pgd, uniform_start
+
+
+@register_protector
+@dataclass
+class TargetedAdversarialPoisoning(Protector):
+    """Class-targeted adversarial examples of a clean-trained source network, published with the true labels.
+
+    Each image x of class y gets δ (‖δ‖∞ ≤ ρ) that makes the source network predict the class
+    t = (y + ``shift``) mod K — a fixed permutation of the classes — by ``steps`` PGD steps *minimizing*
+    CE(f(x + δ), t). The perturbations carry features of the wrong class that networks trained on the data
+    pick up instead of the image content. Paper (CIFAR-10, ResNet-18 source): ρ = 8/255, 250 steps,
+    differentiable augmentation in every step. Here ``augment`` applies the training loop's random crop and
+    flip (differentiable in the image) to x + δ at every step; the step size defaults to 2.5ρ/steps
+    (Madry et al.'s rule), as the paper's own is not restated here.
+
+    Example: ``build_protector("tap", arch="cnn", epochs=5, steps=50).protect(train)``.
+    """
+
+    name = "tap"
+    title = "Targeted adversarial poisoning (Fowl et al., NeurIPS 2021)"
+    rho: float = 8 / 255
+    arch: str = "resnetc20"  # source network, trained on the clean data
+    epochs: int = 10  # source training with the default recipe (SGD, crop + flip) at this length
+    batch_size: int = 128
+    lr: float = 0.1
+    steps: int = 250  # paper: 250
+    step_size: float | None = None  # None: 2.5 ρ / steps
+    shift: int = 1  # target class t = (y + shift) mod K
+    augment: bool = True
+
+    def limits(self):
+        return [check_rho(self.rho), ("arch", self.arch in list_models(), f"one of {', '.join(list_models())}"),
+                ("epochs", self.epochs >= 1, ">= 1"), ("steps", self.steps >= 1, ">= 1"),
+                ("batch_size", self.batch_size >= 2, ">= 2"), ("lr", self.lr > 0, "> 0"),
+                ("step_size", self.step_size is None or self.step_size > 0, "> 0 or None"),
+                ("shift", self.shift >= 1, ">= 1 (and not a multiple of the number of classes)")]
+
+    def targets(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        return (labels + self.shift) % num_classes
+
+    def source_network(self, data: ImageDataset, *, device="auto", seed: int = 0, progress: bool = False) -> nn.Module:
+        """The clean-trained source network that :meth:`protect` attacks (equal seeds: equal networks)."""
+        model = create_model(self.arch, data.num_classes, data.channels, seed=seed)
+        recipe = Recipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
+        return train(model, data, recipe, device=device, seed=seed, progress=progress, desc="TAP source")
+
+    def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
+                progress: bool = True, seed: int = 0) -> Protection:
+        if self.shift % data.num_classes == 0:
+            raise ConfigError(f"protector 'tap': parameter shift={self.shift} maps every class to itself for "
+                              f"{data.num_classes} classes; use a shift that is not a multiple of it")
+        device, start = resolve_device(device), time.perf_counter()
+        model = self.source_network(data, device=device, seed=seed, progress=progress).requires_grad_(False)
+        trained = time.perf_counter()
+        images, labels = data.tensors(device)
+        delta = uniform_start(images.shape, self.rho, seed, device)
+        step = self.step_size or 2.5 * self.rho / self.steps
+        view = crop_flip if self.augment else (lambda x: x)  # noqa: E731
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)  # the augmentation draws
+            for i in range(0, len(images), self.batch_size):
+                x = images[i:i + self.batch_size].float() / 255
+                t = self.targets(labels[i:i + len(x)], data.num_classes)
+                delta[i:i + len(x)] = pgd(lambda x_u: F.cross_entropy(model(view(x_u)), t), x, delta[i:i + len(x)],
+                                          self.rho, self.steps, step, minimize=True)
+        return noise_result(self, data, delta, seconds={"source": trained - start,
+                                                        "noise": time.perf_counter() - trained})
