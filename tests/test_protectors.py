@@ -1,0 +1,313 @@
+"""The protector registry: one contract for UGE and every baseline (budget on the saved files, uint8, shapes,
+labels, determinism, parameter validation), plus one cheap behavioural check per method.
+
+Every protector runs with tiny parameters on 100 8x8 digits, about a second or less on a CPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_RECIPE, random_dataset
+
+from uge.errors import ConfigError
+from uge.models import create_model
+from uge.protect import Protection
+from uge.protectors import Protector, build_protector, list_protectors, protector_class
+from uge.protectors.pgd import pgd, uniform_start
+from uge.publish import publish, read_published, verify
+from uge.similarity import PSNR_CAP, psnr, ssim, similarity
+from uge.training import Recipe, predict, train
+
+UGE_TINY = {"authorized": ["cnn:0"], "recipe": TINY_RECIPE, "trajectory_epochs": 2, "generator_epochs": 1,
+            "generator_width": 4, "generator_batch_size": 32, "encoder_arch": "lenet",
+            "encoder_recipe": {"epochs": 1, "batch_size": 32, "flip": False}}
+TINY = {  # parameters that make every protector run in well under a second on 100 digits
+    "uge": UGE_TINY,
+    "fd": UGE_TINY,
+    "random": {},
+    "em": {"arch": "lenet", "train_steps": 2, "pgd_steps": 2, "max_rounds": 2, "batch_size": 32},
+    "rem": {"arch": "lenet", "train_steps": 2, "pgd_steps": 2, "max_rounds": 2, "batch_size": 32, "adv_steps": 2},
+    "tap": {"arch": "lenet", "epochs": 1, "steps": 3, "batch_size": 32},
+    "cuda": {},
+}
+# A wrong type and an out-of-range value for each protector (the parameter named must be in the message).
+BAD = {
+    "uge": [("generator_epochs", "3"), ("rho", 2.0)],
+    "fd": [("generator_epochs", 1.5), ("rho", 0.0)],
+    "random": [("rho", "8/255"), ("rho", 0.0)],
+    "em": [("pgd_steps", 2.0), ("stop_acc", 120.0), ("arch", "resnet1000")],
+    "rem": [("adv_steps", True), ("adv_rho", -0.1)],
+    "tap": [("augment", "yes"), ("steps", 0)],
+    "cuda": [("kernel_size", "3"), ("kernel_size", 4)],
+}
+
+
+def test_every_protector_has_tiny_parameters_and_bad_values():
+    assert set(TINY) == set(BAD) == set(list_protectors())
+    assert {"uge", "fd", "random", "em", "tap", "rem", "cuda"} <= set(list_protectors())
+
+
+@pytest.fixture(scope="module")
+def runs(digits_small, tmp_path_factory):
+    """name -> (protection, published folder) of every protector, seed 0, both formats."""
+    out = {}
+    for name in list_protectors():
+        result = build_protector(name, **TINY[name]).protect(digits_small, device="cpu", progress=False, seed=0)
+        folder = publish(result, digits_small, tmp_path_factory.mktemp(name) / "set", formats=("npz", "png"))
+        out[name] = (result, folder)
+    return out
+
+
+# ----------------------------------------------------------------------------------- contract
+
+
+@pytest.mark.parametrize("name", list_protectors())
+def test_protector_attributes(name):
+    p = build_protector(name)
+    assert isinstance(p, Protector) and p.name == name and protector_class(name) is type(p)
+    assert isinstance(p.norm_bounded, bool) and p.title
+    if p.norm_bounded:
+        assert 1 / 255 <= p.rho < 1
+    else:
+        assert p.rho is None
+    json.dumps(p.params())  # plain values, as config files and manifests hold them
+
+
+@pytest.mark.parametrize("name", list_protectors())
+def test_protection_keeps_shapes_labels_and_dtype(name, runs, digits_small):
+    result, _ = runs[name]
+    assert isinstance(result, Protection) and result.method == name
+    prot = result.protected
+    assert prot.images.dtype == np.uint8 and prot.images.shape == digits_small.images.shape
+    assert np.array_equal(prot.labels, digits_small.labels) and prot.classes == digits_small.classes
+    assert not np.array_equal(prot.images, digits_small.images)
+
+
+@pytest.mark.parametrize("name", list_protectors())
+def test_budget_holds_on_the_saved_files_and_verify_passes(name, runs, digits_small):
+    result, folder = runs[name]
+    for fmt in ("npz", "png"):
+        saved = read_published(folder, prefer=fmt)
+        assert np.array_equal(saved.data.images, result.protected.images)
+        assert np.array_equal(saved.data.labels, digits_small.labels)
+    levels = int(np.abs(saved.data.images.astype(int) - digits_small.images.astype(int)).max())
+    m = saved.manifest
+    assert m["method"] == name and m["norm_bounded"] == result.norm_bounded
+    assert set(m["similarity"]) == {"psnr", "ssim"}
+    report = verify(folder, digits_small)
+    assert report.ok, [(c.name, c.detail) for c in report.checks if not c.passed]
+    names = {c.name for c in report.checks}
+    if result.norm_bounded:
+        assert m["rho"] == pytest.approx(result.rho) and m["rho_levels"] == math.floor(255 * result.rho + 1e-9)
+        assert levels <= m["rho_levels"] and "budget" in names and "similarity" not in names
+    else:
+        assert m["rho"] is None and m["rho_levels"] is None
+        assert "similarity" in names and "budget" not in names
+        assert math.isfinite(report.similarity["psnr"]) and report.similarity == m["similarity"]
+
+
+@pytest.mark.parametrize("name", list_protectors())
+def test_manifest_records_method_params_and_authorized_networks(name, runs):
+    result, folder = runs[name]
+    m = read_published(folder).manifest
+    assert m["params"] == json.loads(json.dumps(result.params))
+    if name in ("uge", "fd"):
+        assert len(m["authorized"]) == 1 and m["config"]["losses"] == (["fd"] if name == "fd" else ["gm", "fd", "ud"])
+    else:
+        assert m["authorized"] == [] and m["config"] is None and m["recipe"] is None
+        assert read_published(folder).recipe == Recipe()  # evaluation falls back to the default recipe
+
+
+@pytest.mark.parametrize("name", list_protectors())
+def test_same_seed_same_output_other_seed_other_output(name, runs, digits_small):
+    p = build_protector(name, **TINY[name])
+    again = p.protect(digits_small, device="cpu", progress=False, seed=0).protected.images
+    assert np.array_equal(again, runs[name][0].protected.images)
+    other = p.protect(digits_small, device="cpu", progress=False, seed=1).protected.images
+    assert not np.array_equal(other, again)
+
+
+def test_unknown_protector_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"unknown protector 'nope'.*cuda.*em"):
+        build_protector("nope")
+
+
+@pytest.mark.parametrize("name", list_protectors())
+def test_unknown_parameter_names_it_and_the_allowed_ones(name):
+    with pytest.raises(ConfigError) as e:
+        build_protector(name, not_a_param=1)
+    msg = str(e.value)
+    assert "not_a_param" in msg and "allowed" in msg and "\n" not in msg
+    assert all(k in msg for k in list(TINY[name])[:3])
+
+
+@pytest.mark.parametrize("name, key, value", [(n, k, v) for n, bad in BAD.items() for k, v in bad])
+def test_bad_parameter_values_are_config_errors_naming_the_parameter(name, key, value):
+    with pytest.raises(ConfigError, match=key) as e:
+        build_protector(name, **{key: value})
+    assert "\n" not in str(e.value) and name in str(e.value)
+
+
+def test_fd_pins_its_losses():
+    assert build_protector("fd").params()["losses"] == ["fd"]
+    assert build_protector("fd").rho == pytest.approx(8 / 255)
+    with pytest.raises(ConfigError, match="losses"):
+        build_protector("fd", losses=["gm"])
+
+
+def test_uge_accepts_protect_config_values_and_adds_the_run_seed(digits_small, runs):
+    p = build_protector("uge", **{**UGE_TINY, "seed": 3})
+    assert p.config.seed == 3 and p.config.authorized[0].arch == "cnn"
+    assert runs["uge"][0].params["seed"] == 0
+    assert build_protector("uge", **UGE_TINY).protect(digits_small, device="cpu", progress=False,
+                                                      seed=2).params["seed"] == 2
+
+
+def test_tap_rejects_a_shift_that_keeps_the_labels():
+    data = random_dataset(n=8, num_classes=4)
+    with pytest.raises(ConfigError, match="shift"):
+        build_protector("tap", **{**TINY["tap"], "shift": 4}).protect(data, device="cpu", progress=False)
+
+
+# ---------------------------------------------------------------------------------- the PGD loop
+
+
+def test_pgd_stays_in_the_ball_and_the_pixel_range():
+    x = torch.rand(6, 1, 8, 8)
+    x[0] = 0.0
+    x[1] = 1.0
+    w = torch.randn(1, 1, 8, 8)
+    for minimize in (True, False):
+        d = pgd(lambda xu: (xu * w).sum(), x, uniform_start(x.shape, 0.1, 0, "cpu"), 0.1, 7, 0.05,
+                minimize=minimize)
+        assert d.abs().max() <= 0.1 + 1e-7 and (x + d).min() >= 0 and (x + d).max() <= 1
+        assert (x + d)[0].min() >= 0 and (x + d)[1].max() <= 1
+
+
+def test_pgd_descends_or_ascends_a_loss():
+    x, w = torch.full((4, 1, 8, 8), 0.5), torch.randn(1, 1, 8, 8)
+    loss = lambda xu: (xu * w).sum()  # noqa: E731
+    start = torch.zeros_like(x)
+    assert loss(x + pgd(loss, x, start, 0.1, 5, 0.03, minimize=True)) < loss(x) < \
+        loss(x + pgd(loss, x, start, 0.1, 5, 0.03, minimize=False))
+
+
+# ------------------------------------------------------------------------------- behaviour
+
+
+@pytest.fixture(scope="module")
+def source_net(digits_small):
+    """A CNN trained on the clean digits (about 98 % training accuracy), then fixed."""
+    model = create_model("cnn", 10, 1, seed=0)
+    return train(model, digits_small, Recipe(epochs=5, batch_size=20, lr=0.05, flip=False), device="cpu",
+                 progress=False).requires_grad_(False)
+
+
+def _loss(model, images, labels, delta):
+    return F.cross_entropy(predict(model, (images.float() / 255 + delta).clamp(0, 1)), labels).item()
+
+
+def test_em_noise_lowers_a_fixed_networks_loss_below_random_noise(digits_small, source_net):
+    em = build_protector("em", **{**TINY["em"], "pgd_steps": 20})  # the paper's 20 steps of 0.8/255
+    images, labels = digits_small.tensors()
+    random = uniform_start(images.shape, em.rho, 0, "cpu")
+    delta = em.minimize_noise(source_net, images, labels, random)
+    assert delta.abs().max() <= em.rho + 1e-6
+    assert _loss(source_net, images, labels, delta) < 0.75 * _loss(source_net, images, labels, random)
+
+
+def test_rem_noise_lowers_the_worst_case_loss_below_random_noise(digits_small, source_net):
+    rem = build_protector("rem", **{**TINY["rem"], "pgd_steps": 5, "adv_steps": 3})
+    images, labels = digits_small.tensors()
+    random = uniform_start(images.shape, rem.rho, 0, "cpu")
+    delta = rem.minimize_noise(source_net, images, labels, random)
+    x = images.float() / 255
+    worst = lambda d: rem.noise_loss(source_net, x + d, labels).item()  # noqa: E731 — inner max included
+    assert worst(delta) < worst(random)
+
+
+def test_tap_moves_the_source_networks_predictions_to_the_target_class(digits_small):
+    tap = build_protector("tap", arch="cnn", epochs=5, batch_size=20, lr=0.05, steps=10, augment=False)
+    result = tap.protect(digits_small, device="cpu", progress=False, seed=0)
+    net = tap.source_network(digits_small, device="cpu", seed=0)  # the same network protect attacked
+    targets = tap.targets(torch.from_numpy(digits_small.labels), 10)
+    random = build_protector("random").protect(digits_small, seed=0).protected
+
+    def toward_target(d):  # (cross-entropy to the target class, fraction predicted as the target)
+        logits = predict(net, d.tensors()[0])
+        return F.cross_entropy(logits, targets).item(), (logits.argmax(1) == targets).float().mean().item()
+
+    (ce_clean, hit_clean), (ce_random, _), (ce_tap, hit_tap) = map(toward_target, (digits_small, random,
+                                                                                    result.protected))
+    # 8x8 digits are hard to flip within 8/255 (a few % flip), but the pull toward the target is clear
+    assert ce_tap < 0.85 * min(ce_clean, ce_random) and hit_tap > hit_clean
+
+
+def test_cuda_filters_differ_by_class_and_keep_images_recognizable(runs, digits_small):
+    cuda = build_protector("cuda")
+    w = cuda.filters(10, 1, seed=0)
+    assert w.shape == (10, 1, 3, 3) and torch.allclose(w.sum(dim=(2, 3)), torch.ones(10, 1, dtype=w.dtype))
+    assert all(not torch.equal(w[0], w[c]) for c in range(1, 10))
+    # a flat image keeps its value under every class filter (normalized), an edge does not: class-wise blur
+    flat = random_dataset(n=4, num_classes=2)
+    flat.images[:] = 100
+    assert (cuda.protect(flat, seed=0).protected.images == 100).all()
+    s = similarity(runs["cuda"][0].protected.images, digits_small.images)
+    assert math.isfinite(s["psnr"]) and 10 < s["psnr"] < PSNR_CAP and 0 < s["ssim"] < 1
+
+
+def test_random_noise_is_spread_over_the_budget(runs, digits_small):
+    d = runs["random"][0].protected.images.astype(int) - digits_small.images.astype(int)
+    inside = (digits_small.images > 8) & (digits_small.images < 247)  # away from clipping at 0 and 255
+    assert set(np.unique(d[inside])) == set(range(-8, 9))
+
+
+# ------------------------------------------------------------------------------- similarity
+
+
+def test_psnr_and_ssim_known_values():
+    a = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    assert psnr(a, a) == PSNR_CAP and ssim(a, a) == pytest.approx(1.0)
+    b = a.astype(int)
+    b[..., 0, 0, 0] += np.where(a[..., 0, 0, 0] < 128, 10, -10)  # one pixel off by 10: MSE = 100 / 768
+    assert psnr(b.astype(np.uint8), a) == pytest.approx(10 * math.log10(255 ** 2 * 768 / 100))
+    noisy = np.clip(a + np.random.default_rng(1).integers(-30, 31, a.shape), 0, 255).astype(np.uint8)
+    assert 0 < ssim(noisy, a) < ssim(b.astype(np.uint8), a) < 1
+
+
+def test_ssim_matches_a_gaussian_filter_reference():
+    """Independent reference: scipy's Gaussian filter (σ 1.5, 11 taps), borders cropped (skimage's recipe)."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 256, (2, 24, 20, 3), dtype=np.uint8)
+    b = np.clip(a + rng.integers(-25, 26, a.shape), 0, 255).astype(np.uint8)
+    c1, c2, vals = (0.01 * 255) ** 2, (0.03 * 255) ** 2, []
+    for x, y in zip(a.astype(float), b.astype(float)):
+        per_channel = []
+        for ch in range(3):
+            f = lambda t: ndimage.gaussian_filter(t, 1.5, truncate=3.5)  # noqa: E731
+            X, Y = x[..., ch], y[..., ch]
+            mx, my = f(X), f(Y)
+            vx, vy, cov = f(X * X) - mx ** 2, f(Y * Y) - my ** 2, f(X * Y) - mx * my
+            s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+            per_channel.append(s[5:-5, 5:-5].mean())
+        vals.append(np.mean(per_channel))
+    assert ssim(b, a) == pytest.approx(np.mean(vals), abs=1e-9)
+
+
+def test_verify_catches_a_cuda_set_whose_manifest_misreports_its_similarity(runs, digits_small, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(runs["cuda"][1], folder)
+    f = folder / "manifest.json"
+    m = json.loads(f.read_text())
+    m["similarity"]["psnr"] += 5
+    f.write_text(json.dumps(m))  # the manifest is not in checksums.sha256, but it pins them
+    report = verify(folder, digits_small)
+    assert {c.name for c in report.checks if not c.passed} == {"similarity"}
