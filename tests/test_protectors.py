@@ -20,7 +20,7 @@ from uge.protect import Protection
 from uge.protectors import Protector, build_protector, list_protectors, protector_class
 from uge.protectors.pgd import pgd, uniform_start
 from uge.publish import publish, read_published, verify
-from uge.similarity import PSNR_CAP, psnr, ssim, similarity
+from uge.similarity import PSNR_CAP, psnr, similarity, ssim
 from uge.training import Recipe, predict, train
 
 UGE_TINY = {"authorized": ["cnn:0"], "recipe": TINY_RECIPE, "trajectory_epochs": 2, "generator_epochs": 1,
@@ -191,7 +191,7 @@ def test_pgd_stays_in_the_ball_and_the_pixel_range():
 
 def test_pgd_descends_or_ascends_a_loss():
     x, w = torch.full((4, 1, 8, 8), 0.5), torch.randn(1, 1, 8, 8)
-    loss = lambda xu: (xu * w).sum()  # noqa: E731
+    loss = lambda xu: (xu * w).sum()
     start = torch.zeros_like(x)
     assert loss(x + pgd(loss, x, start, 0.1, 5, 0.03, minimize=True)) < loss(x) < \
         loss(x + pgd(loss, x, start, 0.1, 5, 0.03, minimize=False))
@@ -227,7 +227,7 @@ def test_rem_noise_lowers_the_worst_case_loss_below_random_noise(digits_small, s
     random = uniform_start(images.shape, rem.rho, 0, "cpu")
     delta = rem.minimize_noise(source_net, images, labels, random)
     x = images.float() / 255
-    worst = lambda d: rem.noise_loss(source_net, x + d, labels).item()  # noqa: E731 — inner max included
+    worst = lambda d: rem.noise_loss(source_net, x + d, labels).item()
     assert worst(delta) < worst(random)
 
 
@@ -290,7 +290,7 @@ def test_ssim_matches_a_gaussian_filter_reference():
     for x, y in zip(a.astype(float), b.astype(float)):
         per_channel = []
         for ch in range(3):
-            f = lambda t: ndimage.gaussian_filter(t, 1.5, truncate=3.5)  # noqa: E731
+            f = lambda t: ndimage.gaussian_filter(t, 1.5, truncate=3.5)
             X, Y = x[..., ch], y[..., ch]
             mx, my = f(X), f(Y)
             vx, vy, cov = f(X * X) - mx ** 2, f(Y * Y) - my ** 2, f(X * Y) - mx * my

@@ -60,7 +60,7 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 11, batch_size: int = 1000)
     size -= 1 - size % 2  # odd, so the window has a centre
     rows, cols = _gaussian_band(h, size).T, _gaussian_band(w, size)
     c1, c2 = (_K1 * _L) ** 2, (_K2 * _L) ** 2
-    blur = lambda t: rows @ t @ cols  # noqa: E731 — Gaussian-weighted local means, per image and channel
+    blur = lambda t: rows @ t @ cols
     total = 0.0
     for i in range(0, len(a), batch_size):
         x = torch.from_numpy(a[i:i + batch_size]).permute(0, 3, 1, 2).double()

@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..protect import Protection, quantize
 from ..utils import _type_ok
 
-_REGISTRY: dict[str, type["Protector"]] = {}
+_REGISTRY: dict[str, type[Protector]] = {}
 
 
 class Protector:
@@ -64,7 +64,14 @@ class Protector:
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:
-        """Protect ``data`` and return the 8-bit result; equal seeds give equal output on one device."""
+        """Protect ``data`` and return the 8-bit result; equal seeds give equal output on one device.
+
+        Args:
+            device: "auto", "cpu" or "cuda".
+            work_dir: checkpoint folder for resuming (UGE); the baselines run in one go and ignore it.
+            progress: show progress bars.
+            seed: fixes every random choice (source-network initialization, noise start, filters).
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..data.dataset import ImageDataset
 from ..models import create_model, list_models
@@ -69,8 +70,8 @@ class ErrorMinimizing(Protector):
         out = torch.empty_like(delta)
         for i in range(0, len(images), self.batch_size):
             x, y = images[i:i + self.batch_size].float() / 255, labels[i:i + self.batch_size]
-            out[i:i + len(x)] = pgd(lambda x_u: self.noise_loss(model, x_u, y), x, delta[i:i + len(x)], self.rho,
-                                    self.pgd_steps, self.step_size, minimize=True)
+            out[i:i + len(x)] = pgd(lambda x_u, y=y: self.noise_loss(model, x_u, y), x, delta[i:i + len(x)],
+                                    self.rho, self.pgd_steps, self.step_size, minimize=True)
         model.requires_grad_(True)
         return out
 
@@ -84,15 +85,20 @@ class ErrorMinimizing(Protector):
         recipe = Recipe(epochs=1, batch_size=bs, lr=self.lr, warmup=0.0, schedule="constant", crop=False,
                         flip=False)
         rng, history, start = np.random.default_rng(seed), [], time.perf_counter()
-        for r in range(self.max_rounds):
-            poisoned = add_noise(data, delta, self.rho)  # the source trains on what would be published
-            # train_steps batches: one "epoch" of a random draw of train_steps·bs images
-            draw = np.concatenate([rng.permutation(len(data)) for _ in range(-(-self.train_steps * bs // len(data)))])
-            train(model, poisoned.subset(draw[:self.train_steps * bs]), recipe, task=self.task(), device=device,
-                  seed=seed * 100_003 + r, progress=False)
-            delta = self.minimize_noise(model, images, labels, delta)
-            acc = accuracy(model, add_noise(data, delta, self.rho))
-            history.append({"round": r + 1, "source_acc": acc})
-            if self.stop_acc is not None and acc >= self.stop_acc:
-                break
+        bar = tqdm(range(self.max_rounds), desc=self.name, disable=None if progress else True, leave=False)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)  # REM's attacks start at random points
+            for r in bar:
+                poisoned = add_noise(data, delta, self.rho)  # the source trains on what would be published
+                # train_steps batches: one "epoch" over a random draw of train_steps·bs images
+                need = self.train_steps * bs
+                draw = np.concatenate([rng.permutation(len(data)) for _ in range(-(-need // len(data)))])[:need]
+                train(model, poisoned.subset(draw), recipe, task=self.task(), device=device,
+                      seed=seed * 100_003 + r, progress=False)
+                delta = self.minimize_noise(model, images, labels, delta)
+                acc = accuracy(model, add_noise(data, delta, self.rho))
+                history.append({"round": r + 1, "source_acc": round(acc, 2)})
+                bar.set_postfix(source_acc=f"{acc:.1f}%")
+                if self.stop_acc is not None and acc >= self.stop_acc:
+                    break
         return noise_result(self, data, delta, history=history, seconds={"noise": time.perf_counter() - start})

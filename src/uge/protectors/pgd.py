@@ -1,16 +1,15 @@
-"""Projected gradient descent in an L∞ ball: the one loop behind EM, TAP and REM.
+"""Projected gradient descent in an L∞ ball: the noise loop of EM, TAP and REM.
 
-EM and TAP *minimize* a loss over the perturbation (error-minimizing / targeted noise); REM minimizes
-over its noise while an inner PGD *maximizes* over an adversarial perturbation. All of them take signed
-gradient steps and project back onto the ball and the valid pixel range after every step (Madry et al.).
+All three *minimize* a loss over the perturbation (error-minimizing / targeted / robust error-minimizing
+noise) with signed gradient steps, projecting back onto the ball and the valid pixel range after every
+step (Madry et al.). REM's inner maximization is the training loop's own attack
+(:class:`uge.training.AdversarialTask`), the same one its source network trains against.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 
 def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, delta: torch.Tensor, rho: float,
@@ -42,17 +41,3 @@ def uniform_start(shape, rho: float, seed: int, device) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return ((torch.rand(shape, generator=g) * 2 - 1) * rho).to(device)
 
-
-def adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: float, steps: int,
-                step_size: float) -> torch.Tensor:
-    """An untargeted L∞ adversarial perturbation of ``x`` (maximizes cross-entropy), from a zero start.
-
-    The model is put in eval mode for the attack (so BatchNorm statistics are not updated by adversarial
-    batches) and returned to the mode it was in.
-    """
-    was_training = model.training
-    model.eval()
-    delta = pgd(lambda xa: F.cross_entropy(model(xa), y), x, torch.zeros_like(x), rho, steps, step_size,
-                minimize=False)
-    model.train(was_training)
-    return delta

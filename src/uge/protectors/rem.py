@@ -8,24 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..training import AdversarialTask, SupervisedTask
 from .base import register_protector
 from .em import ErrorMinimizing
-from .pgd import adversarial
-
-
-class AdversarialTask:
-    """Adversarial training (Madry et al.) as a task of :func:`uge.training.train`: cross-entropy on
-    x + δ_a, with δ_a an L∞ PGD attack of radius ``rho``."""
-
-    name = "adversarial"
-
-    def __init__(self, rho: float, steps: int, step_size: float):
-        self.rho, self.steps, self.step_size = rho, steps, step_size
-
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.rho > 0:
-            x = x + adversarial(model, x, y, self.rho, self.steps, self.step_size)
-        return F.cross_entropy(model(x), y)
 
 
 @register_protector
@@ -34,13 +19,14 @@ class RobustErrorMinimizing(ErrorMinimizing):
     """Error-minimizing noise that survives adversarial training: min over δ_u of min over θ of
     max over δ_a (‖δ_a‖∞ ≤ ρ_a) of the loss on x + δ_u + δ_a (Fu et al., Eq. 4, "min-min-max").
 
-    The EM alternation with two changes: the source network trains adversarially with radius ``adv_rho``,
-    and each noise step descends the loss at the *worst-case* point x + δ_u + δ_a, with δ_a found by an
-    inner PGD and then held fixed (its gradient is taken at that point, as the min-max argument allows).
-    Paper (CIFAR-10, ResNet-18): ρ_u = 8/255, ρ_a up to ρ_u (4/255 in the main comparisons), noise PGD with
-    step 0.8/255, 10-step adversarial PGD. Left out: the paper's expectation over transformations
-    (several random augmentations per noise step); ``adv_rho=0`` gives plain EM. Defaults are smaller than
-    the paper's (10 noise steps per round, a fixed number of rounds) so tiny sets run on a CPU.
+    The EM alternation with two changes: the source network trains adversarially with radius ``adv_rho``
+    (:class:`uge.training.AdversarialTask`), and each noise step descends the loss at the *worst-case*
+    point x + δ_u + δ_a, with δ_a found by the same PGD attack and then held fixed (its gradient is taken
+    at that point, as the min-max argument allows). Paper (CIFAR-10, ResNet-18): ρ_u = 8/255, ρ_a up to ρ_u
+    (4/255 in the main comparisons), noise steps of 0.8/255, 10-step adversarial PGD. Left out: the paper's
+    expectation over transformations (several random augmentations per noise step). ``adv_rho=0`` gives
+    plain EM. Defaults are smaller than the paper's (10 noise steps per round, a fixed number of rounds,
+    no accuracy stop) so that tiny sets run on a CPU.
     """
 
     name = "rem"
@@ -49,21 +35,24 @@ class RobustErrorMinimizing(ErrorMinimizing):
     stop_acc: float | None = None  # REM runs a fixed number of rounds
     adv_rho: float = 4 / 255  # ρ_a of the adversarial training and of the inner maximization
     adv_steps: int = 10
-    adv_step_size: float | None = None  # None: ρ_a / 4
+    adv_step_size: float | None = None  # None: 2.5 ρ_a / adv_steps (Madry et al.)
 
     def limits(self):
         return [*super().limits(), ("adv_rho", 0 <= self.adv_rho < 1, "in [0, 1) on the [0, 1] pixel scale"),
                 ("adv_steps", self.adv_steps >= 1, ">= 1"),
                 ("adv_step_size", self.adv_step_size is None or self.adv_step_size > 0, "> 0 or None")]
 
-    @property
-    def _adv(self) -> tuple[float, int, float]:
-        return self.adv_rho, self.adv_steps, self.adv_step_size or self.adv_rho / 4
+    def attack(self) -> AdversarialTask | None:
+        """Adversarial training with radius ρ_a; its ``perturb`` is also the inner maximization."""
+        if self.adv_rho == 0:
+            return None
+        return AdversarialTask(eps=self.adv_rho, steps=self.adv_steps, step=self.adv_step_size)
 
     def task(self):
-        return AdversarialTask(*self._adv)
+        return self.attack() or SupervisedTask()
 
     def noise_loss(self, model: nn.Module, x_u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.adv_rho > 0:
-            x_u = x_u + adversarial(model, x_u, y, *self._adv)  # δ_a is a constant (detached) here
+        attack = self.attack()
+        if attack is not None:
+            x_u = x_u + (attack.perturb(model, x_u.detach(), y) - x_u.detach())  # δ_a: a constant here
         return F.cross_entropy(model(x_u), y)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
@@ -76,13 +77,14 @@ class TargetedAdversarialPoisoning(Protector):
         images, labels = data.tensors(device)
         delta = uniform_start(images.shape, self.rho, seed, device)
         step = self.step_size or 2.5 * self.rho / self.steps
-        view = crop_flip if self.augment else (lambda x: x)  # noqa: E731
+        view = crop_flip if self.augment else (lambda x: x)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)  # the augmentation draws
-            for i in range(0, len(images), self.batch_size):
+            for i in tqdm(range(0, len(images), self.batch_size), desc="TAP noise", disable=None if progress else True,
+                          leave=False):
                 x = images[i:i + self.batch_size].float() / 255
                 t = self.targets(labels[i:i + len(x)], data.num_classes)
-                delta[i:i + len(x)] = pgd(lambda x_u: F.cross_entropy(model(view(x_u)), t), x, delta[i:i + len(x)],
+                delta[i:i + len(x)] = pgd(lambda x_u, t=t: F.cross_entropy(model(view(x_u)), t), x, delta[i:i + len(x)],
                                           self.rho, self.steps, step, minimize=True)
         return noise_result(self, data, delta, seconds={"source": trained - start,
                                                         "noise": time.perf_counter() - trained})

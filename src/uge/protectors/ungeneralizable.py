@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from ..config import AuthorizedSpec, ProtectConfig
 from ..data.dataset import ImageDataset
@@ -23,7 +24,7 @@ class UGEProtector(Protector):
 
     name = "uge"
     title = "Ungeneralizable Examples (Ye & Wang, CVPR 2024)"
-    fixed: dict = {}  # ProtectConfig fields this variant pins
+    fixed: ClassVar[dict] = {}  # ProtectConfig fields this variant pins
 
     def __init__(self, **params):
         pinned = sorted(set(params) & set(self.fixed))
@@ -77,7 +78,7 @@ class FDProtector(UGEProtector):
 
     name = "fd"
     title = "UGE's feature-distance loss L_fd alone (Ye & Wang, CVPR 2024, Table 3)"
-    fixed = {"losses": ["fd"]}
+    fixed: ClassVar[dict] = {"losses": ["fd"]}
 
     @classmethod
     def defaults(cls) -> dict:
