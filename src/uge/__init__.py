@@ -17,6 +17,7 @@ from .errors import ConfigError, DataError, UGEError, VerificationError  # noqa:
 from .evaluate import HackerSpec, evaluate_published, evaluate_set, format_table  # noqa: E402
 from .models import Generator, create_model, list_models  # noqa: E402
 from .protect import Protection, protect  # noqa: E402
+from .protectors import build_protector, list_protectors  # noqa: E402
 from .publish import Published, publish, read_published, verify  # noqa: E402
 from .training import AdversarialTask, DistillTask, Recipe, SupervisedTask, accuracy, train  # noqa: E402
 
@@ -24,6 +25,7 @@ __all__ = [
     "AdversarialTask", "AuthorizedSpec", "ConfigError", "DataError", "DistillTask", "Generator", "HackerSpec",
     "ImageDataset", "ProtectConfig", "Protection", "Published", "Recipe", "SupervisedTask", "UGEError",
     "VerificationError",
-    "accuracy", "create_model", "evaluate_published", "evaluate_set", "format_table", "list_models",
+    "accuracy", "build_protector", "create_model", "evaluate_published", "evaluate_set", "format_table",
+    "list_models", "list_protectors",
     "load_dataset", "load_splits", "protect", "publish", "read_published", "save_npz", "train", "verify",
 ]
