@@ -311,3 +311,16 @@ def test_verify_catches_a_cuda_set_whose_manifest_misreports_its_similarity(runs
     f.write_text(json.dumps(m))  # the manifest is not in checksums.sha256, but it pins them
     report = verify(folder, digits_small)
     assert {c.name for c in report.checks if not c.passed} == {"similarity"}
+
+
+def test_uge_verify_command_reports_psnr_and_ssim_for_a_cuda_set(runs, digits_small, tmp_path, capsys):
+    from uge.cli import main
+
+    source = {"data": "digits", "split": "train", "per_class": 10, "subset_seed": 0}  # = digits_small
+    folder = publish(runs["cuda"][0], digits_small, tmp_path / "cuda", source=source)
+    capsys.readouterr()
+    assert main(["verify", str(folder), "--quiet"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "verified: OK" and not any(line.startswith("FAIL") for line in lines)
+    sim = next(line for line in lines if line.startswith("PASS  similarity"))
+    assert "PSNR" in sim and "SSIM" in sim and not any("budget" in line for line in lines)
