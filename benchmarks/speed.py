@@ -116,8 +116,8 @@ def naive_epoch(model, images, labels, bs, lr=0.05):
 
 def load(args) -> ImageDataset:
     if args.data:
-        data = load_dataset(args.data, "train")
-        return data.subset(np.arange(min(args.images, len(data))))
+        data = load_dataset(args.data, "train")  # stored class by class: take a random subset
+        return data.subset(np.random.default_rng(0).permutation(len(data))[:args.images])
     rng = np.random.default_rng(0)
     return ImageDataset(rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8),
                         np.arange(args.images) % 10, [str(c) for c in range(10)])
