@@ -59,7 +59,9 @@ def test_shipped_configs_are_valid(path):
     ({"evaluate": {"hackers": ["alexnet:normal"]}}, "unknown architecture"),
     ({"evaluate": {"hackers": [], "extra": 1}}, "unknown evaluate key"),
     ({"variant": []}, "at least one"),
-    ({"variant": [{"name": "A", "protector": "em"}]}, "unknown protector"),
+    ({"variant": [{"name": "A", "protector": "emm"}]}, "unknown protector"),
+    ({"variant": [{"name": "A", "protector": "em", "pgd_stepz": 3}]}, "pgd_stepz"),
+    ({"variant": [{"name": "A", "protector": "cuda", "federated": [[0, 1], [2, 3]]}]}, "uge only"),
     ({"variant": [{"name": "A"}, {"name": "a"}]}, "distinct"),
     ({"variant": [{"name": "A", "losses": ["gm", "xx"]}]}, "losses"),
     ({"variant": [{"name": "A", "federated": [[0, 1], [1, 2]]}]}, "disjoint"),
@@ -269,3 +271,19 @@ def test_countermeasure_grid_and_robustness_matrix(tmp_path):
     assert "Robustness matrix" in report and "| data | none | jpeg:quality=10 |" in report
     with pytest.raises(ConfigError, match="countermeasure"):
         parse_config(tiny(evaluate={"hackers": [], "countermeasures": ["jpeg:quality=5"]}))
+
+
+def test_baseline_protectors_run_in_a_grid(tmp_path):
+    variants = [{"name": "Original", "protector": "clean"}, {"name": "Random", "protector": "random"},
+                {"name": "CUDA", "protector": "cuda"},
+                {"name": "EM", "protector": "em", "arch": "lenet", "train_steps": 2, "pgd_steps": 2, "max_rounds": 1}]
+    cfg = parse_config(tiny(variant=variants, evaluate={"hackers": ["lenet:normal:1"]}))
+    records = run_benchmark(cfg, tmp_path / "run", progress=False)
+    assert len(records) == 8
+    stats = json.loads((tmp_path / "run" / "variants" / "cuda" / "protect.json").read_text())["parts"][0]
+    assert stats["method"] == "cuda" and stats["similarity"]["psnr"] > 0 and "PSNR" in stats["budget"]
+    rand = read_published(tmp_path / "run" / "variants" / "random" / "published")
+    assert rand.manifest["method"] == "random" and rand.manifest["rho_levels"] == 8
+    assert {r["rho"] for r in records if r["variant"] == "CUDA"} == {None}
+    report = write_report(tmp_path / "run")
+    assert "| CUDA | normal |" in (report / "table.md").read_text() and (report / "samples.png").exists()

@@ -16,6 +16,7 @@ from ..countermeasures import format_countermeasures, parse_countermeasures
 from ..errors import ConfigError
 from ..evaluate import HackerSpec
 from ..models.registry import list_models
+from ..protectors import build_protector, list_protectors
 from ..training import Recipe
 from ..utils import from_dict
 
@@ -24,7 +25,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PROTECTORS = ("clean", "uge")  # issue 4 adds the baseline protectors (EM, TAP, REM, CUDA, random)
 
 
 @dataclass
@@ -49,8 +49,9 @@ class DataSpec:
 class Variant:
     """One way of producing the training set: the clean originals, or a protector with overrides.
 
-    ``overrides`` are ProtectConfig fields (e.g. ``losses``, ``rho``, ``authorized``) on top of the
-    config's ``[protect]`` table. ``federated`` splits the classes between servers that each protect
+    For UGE (``protector = "uge"``, the default) ``overrides`` are ProtectConfig fields (e.g. ``losses``,
+    ``rho``, ``authorized``) on top of the config's ``[protect]`` table; for a baseline protector (``em``,
+    ``tap``, ``rem``, ``cuda``, ``random``, ``fd``: :mod:`uge.protectors`) they are its own parameters. ``federated`` splits the classes between servers that each protect
     their own part with the same authorized networks (Table 9); the union is evaluated.
     """
 
@@ -84,7 +85,8 @@ class BenchmarkConfig:
 
     def protect_config(self, variant: Variant) -> ProtectConfig:
         """The full protect config of a variant (the clean variant uses it for its authorized networks)."""
-        d = {**copy.deepcopy(self.protect), **copy.deepcopy(variant.overrides)}
+        own = variant.overrides if variant.protector in ("uge", "clean") else {}  # baselines: their own params
+        d = {**copy.deepcopy(self.protect), **copy.deepcopy(own)}
         d["authorized"] = [vars(AuthorizedSpec.parse(a)) if isinstance(a, str) else a for a in d.get(
             "authorized", ["resnet18:0"])]
         d["recipe"] = self.recipe.to_dict()
@@ -164,10 +166,15 @@ def _check(cfg: BenchmarkConfig) -> None:
         raise ConfigError(f"variant names must be distinct (as folder names): {[v.name for v in cfg.variants]}")
     models = set(list_models())
     archs = {h.arch for h in cfg.hackers} | set(cfg.recipes)
+    protectors = ["clean", *list_protectors()]
     for v in cfg.variants:
-        if v.protector not in PROTECTORS:
+        if v.protector not in protectors:
             raise ConfigError(f"variant {v.name!r}: unknown protector {v.protector!r}; available: "
-                              f"{', '.join(PROTECTORS)}")
+                              f"{', '.join(protectors)}")
+        if v.protector not in ("clean", "uge"):
+            if v.federated:
+                raise ConfigError(f"variant {v.name!r}: federated protection is implemented for uge only")
+            build_protector(v.protector, **v.overrides)  # validates the baseline's parameters
         if v.protector == "clean" and (v.overrides.keys() - {"authorized"} or v.federated):
             raise ConfigError(f"variant {v.name!r}: the clean variant takes no protect options "
                               f"(got {sorted(v.overrides.keys() - {'authorized'}) or 'federated'})")

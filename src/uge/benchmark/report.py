@@ -258,7 +258,8 @@ def samples_figure(path: Path, run_dir: Path, max_images: int = 8) -> bool:
     samples = []
     for f in sorted((run_dir / "variants").glob("*/samples.npz")):
         with np.load(f) as z:
-            if not math.isnan(float(z["rho"])):
+            protected = bool(z["is_protected"]) if "is_protected" in z else not math.isnan(float(z["rho"]))
+            if protected:
                 samples.append((f.parent.name, z["clean"][:max_images], z["protected"][:max_images], float(z["rho"])))
     if not samples:
         return False
@@ -267,6 +268,8 @@ def samples_figure(path: Path, run_dir: Path, max_images: int = 8) -> bool:
     fig, axes = plt.subplots(3 * len(samples), n, figsize=(1.1 * n, 3.5 * len(samples)), squeeze=False)
     for s, (name, clean, prot, rho) in enumerate(samples):
         noise = prot.astype(np.float32) - clean.astype(np.float32)
+        if math.isnan(rho):  # not norm-bounded (e.g. CUDA): scale by the largest change instead of ρ
+            rho = max(1.0, float(np.abs(noise).max())) / 255
         shown = 0.5 + noise / (2 * max(1.0, 255 * rho))  # ±ρ maps to [0, 1]
         for j in range(n):
             for k, (img, title) in enumerate(((clean[j] / 255.0, "clean"), (shown[j], f"noise ×{0.5 / rho:.0f}"),

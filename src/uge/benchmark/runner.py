@@ -27,6 +27,7 @@ from ..protect import protect
 from ..publish import publish, read_published, verify
 from ..utils import atomic_write_text, resolve_device, versions, write_json
 from ..weights import build_network
+from ..protectors import build_protector
 from .config import BenchmarkConfig, Variant
 
 log = logging.getLogger("uge")
@@ -68,9 +69,34 @@ def _open_run(run_dir: Path, cfg: BenchmarkConfig) -> None:
         atomic_write_text(f, json.dumps(mine, indent=2))
 
 
+def _publish_checked(protect_fn, part: ImageDataset, pub_dir: Path, source: dict, what: str) -> tuple:
+    """Protect and publish ``part`` into ``pub_dir`` unless it is already there; verify it; read it back."""
+    if not (pub_dir / "manifest.json").is_file():
+        log.info("[%s] protecting %d images", what, len(part))
+        publish(protect_fn(part), part, pub_dir, formats=("npz",), overwrite=True, source=source)
+    else:
+        log.info("[%s] reusing %s", what, pub_dir)
+    report = verify(pub_dir, part)  # evaluation reads the saved files; check them first
+    report.raise_if_failed()
+    pub = read_published(pub_dir)
+    m = pub.manifest
+    budget = next((c.detail for c in report.checks if c.name in ("budget", "similarity")), "")
+    return pub, {"n": len(part), "seconds": m.get("seconds"), "history": m.get("history"),
+                 "feature_space": m.get("feature_space"), "method": m.get("method"), "params": m.get("params"),
+                 "similarity": m.get("similarity"), "verify_ok": report.ok, "budget": budget}
+
+
 def _protect_variant(cfg: BenchmarkConfig, v: Variant, train: ImageDataset, vdir: Path, device,
                      progress: bool) -> ImageDataset:
     """Protect (or reuse) a variant's published set(s) and return what was published, in the original order."""
+    source = {"benchmark": cfg.name, "variant": v.name}
+    if v.protector != "uge":  # a baseline protector: one published set, its own parameters
+        prot = build_protector(v.protector, **v.overrides)
+        pub, stats = _publish_checked(lambda part: prot.protect(part, device=device, work_dir=vdir / ".work-0",
+                                                               progress=progress, seed=cfg.seed),
+                                      train, vdir / "published", source, v.name)
+        write_json(vdir / "protect.json", {"variant": v.name, "protector": v.protector, "parts": [stats]})
+        return pub.data
     pc = cfg.protect_config(v)
     groups = v.federated or [list(range(train.num_classes))]
     if max(c for g in groups for c in g) >= train.num_classes:
@@ -80,38 +106,28 @@ def _protect_variant(cfg: BenchmarkConfig, v: Variant, train: ImageDataset, vdir
     stats = []
     for i, group in enumerate(groups):
         idx = np.flatnonzero(np.isin(train.labels, group))
-        part = train.subset(idx)
         pub_dir = vdir / ("published" if v.federated is None else f"published-{i}")
-        if not (pub_dir / "manifest.json").is_file():
-            log.info("[%s] protecting %d images%s", v.name, len(part),
-                     f" (server {i}: classes {group})" if v.federated else "")
-            result = protect(part, pc, device=device, work_dir=vdir / f".work-{i}", progress=progress)
-            publish(result, part, pub_dir, formats=("npz",), overwrite=True,
-                    source={"benchmark": cfg.name, "variant": v.name, "classes": group})
-        else:
-            log.info("[%s] reusing %s", v.name, pub_dir)
-        report = verify(pub_dir, part)  # evaluation reads the saved files; check them first
-        report.raise_if_failed()
-        pub = read_published(pub_dir)
+        what = v.name + (f", server {i} (classes {group})" if v.federated else "")
+        pub, st = _publish_checked(lambda part, i=i: protect(part, pc, device=device, work_dir=vdir / f".work-{i}",
+                                                             progress=progress),
+                                   train.subset(idx), pub_dir, {**source, "classes": group}, what)
         images[idx] = pub.data.images
         covered[idx] = True
-        linf = next((c.detail for c in report.checks if c.name == "budget"), "")
-        stats.append({"classes": group, "n": len(part), "seconds": pub.manifest.get("seconds"),
-                      "history": pub.manifest.get("history"), "feature_space": pub.manifest.get("feature_space"),
-                      "verify_ok": report.ok, "budget": linf})
+        stats.append({"classes": group, **st})
     if not covered.all():  # classes no server holds stay clean, as they would in the published union
         log.warning("[%s] %d images belong to no federated group and stay clean", v.name, int((~covered).sum()))
-    write_json(vdir / "protect.json", {"variant": v.name, "config": pc.to_dict(), "parts": stats})
+    write_json(vdir / "protect.json", {"variant": v.name, "protector": "uge", "config": pc.to_dict(), "parts": stats})
     return ImageDataset(images, train.labels.copy(), list(train.classes))
 
 
-def _save_samples(vdir: Path, clean: ImageDataset, used: ImageDataset, rho: float | None) -> None:
+def _save_samples(vdir: Path, clean: ImageDataset, used: ImageDataset, rho: float | None, protected: bool) -> None:
+    """A few clean and published images (one per class) for the report's pictures."""
     f = vdir / "samples.npz"
     if f.exists():
         return
     idx = np.concatenate([np.flatnonzero(clean.labels == c)[:SAMPLES_PER_CLASS] for c in range(clean.num_classes)])
     np.savez(f, clean=clean.images[idx], protected=used.images[idx], labels=clean.labels[idx],
-             classes=np.array(clean.classes), rho=np.nan if rho is None else rho)
+             classes=np.array(clean.classes), rho=np.nan if rho is None else rho, is_protected=protected)
 
 
 def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, root=None,
@@ -127,14 +143,16 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
     for v in cfg.variants:
         vdir = run_dir / "variants" / v.slug
         vdir.mkdir(parents=True, exist_ok=True)
-        pc = cfg.protect_config(v)
+        pc = cfg.protect_config(v)  # its authorized networks are the ones evaluated, for every protector
+        rho = None if v.protector == "clean" else (pc.rho if v.protector == "uge" else
+                                                    build_protector(v.protector, **v.overrides).rho)
         start = time.perf_counter()
         used = train if v.protector == "clean" else _protect_variant(cfg, v, train, vdir, device, progress)
-        _save_samples(vdir, train, used, None if v.protector == "clean" else pc.rho)
+        _save_samples(vdir, train, used, rho, v.protector != "clean")
         authorized = [(a.arch, build_network(a.arch, train.num_classes, train.channels, a.seed, a.theta0),
                        f"theta0:{a.theta0 or f'seed{a.seed}'}") for a in pc.authorized]
-        extra = {"variant": v.name, "protector": v.protector, "rho": None if v.protector == "clean" else pc.rho,
-                 "losses": None if v.protector == "clean" else list(pc.losses), "federated": v.federated,
+        extra = {"variant": v.name, "protector": v.protector, "rho": rho,
+                 "losses": list(pc.losses) if v.protector == "uge" else None, "federated": v.federated,
                  "benchmark": cfg.name}
         for cm in cfg.countermeasures:  # one evaluation grid per countermeasure setting ("" = none)
             records += evaluate_set(used, test, authorized, cfg.hackers, cfg.recipe, data_label=v.slug,
