@@ -287,3 +287,14 @@ def test_baseline_protectors_run_in_a_grid(tmp_path):
     assert {r["rho"] for r in records if r["variant"] == "CUDA"} == {None}
     report = write_report(tmp_path / "run")
     assert "| CUDA | normal |" in (report / "table.md").read_text() and (report / "samples.png").exists()
+
+
+def test_init_noise_sweep_is_plotted(tmp_path):
+    run = _fake_run(tmp_path)
+    for i, sigma in enumerate((0.0, 0.1, 1.0)):
+        r = _record("UGE", "uge", "hacker", "lenet", "normal", 90 - 30 * sigma, init=f"theta0:seed0+noise{sigma}:seed1")
+        r["init_noise"] = sigma
+        (run / "records" / "uge" / f"noise{i}.json").write_text(json.dumps(r))
+    out = write_report(run)
+    assert (out / "init_noise.png").read_bytes()[:4] == b"\x89PNG"
+    assert "init_noise.png" in (out / "report.md").read_text()

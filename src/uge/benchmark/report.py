@@ -253,6 +253,31 @@ def rho_figure(path: Path, columns, rows) -> bool:
     return True
 
 
+def init_noise_figure(path: Path, records: list[dict]) -> bool:
+    """Accuracy of hackers that start from θ0 plus noise of relative size σ, against σ (issue 4's sweep of how
+    close an init must be to count as authorized); one line per variant and mode. False without a sweep."""
+    pts = defaultdict(list)
+    for r in records:
+        if r.get("init_noise") is not None and not r.get("countermeasures"):
+            pts[(r.get("variant", r["data"]), r["arch"], r["mode"])].append((r["init_noise"], r["test_acc"]))
+    if not any(len({s for s, _ in v}) >= 2 for v in pts.values()):
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (variant, arch, mode), v in pts.items():
+        xs, ys = zip(*sorted(v))
+        ax.plot([max(x, 1e-3) for x in xs], ys, "o-" if mode == "normal" else "s--", label=f"{variant}: {arch} ({mode})")
+    ax.set_xscale("log")
+    ax.set_xlabel("init noise σ (relative to each tensor's std; σ = 0 drawn at 1e-3)")
+    ax.set_ylabel("clean test accuracy (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def samples_figure(path: Path, run_dir: Path, max_images: int = 8) -> bool:
     """Figs. 4/6: per protected variant, rows of clean images, the noise scaled to fill [0, 1], protected."""
     samples = []
@@ -294,7 +319,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     out = Path(out_dir) if out_dir else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
-    columns, rows = build_rows(read_records(run_dir))
+    records = read_records(run_dir)
+    columns, rows = build_rows(records)
     source, paper = paper_numbers(cfg)
     table = markdown_table(columns, rows)
     (out / "table.md").write_text(table + "\n")
@@ -304,6 +330,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     figures = ["accuracy.png"]
     if rho_figure(out / "rho.png", columns, rows):
         figures.append("rho.png")
+    if init_noise_figure(out / "init_noise.png", records):
+        figures.append("init_noise.png")
     if samples_figure(out / "samples.png", run_dir):
         figures.append("samples.png")
     parts = [f"# {cfg.get('name', run_dir.name)}", cfg.get("description", ""),
