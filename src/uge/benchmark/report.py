@@ -208,6 +208,18 @@ def _plt():
     return plt
 
 
+def _save_curve(plt, fig, ax, path: Path, xlabel: str) -> bool:
+    """Label, grid and save an accuracy-against-x figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("clean test accuracy (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def accuracy_figure(path: Path, columns, rows) -> None:
     """Grouped bars: test accuracy of every network (group) for every (variant, mode) row (bar)."""
     plt = _plt()
@@ -243,14 +255,7 @@ def rho_figure(path: Path, columns, rows) -> bool:
             if pts_c:
                 xs, ys = zip(*pts_c)
                 ax.plot(xs, ys, "o-" if mode == "normal" else "s--", label=f"{c} ({mode})")
-    ax.set_xlabel("budget ρ (8-bit levels, 0 = clean)")
-    ax.set_ylabel("clean test accuracy (%)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save_curve(plt, fig, ax, path, "budget ρ (8-bit levels, 0 = clean)")
 
 
 def init_noise_figure(path: Path, records: list[dict]) -> bool:
@@ -268,14 +273,7 @@ def init_noise_figure(path: Path, records: list[dict]) -> bool:
         xs, ys = zip(*sorted(v))
         ax.plot([max(x, 1e-3) for x in xs], ys, "o-" if mode == "normal" else "s--", label=f"{variant}: {arch} ({mode})")
     ax.set_xscale("log")
-    ax.set_xlabel("init noise σ (relative to each tensor's std; σ = 0 drawn at 1e-3)")
-    ax.set_ylabel("clean test accuracy (%)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save_curve(plt, fig, ax, path, "init noise σ (relative to each tensor's std; σ = 0 drawn at 1e-3)")
 
 
 def samples_figure(path: Path, run_dir: Path, max_images: int = 8) -> bool:
