@@ -324,3 +324,19 @@ def test_uge_verify_command_reports_psnr_and_ssim_for_a_cuda_set(runs, digits_sm
     assert lines[-1] == "verified: OK" and not any(line.startswith("FAIL") for line in lines)
     sim = next(line for line in lines if line.startswith("PASS  similarity"))
     assert "PSNR" in sim and "SSIM" in sim and not any("budget" in line for line in lines)
+
+
+def test_cli_protects_with_a_baseline_method(tmp_path, capsys):
+    from uge.cli import main
+
+    out = tmp_path / "rand"
+    assert main(["protect", "--data", "digits", "--per-class", "3", "--out", str(out), "--method", "random",
+                 "--param", "rho=0.0314", "--format", "npz", "--quiet"]) == 0
+    assert read_published(out).manifest["method"] == "random"
+    assert main(["verify", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["protect", "--data", "digits", "--out", str(tmp_path / "x"), "--method", "em",
+                 "--param", "pgd_stepz=3"]) == 2
+    assert "pgd_stepz" in capsys.readouterr().err
+    assert main(["protect", "--data", "digits", "--out", str(tmp_path / "y"), "--method", "nope"]) == 2
+    assert main(["protect", "--data", "digits", "--out", str(tmp_path / "z"), "--param", "a=1"]) == 2

@@ -117,25 +117,50 @@ def _protect_config(args) -> ProtectConfig:
     return ProtectConfig.from_dict(d)
 
 
+def _method_params(items: list[str] | None) -> dict:
+    """``--param key=value`` pairs; values are read as JSON where they parse (3, 0.5, true), else as text."""
+    params = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param takes KEY=VALUE, got {item!r}")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value
+    return params
+
+
 def cmd_protect(args) -> int:
+    from .protectors import build_protector
     from .publish import publish
 
-    cfg = _protect_config(args)
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     if not formats or set(formats) - set(FORMATS):  # fail before any training
         raise ConfigError(f"--format must be a comma list of {', '.join(FORMATS)}, got {args.format!r}")
+    if args.method == "uge":
+        if args.param:
+            raise ConfigError("--param is for the baseline methods; UGE takes its options as flags or --config")
+        cfg = _protect_config(args)
+        what = ("authorized: " + ", ".join(f"{a.arch}:{a.theta0 or a.seed}" for a in cfg.authorized)
+                + f", losses: {'+'.join(cfg.losses)}")
+    else:  # a baseline protector (uge.protectors), built first so a bad parameter fails before any work
+        method = build_protector(args.method, **_method_params(args.param))
+        what = f"method: {args.method} {json.dumps(method.params())}"
     data = load_source(_source_record(args), args.root, args.download)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
     work = Path(args.work_dir) if args.work_dir else out.with_name(f".{out.name}.work")
-    _print(f"protecting {len(data)} images of {data.num_classes} classes, authorized: "
-           + ", ".join(f"{a.arch}:{a.theta0 or a.seed}" for a in cfg.authorized) + f", losses: {'+'.join(cfg.losses)}")
+    _print(f"protecting {len(data)} images of {data.num_classes} classes, {what}")
     start = time.perf_counter()
-    result = protect(data, cfg, device=args.device, work_dir=work, progress=not args.quiet)
+    if args.method == "uge":
+        result = protect(data, cfg, device=args.device, work_dir=work, progress=not args.quiet)
+    else:
+        result = method.protect(data, device=args.device, work_dir=work, progress=not args.quiet, seed=args.seed or 0)
     publish(result, data, out, formats=formats, source=_source_record(args), overwrite=args.overwrite)
-    _print(f"published {out} ({', '.join(formats)}) in {time.perf_counter() - start:.1f} s; "
-           f"feature space: {result.feature_space}")
+    _print(f"published {out} ({', '.join(formats)}) in {time.perf_counter() - start:.1f} s"
+           + (f"; feature space: {result.feature_space}" if result.feature_space != "none" else ""))
     if result.history:
         _print("last generator epoch: " + json.dumps(result.history[-1]))
     return 0
@@ -304,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--clip-checkpoint", help="local OpenCLIP checkpoint file")
     q.add_argument("--encoder-arch", help="network of the offline feature space (default resnetc20)")
     q.add_argument("--hacker-arch", help="random network f'_θA of L_ud (default: the authorized architecture)")
+    q.add_argument("--method", default="uge", help="uge (default) or a baseline protector: "
+                   "fd, random, em, tap, rem, cuda (see uge.protectors)")
+    q.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="a baseline method's parameter, e.g. --param pgd_steps=10 (repeat for several)")
     q.add_argument("--format", default="npz,png", help="npz, png or both (default npz,png)")
     q.add_argument("--work-dir", help="checkpoint folder for resuming (default: .<out>.work beside --out)")
     q.add_argument("--overwrite", action="store_true")
