@@ -276,10 +276,14 @@ def init_noise_figure(path: Path, records: list[dict]) -> bool:
     return _save_curve(plt, fig, ax, path, "init noise σ (relative to each tensor's std; σ = 0 drawn at 1e-3)")
 
 
-def samples_figure(path: Path, run_dir: Path, max_images: int = 8) -> bool:
-    """Figs. 4/6: per protected variant, rows of clean images, the noise scaled to fill [0, 1], protected."""
+def samples_figure(path: Path, run_dir: Path, max_images: int = 8, order: list[str] | None = None) -> bool:
+    """Figs. 4/6: per protected variant, rows of clean images, the noise scaled to fill [0, 1], protected.
+
+    ``order``: variant folder names in the order to draw them (default: alphabetical)."""
     samples = []
-    for f in sorted((run_dir / "variants").glob("*/samples.npz")):
+    files = sorted((run_dir / "variants").glob("*/samples.npz"))
+    rank = {name: i for i, name in enumerate(order or [])}
+    for f in sorted(files, key=lambda f: (rank.get(f.parent.name, len(rank)), f.parent.name)):
         with np.load(f) as z:
             protected = bool(z["is_protected"]) if "is_protected" in z else not math.isnan(float(z["rho"]))
             if protected:
@@ -330,7 +334,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         figures.append("rho.png")
     if init_noise_figure(out / "init_noise.png", records):
         figures.append("init_noise.png")
-    if samples_figure(out / "samples.png", run_dir):
+    from .config import Variant
+
+    order = [Variant(v["name"]).slug for v in cfg.get("variant", [])]
+    if samples_figure(out / "samples.png", run_dir, order=order):
         figures.append("samples.png")
     parts = [f"# {cfg.get('name', run_dir.name)}", cfg.get("description", ""),
              ("Clean test accuracy (%) of each network trained on each variant of the training set; in brackets "
