@@ -192,7 +192,7 @@ def protection_table(run_dir: Path) -> str:
             last = (p.get("history") or [{}])[-1]
             losses = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "epoch")
             lines.append(f"| {d['variant']} | {i} | {p['n']} | " + " | ".join(
-                f"{s.get(k, float('nan')):.1f}" for k in ("trajectory", "feature_space", "generator", "generate"))
+                f"{s[k]:.1f}" if k in s else "–" for k in ("trajectory", "feature_space", "generator", "generate"))
                 + f" | {losses} | {p.get('feature_space')} | {p.get('budget')} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
