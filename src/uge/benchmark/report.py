@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from .config import Variant
 from .runner import read_records
 
 
@@ -334,8 +335,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         figures.append("rho.png")
     if init_noise_figure(out / "init_noise.png", records):
         figures.append("init_noise.png")
-    from .config import Variant
-
     order = [Variant(v["name"]).slug for v in cfg.get("variant", [])]
     if samples_figure(out / "samples.png", run_dir, order=order):
         figures.append("samples.png")
@@ -344,9 +343,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
               "the change from the same network trained on the clean data."), table]
     matrix = robustness_matrix(columns, rows)
     if matrix:
-        parts += ["Robustness matrix: every network's accuracy for each protection (rows) under each "
-                  "countermeasure (columns); in brackets the change from the clean data under the same "
-                  "countermeasure.", matrix]
+        parts += [("Robustness matrix: every network's accuracy for each protection (rows) under each "
+                   "countermeasure (columns); in brackets the change from the clean data under the same "
+                   "countermeasure."), matrix]
     pt = paper_table(columns, rows, source, paper)
     if pt:
         parts.append(pt)

@@ -15,19 +15,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..data import ImageDataset, load_dataset, load_splits
 from ..errors import ConfigError
 from ..evaluate import evaluate_set
 from ..protect import protect
+from ..protectors import build_protector
 from ..publish import publish, read_published, verify
 from ..utils import atomic_write_text, resolve_device, versions, write_json
 from ..weights import build_network
-from ..protectors import build_protector
 from .config import BenchmarkConfig, Variant
 
 log = logging.getLogger("uge")
@@ -86,18 +89,19 @@ def _publish_checked(protect_fn, part: ImageDataset, pub_dir: Path, source: dict
                  "similarity": m.get("similarity"), "verify_ok": report.ok, "budget": budget}
 
 
-def _protect_variant(cfg: BenchmarkConfig, v: Variant, train: ImageDataset, vdir: Path, device,
+def _protect_variant(cfg: BenchmarkConfig, v: Variant, pc, prot, train: ImageDataset, vdir: Path, device,
                      progress: bool) -> ImageDataset:
-    """Protect (or reuse) a variant's published set(s) and return what was published, in the original order."""
+    """Protect (or reuse) a variant's published set(s) and return what was published, in the original order.
+
+    ``pc``: the variant's ProtectConfig (UGE); ``prot``: its baseline protector (None for UGE).
+    """
     source = {"benchmark": cfg.name, "variant": v.name}
-    if v.protector != "uge":  # a baseline protector: one published set, its own parameters
-        prot = build_protector(v.protector, **v.overrides)
+    if prot is not None:  # a baseline protector: one published set, its own parameters
         pub, stats = _publish_checked(lambda part: prot.protect(part, device=device, work_dir=vdir / ".work-0",
                                                                progress=progress, seed=cfg.seed),
                                       train, vdir / "published", source, v.name)
         write_json(vdir / "protect.json", {"variant": v.name, "protector": v.protector, "parts": [stats]})
         return pub.data
-    pc = cfg.protect_config(v)
     groups = v.federated or [list(range(train.num_classes))]
     if max(c for g in groups for c in g) >= train.num_classes:
         raise ConfigError(f"variant {v.name!r}: federated class index out of range for {train.num_classes} classes")
@@ -144,10 +148,10 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
         vdir = run_dir / "variants" / v.slug
         vdir.mkdir(parents=True, exist_ok=True)
         pc = cfg.protect_config(v)  # its authorized networks are the ones evaluated, for every protector
-        rho = None if v.protector == "clean" else (pc.rho if v.protector == "uge" else
-                                                    build_protector(v.protector, **v.overrides).rho)
+        prot = None if v.protector in ("clean", "uge") else build_protector(v.protector, **v.overrides)
+        rho = None if v.protector == "clean" else (prot.rho if prot is not None else pc.rho)
         start = time.perf_counter()
-        used = train if v.protector == "clean" else _protect_variant(cfg, v, train, vdir, device, progress)
+        used = train if v.protector == "clean" else _protect_variant(cfg, v, pc, prot, train, vdir, device, progress)
         _save_samples(vdir, train, used, rho, v.protector != "clean")
         authorized = [(a.arch, build_network(a.arch, train.num_classes, train.channels, a.seed, a.theta0),
                        f"theta0:{a.theta0 or f'seed{a.seed}'}") for a in pc.authorized]
@@ -166,11 +170,6 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
 
 
 def _machine(device) -> str:
-    import os
-    import platform
-
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{os.cpu_count()} CPU cores ({platform.machine()}), torch threads {torch.get_num_threads()}"
