@@ -446,6 +446,18 @@ def test_theta0_hacker_with_sigma_zero_repeats_the_authorized_network(digits_sma
                      data_label="protected", device="cpu", progress=False)
 
 
+def test_evaluate_set_leaves_the_theta0_networks_untouched_for_the_next_grid(digits_small, digits_splits):
+    """A benchmark reuses one authorized list for every countermeasure: each grid must start from θ0."""
+    test = digits_splits[1].per_class(5)
+    authorized = _authorized()
+    theta0 = {k: v.clone() for k, v in authorized[0][1].state_dict().items()}
+    kw = {"data_label": "protected", "device": "cpu", "progress": False}
+    first = evaluate_set(digits_small, test, authorized, [], TINY, **kw)
+    assert all(torch.equal(v, theta0[k]) for k, v in authorized[0][1].state_dict().items())
+    again = evaluate_set(digits_small, test, authorized, [], TINY, **kw)
+    assert again[0]["train_acc"] == first[0]["train_acc"] and again[0]["test_acc"] == first[0]["test_acc"]
+
+
 def test_evaluate_set_records_and_file_names_carry_the_countermeasures(digits_small, digits_splits, tmp_path):
     test = digits_splits[1].per_class(5)
     hackers = [HackerSpec("lenet")]

@@ -8,6 +8,7 @@ runs with different countermeasures share an output folder without overwriting e
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -139,8 +140,9 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
     """Train the authorized networks (from their θ0) and the hackers on ``train_set``; test on ``test_set``.
 
     Args:
-        authorized: (arch, network at θ0) or (arch, network, init label) tuples; the first one, once
-            trained, is the distillation teacher.
+        authorized: (arch, network at θ0) or (arch, network, init label) tuples; the networks given are
+            left at θ0 (a copy is trained), so one list serves several calls. The first one, once trained,
+            is the distillation teacher.
         hackers: hacker networks; one with ``init_noise`` starts from the θ0 of the first authorized
             network of its architecture plus noise and trains with ``recipe``.
         recipe: the authorized networks' recipe (to train them with another recipe than the published one,
@@ -176,7 +178,8 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
               "device": str(device), "versions": versions(), **(extra or {})}
     auth = _Setting(auth_cms, train_set, test_set)
     records, teacher = [], None
-    for k, (name, model, *init) in enumerate(authorized):
+    for k, (name, theta0_net, *init) in enumerate(authorized):
+        model = copy.deepcopy(theta0_net)  # train a copy: the caller's θ0 network is reused (one grid per setting)
         rec_file = out / f"{data_label}_authorized{k}_{name}{auth.suffix}.json" if out else None
         weights = rec_file.with_suffix(".safetensors") if rec_file else None
         if rec_file and rec_file.exists() and weights.exists():
