@@ -43,7 +43,7 @@ def tiny(**changes) -> dict:
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
-    assert cfg.variants and cfg.hackers
+    assert cfg.variants and (cfg.hackers or cfg.authorized_recipes)
     for v in cfg.variants:
         cfg.protect_config(v)
 
@@ -67,6 +67,11 @@ def test_shipped_configs_are_valid(path):
     ({"variant": [{"name": "A", "federated": [[0, 1], [1, 2]]}]}, "disjoint"),
     ({"variant": [{"name": "A", "protector": "clean", "rho": 0.1}]}, "clean variant"),
     ({"name": ""}, "name"),
+    ({"evaluate": {"hackers": [], "authorized_recipes": {"b": {"batch_sise": 8}}}}, "batch_sise"),
+    ({"evaluate": {"hackers": [], "authorized_recipes": {"b": {"lr": 0.0}}}}, "'b'.*lr"),
+    ({"evaluate": {"hackers": [], "authorized_recipes": {"b": 32}}}, "authorized_recipes must be a table"),
+    ({"evaluate": {"hackers": [], "authorized_recipes": {"b": {}}}}, "authorized_recipes must be a table"),
+    ({"evaluate": {"hackers": [], "authorized_recipes": {"Lr 1": {"lr": 1.0}, "lr-1": {"lr": 1.0}}}}, "distinct"),
 ])
 def test_bad_config_is_rejected_with_a_clear_message(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -298,3 +303,32 @@ def test_init_noise_sweep_is_plotted(tmp_path):
     out = write_report(run)
     assert (out / "init_noise.png").read_bytes()[:4] == b"\x89PNG"
     assert "init_noise.png" in (out / "report.md").read_text()
+
+
+def test_recipe_sweep_retrains_the_authorized_network_from_theta0(tmp_path):
+    sweep = {"same": {"epochs": 5}, "batch 8": {"batch_size": 8}, "no augmentation": {"crop": False}}
+    cfg = parse_config(tiny(variant=TINY["variant"][:2], protect={**TINY["protect"], "authorized": ["cnn:0"]},
+                            recipe={"epochs": 5, "batch_size": 16, "lr": 0.05, "flip": False},  # cnn learns here
+                            evaluate={"hackers": ["lenet:normal:1"], "authorized_recipes": sweep}))
+    records = run_benchmark(cfg, tmp_path / "run", progress=False)
+    assert len(records) == 2 * (2 + 3)  # per variant: authorized + hacker, then the authorized network per recipe
+    swept = [r for r in records if r.get("recipe_label")]
+    assert all(r["role"] == "authorized" for r in swept) and len(swept) == 6
+    by = {(r["variant"], r.get("recipe_label")): r for r in records if r["role"] == "authorized"}
+    for v in ("Original", "UGE"):  # the same recipe from the same θ0 repeats the published-recipe network
+        assert by[(v, "same")]["test_acc"] == by[(v, None)]["test_acc"]
+        assert by[(v, "same")]["train_acc"] == by[(v, None)]["train_acc"]
+        assert by[(v, None)]["train_acc"] > 30  # it learns, so an equal accuracy is not two chance levels
+        assert by[(v, "batch 8")]["recipe"]["batch_size"] == 8 and by[(v, None)]["recipe"]["batch_size"] == 16
+        assert by[(v, "batch 8")]["train_acc"] != by[(v, None)]["train_acc"]
+    assert (tmp_path / "run" / "records" / "uge" / "uge_authorized0_cnn__recipe-batch-8.json").exists()
+    out = write_report(tmp_path / "run")
+    report = (out / "report.md").read_text()
+    assert "Recipe sweep" in report and "| batch 8 | batch_size = 8 |" in report and (out / "recipe.png").exists()
+    change = by[("UGE", "no augmentation")]["test_acc"] - by[("Original", "no augmentation")]["test_acc"]
+    assert f"| no augmentation | crop = False | {by[('Original', 'no augmentation')]['test_acc']:.2f} | " \
+           f"{by[('UGE', 'no augmentation')]['test_acc']:.2f} ({change:+.2f}) |" in report
+    table = (out / "table.md").read_text()  # the main table holds the published recipe only
+    assert table.count("| Original | normal |") == 1
+    rerun = run_benchmark(cfg, tmp_path / "run", progress=False)  # resumes: every record is reused
+    assert [r["test_acc"] for r in rerun] == [r["test_acc"] for r in records]

@@ -24,7 +24,7 @@ from .models import create_model
 from .models.registry import Classifier
 from .publish import Published
 from .training import DistillTask, Recipe, SupervisedTask, accuracy, train
-from .utils import resolve_device, versions, write_json
+from .utils import resolve_device, slug, versions, write_json
 from .weights import load_into, save_weights
 
 log = logging.getLogger("uge")
@@ -136,7 +136,8 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
                  device="auto", seed: int = 0, progress: bool = True, extra: dict | None = None,
                  recipes: dict[str, Recipe] | None = None,
                  countermeasures: str | list[Countermeasure] | None = None,
-                 authorized_countermeasures: str | list[Countermeasure] | None = None) -> list[dict]:
+                 authorized_countermeasures: str | list[Countermeasure] | None = None,
+                 recipe_label: str | None = None) -> list[dict]:
     """Train the authorized networks (from their θ0) and the hackers on ``train_set``; test on ``test_set``.
 
     Args:
@@ -156,6 +157,8 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
         authorized_countermeasures: the same for the authorized networks (none by default): "the
             authorized user trains with countermeasure X". The distillation teacher is the authorized
             network as trained here.
+        recipe_label: names a ``recipe`` other than the published one (a recipe sweep); stored in each
+            record and appended to its file name (``..._cnn__recipe-batch-32.json``).
     Returns:
         one record per trained network; each stores its ``countermeasures`` text (None for none).
     """
@@ -174,13 +177,15 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
                                   f"{h.arch}; authorized: {', '.join(a[0] for a in authorized) or 'none'}")
             theta0[h.arch] = ({k: v.detach().clone() for k, v in match[0][0].state_dict().items()}, match[0][1])
     out = Path(out_dir) if out_dir is not None else None
+    tag = f"__recipe-{slug(recipe_label)}" if recipe_label else ""
     common = {"data": data_label, "n_train": len(train_set), "n_test": len(test_set), "recipe": recipe.to_dict(),
-              "device": str(device), "versions": versions(), **(extra or {})}
+              "device": str(device), "versions": versions(), **(extra or {}),
+              **({"recipe_label": recipe_label} if recipe_label else {})}
     auth = _Setting(auth_cms, train_set, test_set)
     records, teacher = [], None
     for k, (name, theta0_net, *init) in enumerate(authorized):
         model = copy.deepcopy(theta0_net)  # train a copy: the caller's θ0 network is reused (one grid per setting)
-        rec_file = out / f"{data_label}_authorized{k}_{name}{auth.suffix}.json" if out else None
+        rec_file = out / f"{data_label}_authorized{k}_{name}{auth.suffix}{tag}.json" if out else None
         weights = rec_file.with_suffix(".safetensors") if rec_file else None
         if rec_file and rec_file.exists() and weights.exists():
             records.append(_done(rec_file, recipe, auth.text))
@@ -199,7 +204,7 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
             teacher = model
     hack = _Setting(hacker_cms, train_set, test_set)
     for h in hackers:
-        rec_file = out / f"{data_label}_hacker_{h.key}{hack.suffix}.json" if out else None
+        rec_file = out / f"{data_label}_hacker_{h.key}{hack.suffix}{tag}.json" if out else None
         h_recipe = recipe if h.init_noise is not None else (recipes or {}).get(h.arch, recipe)
         if rec_file and rec_file.exists():
             records.append(_done(rec_file, h_recipe, hack.text))

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,6 +17,11 @@ import torch
 from .errors import ConfigError
 
 log = logging.getLogger("uge")
+
+
+def slug(text: str) -> str:
+    """A label as a file or folder name: ``"UGE w/o UD"`` -> ``"uge-w-o-ud"``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower()
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -6,7 +6,6 @@ architectures), so a typo fails in a second instead of after an hour of training
 from __future__ import annotations
 
 import copy
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from ..evaluate import HackerSpec
 from ..models.registry import list_models
 from ..protectors import build_protector, list_protectors
 from ..training import Recipe
-from ..utils import from_dict
+from ..utils import from_dict, slug
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,7 +61,7 @@ class Variant:
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.name).strip("-").lower()
+        return slug(self.name)
 
 
 @dataclass
@@ -81,6 +80,9 @@ class BenchmarkConfig:
     countermeasures: list[str] = field(default_factory=lambda: [""])  # canonical texts; "" is none
     countermeasures_authorized: bool = True  # the authorized networks train with the same countermeasure
     variants: list[Variant] = field(default_factory=list)
+    # issue 4's recipe sweep: label -> Recipe overrides; the authorized networks of every variant are trained
+    # again with each (the published recipe stays the one the generator matched), hackers are not
+    authorized_recipes: dict[str, dict] = field(default_factory=dict)
     paper: dict = field(default_factory=dict)  # the paper's numbers, shown beside ours by the report
 
     def protect_config(self, variant: Variant) -> ProtectConfig:
@@ -94,11 +96,17 @@ class BenchmarkConfig:
             d.setdefault("encoder_recipe", {})["epochs"] = d.pop("encoder_epochs")
         return ProtectConfig.from_dict(d)
 
+    def recipe_sweep(self) -> list[tuple[str, Recipe]]:
+        """The sweep's (label, full recipe) pairs: the published recipe with each label's overrides."""
+        return [(label, Recipe.from_dict({**self.recipe.to_dict(), **ov})) for label, ov in self.authorized_recipes.items()]
+
     def _evaluate_dict(self) -> dict:
         d = {"hackers": [h.spec for h in self.hackers]}
         if self.countermeasures != [""]:  # only when used, so older run folders keep matching their config
             d["countermeasures"] = self.countermeasures
             d["countermeasures_authorized"] = self.countermeasures_authorized
+        if self.authorized_recipes:
+            d["authorized_recipes"] = self.authorized_recipes
         return d
 
     def to_dict(self) -> dict:
@@ -110,7 +118,7 @@ class BenchmarkConfig:
                             for v in self.variants], "paper": self.paper}
 
 
-_EVALUATE_KEYS = {"hackers", "countermeasures", "countermeasures_authorized"}
+_EVALUATE_KEYS = {"hackers", "countermeasures", "countermeasures_authorized", "authorized_recipes"}
 _TOP_KEYS = {"name", "description", "device", "seed", "data", "recipe", "recipes", "protect", "evaluate",
              "variant", "paper"}
 
@@ -136,6 +144,17 @@ def parse_config(d: dict, where: str = "config") -> BenchmarkConfig:
             raise ConfigError(f"evaluate.countermeasures lists the same setting twice: {cms}")
         if not isinstance(ev.get("countermeasures_authorized", True), bool):
             raise ConfigError("evaluate.countermeasures_authorized must be true or false")
+        sweep = ev.get("authorized_recipes", {})
+        if not isinstance(sweep, dict) or not all(isinstance(o, dict) and o for o in sweep.values()):
+            raise ConfigError("evaluate.authorized_recipes must be a table of label = {recipe overrides}, e.g. "
+                              f"{{\"batch 32\" = {{batch_size = 32}}}}, got {sweep!r}")
+        for label, ov in sweep.items():
+            try:
+                Recipe.from_dict({**d.get("recipe", {}), **ov})
+            except ConfigError as e:
+                raise ConfigError(f"evaluate.authorized_recipes.{label!r}: {e}") from None
+        if len({slug(k) for k in sweep}) != len(sweep) or "" in {slug(k) for k in sweep}:
+            raise ConfigError(f"evaluate.authorized_recipes labels must be distinct as file names: {list(sweep)}")
         cfg = BenchmarkConfig(
             name=d["name"], description=d.get("description", ""), device=d.get("device", "auto"),
             seed=d.get("seed", 0), data=from_dict(DataSpec, d.get("data", {}), "data"),
@@ -143,7 +162,7 @@ def parse_config(d: dict, where: str = "config") -> BenchmarkConfig:
             recipes={k: Recipe.from_dict({**d.get("recipe", {}), **v}) for k, v in d.get("recipes", {}).items()},
             protect=dict(d.get("protect", {})), hackers=[HackerSpec.parse(h) for h in ev.get("hackers", [])],
             countermeasures=cms, countermeasures_authorized=ev.get("countermeasures_authorized", True),
-            variants=[_variant(v) for v in d.get("variant", [])], paper=dict(d.get("paper", {})))
+            variants=[_variant(v) for v in d.get("variant", [])], authorized_recipes=dict(sweep), paper=dict(d.get("paper", {})))
         _check(cfg)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None

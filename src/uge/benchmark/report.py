@@ -116,6 +116,46 @@ def robustness_matrix(columns, rows) -> str:
     return "\n\n".join(parts)
 
 
+PUBLISHED = "published"
+
+
+def recipe_sweep(records: list[dict], overrides: dict) -> tuple[list[str], list[str], dict]:
+    """The authorized networks under other recipes than the published one (issue 4's recipe sweep).
+
+    Returns recipe labels (the published one first), columns (variant, or "variant #k" for several
+    authorized networks) and ``{(label, column): (acc, change from the clean variant under that recipe)}``;
+    empty when the run has no sweep."""
+    if not overrides:
+        return [], [], {}
+    auth = [r for r in records if r["role"] == "authorized" and not r.get("countermeasures")]
+    n_auth = 1 + max((r.get("index", 0) for r in auth), default=0)
+    col = lambda r: r.get("variant", r["data"]) + (f" #{r.get('index', 0)}" if n_auth > 1 else "")  # noqa: E731
+    label = lambda r: r.get("recipe_label") or PUBLISHED  # noqa: E731
+    clean = {(label(r), r.get("index", 0)): r["test_acc"] for r in auth if r.get("protector") == "clean"}
+    cells, columns = {}, []
+    for r in auth:
+        if col(r) not in columns:
+            columns.append(col(r))
+        base = clean.get((label(r), r.get("index", 0)))
+        change = None if base is None or r.get("protector") == "clean" else r["test_acc"] - base
+        cells[(label(r), col(r))] = (r["test_acc"], change)
+    labels = [PUBLISHED] + [k for k in overrides if any((k, c) in cells for c in columns)]
+    return labels, columns, cells
+
+
+def recipe_table(labels, columns, cells, overrides: dict) -> str:
+    """Markdown: one row per recipe, the authorized network's accuracy per variant (change from clean)."""
+    lines = ["| recipe | changed from the published | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for lab in labels:
+        what = ", ".join(f"{k} = {v}" for k, v in overrides.get(lab, {}).items()) or "–"
+        vals = []
+        for c in columns:
+            acc, change = cells.get((lab, c), (None, None))
+            vals.append("–" if acc is None else f"{acc:.2f}" + ("" if change is None else f" ({change:+.2f})"))
+        lines.append(f"| {lab} | {what} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
 def latex_table(columns, rows) -> str:
     esc = lambda s: str(s).replace("_", r"\_").replace("%", r"\%")  # noqa: E731
     has_cm = any(row["countermeasure"] for row in rows)
@@ -277,6 +317,27 @@ def init_noise_figure(path: Path, records: list[dict]) -> bool:
     return _save_curve(plt, fig, ax, path, "init noise σ (relative to each tensor's std; σ = 0 drawn at 1e-3)")
 
 
+def recipe_figure(path: Path, labels, columns, cells) -> bool:
+    """Grouped bars: the authorized network's accuracy per recipe (group) and variant (bar)."""
+    if len(labels) < 2:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4))
+    width = 0.8 / max(1, len(columns))
+    for i, c in enumerate(columns):
+        vals = [cells.get((lab, c), (np.nan, None))[0] for lab in labels]
+        ax.bar(np.arange(len(labels)) + i * width, vals, width, label=c)
+    ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels, rotation=20, ha="right")
+    ax.set_ylabel("authorized network: clean test accuracy (%)")
+    ax.set_xlabel("training recipe of the authorized network")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def samples_figure(path: Path, run_dir: Path, max_images: int = 8, order: list[str] | None = None) -> bool:
     """Figs. 4/6: per protected variant, rows of clean images, the noise scaled to fill [0, 1], protected.
 
@@ -323,7 +384,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     out.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
     records = read_records(run_dir)
-    columns, rows = build_rows(records)
+    overrides = cfg.get("evaluate", {}).get("authorized_recipes", {})
+    sweep = recipe_sweep(records, overrides)
+    columns, rows = build_rows([r for r in records if not r.get("recipe_label")])
     source, paper = paper_numbers(cfg)
     table = markdown_table(columns, rows)
     (out / "table.md").write_text(table + "\n")
@@ -335,6 +398,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         figures.append("rho.png")
     if init_noise_figure(out / "init_noise.png", records):
         figures.append("init_noise.png")
+    if recipe_figure(out / "recipe.png", *sweep):
+        figures.append("recipe.png")
     order = [Variant(v["name"]).slug for v in cfg.get("variant", [])]
     if samples_figure(out / "samples.png", run_dir, order=order):
         figures.append("samples.png")
@@ -346,6 +411,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         parts += [("Robustness matrix: every network's accuracy for each protection (rows) under each "
                    "countermeasure (columns); in brackets the change from the clean data under the same "
                    "countermeasure."), matrix]
+    if sweep[0]:
+        parts += [("Recipe sweep: the authorized network (from θ0) trained with another recipe than the published one "
+                   "the generator matched; in brackets the change from the clean data under the same recipe."),
+                  recipe_table(*sweep, overrides)]
     pt = paper_table(columns, rows, source, paper)
     if pt:
         parts.append(pt)

@@ -163,6 +163,10 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
                                     out_dir=run_dir / "records" / v.slug, device=device, seed=cfg.seed,
                                     progress=progress, extra=extra, recipes=cfg.recipes, countermeasures=cm,
                                     authorized_countermeasures=cm if cfg.countermeasures_authorized else None)
+        for label, recipe in cfg.recipe_sweep():  # the authorized networks again, with other recipes
+            records += evaluate_set(used, test, authorized, [], recipe, data_label=v.slug,
+                                    out_dir=run_dir / "records" / v.slug, device=device, seed=cfg.seed,
+                                    progress=progress, extra=extra, recipe_label=label)
         log.info("[%s] done in %.1f s", v.name, time.perf_counter() - start)
     write_json(run_dir / "finished.json", {"versions": versions(), "device": str(device), "records": len(records),
                                            "machine": _machine(device)})
