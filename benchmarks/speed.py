@@ -12,6 +12,8 @@ Stages:
   train_step   one SGD step of --arch (the unit the gradient-matching cost is quoted in)
   gm_step      one L_gm step (clean gradient, gradient on x_u with graph, distance, backward to x_u);
                fast: clean gradient reused + batched cosines; naive: recomputed + per-tensor loop
+  gm_fwd_rev   the same input gradient of L_gm by forward-over-reverse (torch.func.jvp of the input
+               gradient along ∂Dist/∂g_u); its reference column is double backward, the one the package uses
   gen_step     one generator step with all three losses (fast vs naive as above)
   train_epoch  one epoch of uge.training.train (on GPU: bf16 + channels_last) vs a plain fp32 loop
   protect      uge.protect + publish end to end on --protect-images images (optional)
@@ -19,6 +21,7 @@ Stages:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import tempfile
@@ -28,11 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.func import replace_all_batch_norm_modules_
 from torch.utils.flop_counter import FlopCounterMode
 
 from uge import AuthorizedSpec, ImageDataset, ProtectConfig, load_dataset, protect, publish
 from uge.features import build_feature_space
-from uge.losses import (clean_gradient, gradient_distance_reference, gradient_matching_loss, matched_parameters)
+from uge.losses import (clean_gradient, gradient_distance_reference, gradient_matching_input_grad, gradient_matching_loss,
+                        matched_parameters)
 from uge.models import Generator, create_model
 from uge.protect import UGEObjective
 from uge.training import Recipe, train
@@ -182,6 +187,23 @@ def main(argv=None):
     t_fast, t_naive = timepair(gm_fast, gm_naive, device, args.repeat)
     row("gm_step", t_fast, B, count_flops(gm_fast), naive=t_naive,
         note=f"{t_fast / t_step:.1f}x a train step (naive {t_naive / t_step:.1f}x)")
+
+    # gm_fwd_rev: the same ∂L_gm/∂x_u by forward-over-reverse; its reference column is double backward ----
+    fwd_model = replace_all_batch_norm_modules_(copy.deepcopy(model))  # jvp cannot update running stats
+    fwd_params = matched_parameters(fwd_model)
+
+    def gm_fwd():
+        return gradient_matching_input_grad(fwd_model, x_u, y, fwd_params, g_clean)[1]
+
+    def gm_double():
+        return torch.autograd.grad(gradient_matching_loss(model, x, x_u, y, params, g_clean=g_clean), x_u)[0]
+
+    ref = gm_double()
+    err = float((gm_fwd() - ref).norm() / ref.norm().clamp(min=1e-30))
+    t_fwd, t_dbl = timepair(gm_fwd, gm_double, device, args.repeat)
+    row("gm_fwd_rev", t_fwd, B, naive=t_dbl,
+        note=f"∂L_gm/∂x_u by forward-over-reverse; 'naive' column = double backward (used: "
+             f"{'forward-over-reverse would be faster' if t_fwd < t_dbl else 'it is faster'}); rel. diff {err:.1e}")
 
     # gen_step -----------------------------------------------------------------------------------
     cfg = ProtectConfig(authorized=[AuthorizedSpec(args.arch, 0)], generator_width=args.width,

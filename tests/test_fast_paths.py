@@ -1,12 +1,15 @@
 """The fast paths of the generator step compute what the straightforward reference computes."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
+from torch.func import replace_all_batch_norm_modules_
 
-from uge.losses import (clean_gradient, gradient_distance, gradient_distance_reference, gradient_matching_loss,
-                        matched_parameters)
+from uge.losses import (clean_gradient, gradient_distance, gradient_distance_reference, gradient_matching_input_grad,
+                        gradient_matching_loss, matched_parameters)
 from uge.models import create_model
 from uge.protect import CleanGradientCache, UGEObjective
 
@@ -96,3 +99,21 @@ def test_objective_reuses_clean_targets_across_epochs(digits_small):
     assert obj.grad_cache.hits == 1
     torch.testing.assert_close(first, again)
     torch.testing.assert_close(first, fresh)
+
+
+@pytest.mark.parametrize("arch", ["cnn", "resnetc20"])  # resnetc20: BatchNorm with batch statistics
+def test_forward_over_reverse_gives_the_double_backward_input_gradient(arch):
+    torch.manual_seed(0)
+    model = create_model(arch, 10, 3, seed=0).double().train()
+    x = torch.rand(8, 3, 32, 32, dtype=torch.float64)
+    y = torch.arange(8) % 10
+    x_u = (x + 0.03 * torch.randn_like(x)).clamp(0, 1).requires_grad_()
+    params = matched_parameters(model)
+    g_clean = clean_gradient(model, x, y, params)
+    loss = gradient_matching_loss(model, x, x_u, y, params, g_clean=g_clean)
+    (ref,) = torch.autograd.grad(loss, x_u)
+    fwd_model = replace_all_batch_norm_modules_(copy.deepcopy(model))
+    loss_f, grad_f = gradient_matching_input_grad(fwd_model, x_u, y, matched_parameters(fwd_model), g_clean)
+    assert loss_f.item() == pytest.approx(loss.item(), rel=1e-10)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(grad_f, ref, rtol=1e-8, atol=1e-12 * ref.abs().max().item())

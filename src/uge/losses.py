@@ -143,3 +143,35 @@ def undistill_loss(auth_logits: torch.Tensor, hacker_logits: torch.Tensor, y: to
     from the authorized network receives misleading "dark knowledge".
     """
     return F.cross_entropy(auth_logits, y) - omega * kd_loss(hacker_logits, auth_logits, temperature)
+
+
+def gradient_matching_input_grad(model: nn.Module, x_u: torch.Tensor, y: torch.Tensor,
+                                 params: Sequence[nn.Parameter], g_clean: Sequence[torch.Tensor]
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_gm and ∂L_gm/∂x_u by forward-over-reverse, the alternative to double backward (issue 5).
+
+    With g_u = ∇θ CE(f_θ(x_u), y) and v = ∂Dist/∂g_u (both first order, no graph), the chain rule gives
+    ∂L_gm/∂x_u = (∂g_u/∂x_u)ᵀ v = d/dt ∇x CE(f_{θ+tv}(x_u), y) at t = 0: one forward-mode derivative
+    (``torch.func.jvp``) of the input gradient along v, instead of a backward pass through the graph of a
+    backward pass. ``model`` must not track BatchNorm running statistics (prepare a copy with
+    ``torch.func.replace_all_batch_norm_modules_``; in train mode it normalizes with batch statistics
+    either way). ``benchmarks/speed.py`` times both; the generator step uses double backward, which it
+    measured faster (see results/speed-*).
+    """
+    from torch.func import functional_call, grad, jvp
+
+    x_u = x_u.detach()
+    g_u = [g.requires_grad_() for g in torch.autograd.grad(F.cross_entropy(model(x_u), y), params)]
+    with torch.enable_grad():
+        loss = gradient_distance(g_clean, g_u)
+    v = torch.autograd.grad(loss, g_u)
+    name = {id(p): n for n, p in model.named_parameters()}
+    fixed = {n: p.detach() for n, p in model.named_parameters()}
+    matched = [name[id(p)] for p in params]
+
+    def input_grad(*theta):
+        state = {**fixed, **dict(zip(matched, theta))}
+        return grad(lambda x: F.cross_entropy(functional_call(model, state, (x,)), y))(x_u)
+
+    _, gx = jvp(input_grad, tuple(fixed[n] for n in matched), tuple(v))
+    return loss.detach(), gx
