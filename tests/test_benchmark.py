@@ -332,3 +332,19 @@ def test_recipe_sweep_retrains_the_authorized_network_from_theta0(tmp_path):
     assert table.count("| Original | normal |") == 1
     rerun = run_benchmark(cfg, tmp_path / "run", progress=False)  # resumes: every record is reused
     assert [r["test_acc"] for r in rerun] == [r["test_acc"] for r in records]
+
+
+def test_robustness_matrix_keeps_the_configs_countermeasure_order():
+    from uge.benchmark.report import build_rows, robustness_matrix
+
+    recs = []
+    for cm, acc in (("", 90.0), ("jpeg:quality=10", 80.0), ("adv:eps=4.0", 70.0)):
+        for variant, protector, drop in (("Original", "clean", 0), ("UGE", "uge", 5)):
+            r = _record(variant, protector, "authorized", "lenet", "normal", acc - drop)
+            recs.append({**r, "countermeasures": cm or None})
+    recs.sort(key=lambda r: (r["variant"], r["countermeasures"] or ""))  # as read from disk: by file name
+    _, rows = build_rows(recs, ["", "jpeg:quality=10", "adv:eps=4.0"])
+    assert "| data | none | jpeg:quality=10 | adv:eps=4.0 |" in robustness_matrix(_, rows)
+    assert "| UGE | 85.00 (-5.00) | 75.00 (-5.00) | 65.00 (-5.00) |" in robustness_matrix(_, rows)
+    _, rows = build_rows(recs)  # without an order: as first seen
+    assert "| data | none | adv:eps=4.0 | jpeg:quality=10 |" in robustness_matrix(_, rows)

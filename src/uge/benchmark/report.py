@@ -30,8 +30,10 @@ def _match_key(r: dict) -> tuple:
     return (r["role"], r["arch"], r["mode"], r["init"], r.get("countermeasures") or "")
 
 
-def build_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
-    """Columns and rows of the main table; each row: variant, mode, and per column acc / clean / change."""
+def build_rows(records: list[dict], cm_order: list[str] | None = None) -> tuple[list[str], list[dict]]:
+    """Columns and rows of the main table; each row: variant, mode, and per column acc / clean / change.
+
+    ``cm_order``: the countermeasure texts in the config's order ("" for none); default: as first seen."""
     if not records:
         raise ConfigError("no records found; run `uge benchmark` first")
     clean = {}
@@ -58,7 +60,8 @@ def build_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
                              "change": None if base is None else r["test_acc"] - base}
     auth = sorted(c for c in columns if c.startswith("authorized"))
     columns = auth + [c for c in columns if c not in auth]
-    cms = list(dict.fromkeys(row["countermeasure"] for row in rows.values()))
+    seen = list(dict.fromkeys(row["countermeasure"] for row in rows.values()))
+    cms = [c for c in cm_order or [] if c in seen] + [c for c in seen if c not in (cm_order or [])]
     ordered = sorted(rows.values(), key=lambda row: (cms.index(row["countermeasure"]), row["mode"] != "normal"))
     return columns, ordered  # stable sort: the variants keep their config order
 
@@ -386,7 +389,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     records = read_records(run_dir)
     overrides = cfg.get("evaluate", {}).get("authorized_recipes", {})
     sweep = recipe_sweep(records, overrides)
-    columns, rows = build_rows([r for r in records if not r.get("recipe_label")])
+    columns, rows = build_rows([r for r in records if not r.get("recipe_label")],
+                               cfg.get("evaluate", {}).get("countermeasures"))
     source, paper = paper_numbers(cfg)
     table = markdown_table(columns, rows)
     (out / "table.md").write_text(table + "\n")
