@@ -348,3 +348,15 @@ def test_robustness_matrix_keeps_the_configs_countermeasure_order():
     assert "| UGE | 85.00 (-5.00) | 75.00 (-5.00) | 65.00 (-5.00) |" in robustness_matrix(_, rows)
     _, rows = build_rows(recs)  # without an order: as first seen
     assert "| data | none | adv:eps=4.0 | jpeg:quality=10 |" in robustness_matrix(_, rows)
+
+
+def test_baselines_with_another_budget_draw_no_rho_curve(tmp_path):
+    run = tmp_path / "run"
+    recs = [_record("Original", "clean", "authorized", "lenet", "normal", 90.0),
+            _record("UGE", "uge", "authorized", "lenet", "normal", 85.0, rho=4 / 255),
+            _record("EM", "em", "authorized", "lenet", "normal", 80.0, rho=8 / 255)]
+    for r in recs:
+        (run / "records" / r["data"]).mkdir(parents=True)
+        (run / "records" / r["data"] / "a.json").write_text(json.dumps(r))
+    out = write_report(run)
+    assert (out / "accuracy.png").exists() and not (out / "rho.png").exists()

@@ -284,7 +284,7 @@ def accuracy_figure(path: Path, columns, rows) -> None:
 
 def rho_figure(path: Path, columns, rows) -> bool:
     """Accuracy against the budget ρ (Fig. 3), one line per network and mode; False if there is no sweep."""
-    sweep = [r for r in rows if r["rho"] is not None]
+    sweep = [r for r in rows if r["rho"] is not None and r["protector"] == "uge"]  # not the baselines' budgets
     if len({r["rho"] for r in sweep}) < 2:
         return False
     clean = {row["mode"]: row for row in rows if row["protector"] == "clean"}
@@ -407,6 +407,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     order = [Variant(v["name"]).slug for v in cfg.get("variant", [])]
     if samples_figure(out / "samples.png", run_dir, order=order):
         figures.append("samples.png")
+    for stale in {"rho.png", "init_noise.png", "recipe.png", "samples.png"} - set(figures):  # from an older report
+        (out / stale).unlink(missing_ok=True)
     parts = [f"# {cfg.get('name', run_dir.name)}", cfg.get("description", ""),
              ("Clean test accuracy (%) of each network trained on each variant of the training set; in brackets "
               "the change from the same network trained on the clean data."), table]
