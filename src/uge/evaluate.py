@@ -168,14 +168,14 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
     auth_cms = parse_countermeasures(authorized_countermeasures)
     for h in hackers:
         create_model(h.arch, train_set.num_classes, train_set.channels)
-    theta0 = {}  # arch -> (θ0 state, init label) for the hackers that start near an authorized θ0
+    theta0 = {}  # arch -> (θ0 network, init label) for the hackers that start near an authorized θ0
     for h in hackers:
         if h.init_noise is not None and h.arch not in theta0:
             match = [(m, init[0] if init else "theta0") for name, m, *init in authorized if name == h.arch]
             if not match:
                 raise ConfigError(f"hacker {h.spec} starts from an authorized θ0, but no authorized network is a "
                                   f"{h.arch}; authorized: {', '.join(a[0] for a in authorized) or 'none'}")
-            theta0[h.arch] = ({k: v.detach().clone() for k, v in match[0][0].state_dict().items()}, match[0][1])
+            theta0[h.arch] = match[0]
     out = Path(out_dir) if out_dir is not None else None
     tag = f"__recipe-{slug(recipe_label)}" if recipe_label else ""
     common = {"data": data_label, "n_train": len(train_set), "n_test": len(test_set), "recipe": recipe.to_dict(),
@@ -212,8 +212,8 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
         model = create_model(h.arch, train_set.num_classes, train_set.channels, seed=h.seed)
         init = {"init": f"seed:{h.seed}"}
         if h.init_noise is not None:
-            state, label = theta0[h.arch]
-            model.load_state_dict(state)
+            net, label = theta0[h.arch]
+            model.load_state_dict(net.state_dict())
             perturb_init(model, h.init_noise, seed=h.seed)
             init = {"init": f"{label}+noise{h.init_noise!r}:seed{h.seed}", "init_noise": h.init_noise}
         _, res = hack.fit(model, h_recipe, TASKS[h.mode](teacher, h_recipe), device, seed, progress,

@@ -162,8 +162,7 @@ def gradient_matching_input_grad(model: nn.Module, x_u: torch.Tensor, y: torch.T
 
     x_u = x_u.detach()
     g_u = [g.requires_grad_() for g in torch.autograd.grad(F.cross_entropy(model(x_u), y), params)]
-    with torch.enable_grad():
-        loss = gradient_distance(g_clean, g_u)
+    loss = gradient_distance(g_clean, g_u)
     v = torch.autograd.grad(loss, g_u)
     name = {id(p): n for n, p in model.named_parameters()}
     fixed = {n: p.detach() for n, p in model.named_parameters()}

@@ -136,8 +136,7 @@ class AdversarialTask:
         self.step = step if step is not None else 2.5 * eps / steps  # Madry et al.'s rule of thumb
 
     def to(self, device) -> "AdversarialTask":
-        if hasattr(self.task, "to"):
-            self.task.to(device)
+        self.task.to(device)
         return self
 
     def _loss_at(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -211,8 +210,7 @@ def train(model: nn.Module, data: ImageDataset, recipe: Recipe, *, task=None, de
     """
     device = resolve_device(device)
     task = task or SupervisedTask()
-    if hasattr(task, "to"):  # tasks that hold networks (a distillation teacher) move them to the device
-        task.to(device)
+    task.to(device)  # tasks that hold networks (a distillation teacher) move them to the device
     model.to(device).train()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)

@@ -153,7 +153,8 @@ def parse_config(d: dict, where: str = "config") -> BenchmarkConfig:
                 Recipe.from_dict({**d.get("recipe", {}), **ov})
             except ConfigError as e:
                 raise ConfigError(f"evaluate.authorized_recipes.{label!r}: {e}") from None
-        if len({slug(k) for k in sweep}) != len(sweep) or "" in {slug(k) for k in sweep}:
+        labels = {slug(k) for k in sweep}
+        if len(labels) != len(sweep) or "" in labels:
             raise ConfigError(f"evaluate.authorized_recipes labels must be distinct as file names: {list(sweep)}")
         cfg = BenchmarkConfig(
             name=d["name"], description=d.get("description", ""), device=d.get("device", "auto"),

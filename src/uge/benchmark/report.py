@@ -30,6 +30,10 @@ def _match_key(r: dict) -> tuple:
     return (r["role"], r["arch"], r["mode"], r["init"], r.get("countermeasures") or "")
 
 
+def _n_authorized(records: list[dict]) -> int:
+    return 1 + max((r.get("index", 0) for r in records if r["role"] == "authorized"), default=0)
+
+
 def build_rows(records: list[dict], cm_order: list[str] | None = None) -> tuple[list[str], list[dict]]:
     """Columns and rows of the main table; each row: variant, mode, and per column acc / clean / change.
 
@@ -40,7 +44,7 @@ def build_rows(records: list[dict], cm_order: list[str] | None = None) -> tuple[
     for r in records:
         if r.get("protector") == "clean":
             clean.setdefault(_match_key(r), r["test_acc"])
-    n_auth = 1 + max((r.get("index", 0) for r in records if r["role"] == "authorized"), default=0)
+    n_auth = _n_authorized(records)
     hacker_archs = defaultdict(set)
     for r in records:
         if r["role"] == "hacker":
@@ -131,9 +135,14 @@ def recipe_sweep(records: list[dict], overrides: dict) -> tuple[list[str], list[
     if not overrides:
         return [], [], {}
     auth = [r for r in records if r["role"] == "authorized" and not r.get("countermeasures")]
-    n_auth = 1 + max((r.get("index", 0) for r in auth), default=0)
-    col = lambda r: r.get("variant", r["data"]) + (f" #{r.get('index', 0)}" if n_auth > 1 else "")  # noqa: E731
-    label = lambda r: r.get("recipe_label") or PUBLISHED  # noqa: E731
+    n_auth = _n_authorized(auth)
+
+    def col(r: dict) -> str:
+        return r.get("variant", r["data"]) + (f" #{r.get('index', 0)}" if n_auth > 1 else "")
+
+    def label(r: dict) -> str:
+        return r.get("recipe_label") or PUBLISHED
+
     clean = {(label(r), r.get("index", 0)): r["test_acc"] for r in auth if r.get("protector") == "clean"}
     cells, columns = {}, []
     for r in auth:

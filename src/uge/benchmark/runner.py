@@ -158,15 +158,14 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
         extra = {"variant": v.name, "protector": v.protector, "rho": rho,
                  "losses": list(pc.losses) if v.protector == "uge" else None, "federated": v.federated,
                  "benchmark": cfg.name}
+        same = {"data_label": v.slug, "out_dir": run_dir / "records" / v.slug, "device": device, "seed": cfg.seed,
+                "progress": progress, "extra": extra}
         for cm in cfg.countermeasures:  # one evaluation grid per countermeasure setting ("" = none)
-            records += evaluate_set(used, test, authorized, cfg.hackers, cfg.recipe, data_label=v.slug,
-                                    out_dir=run_dir / "records" / v.slug, device=device, seed=cfg.seed,
-                                    progress=progress, extra=extra, recipes=cfg.recipes, countermeasures=cm,
-                                    authorized_countermeasures=cm if cfg.countermeasures_authorized else None)
+            records += evaluate_set(used, test, authorized, cfg.hackers, cfg.recipe, recipes=cfg.recipes,
+                                    countermeasures=cm,
+                                    authorized_countermeasures=cm if cfg.countermeasures_authorized else None, **same)
         for label, recipe in cfg.recipe_sweep():  # the authorized networks again, with other recipes
-            records += evaluate_set(used, test, authorized, [], recipe, data_label=v.slug,
-                                    out_dir=run_dir / "records" / v.slug, device=device, seed=cfg.seed,
-                                    progress=progress, extra=extra, recipe_label=label)
+            records += evaluate_set(used, test, authorized, [], recipe, recipe_label=label, **same)
         log.info("[%s] done in %.1f s", v.name, time.perf_counter() - start)
     write_json(run_dir / "finished.json", {"versions": versions(), "device": str(device), "records": len(records),
                                            "machine": _machine(device)})
