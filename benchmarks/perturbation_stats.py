@@ -17,17 +17,8 @@ import numpy as np
 
 from uge.benchmark import parse_config
 from uge.benchmark.runner import load_data
+from uge.diagnostics import perturbation_shares
 from uge.publish import read_published
-
-
-def stats(delta: np.ndarray, labels: np.ndarray, levels: int) -> dict:
-    d = delta.astype(np.float64)
-    energy = (d ** 2).sum()
-    universal = d.mean(0, keepdims=True)
-    classwise = np.stack([d[labels == c].mean(0) for c in np.unique(labels)])[np.searchsorted(np.unique(labels), labels)]
-    return {"mean_abs_levels": float(np.abs(d).mean()), "at_budget_edge": float((np.abs(d) >= levels).mean()),
-            "universal_energy_share": float((universal ** 2).sum() * len(d) / energy),
-            "classwise_energy_share": float((classwise ** 2).sum() / energy)}
 
 
 def main(run_dir: str, data: str | None = None):
@@ -45,7 +36,7 @@ def main(run_dir: str, data: str | None = None):
             idx = np.flatnonzero(np.isin(clean.labels, np.unique(pub.data.labels)))
             images[idx] = pub.data.images
             levels = pub.manifest.get("rho_levels") or 255
-        out[v.name] = stats(images - clean.images.astype(np.int16), clean.labels, levels)
+        out[v.name] = perturbation_shares(images - clean.images.astype(np.int16), clean.labels, levels)
         print(v.name, json.dumps({k: round(x, 3) for k, x in out[v.name].items()}))
     (run / "perturbation_stats.json").write_text(json.dumps(out, indent=2) + "\n")
 

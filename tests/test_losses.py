@@ -112,7 +112,7 @@ def test_undistill_sign_and_temperature():
     p = F.softmax(auth / T, 1)
     q = F.softmax(hacker / T, 1)
     kl = (p * (p.log() - q.log())).sum(1).mean()
-    expected = F.cross_entropy(auth, y) - omega * T * T * kl
+    expected = F.cross_entropy(auth, y) - omega * kl  # the plain KL of Eq. 11: no τ² factor
     assert undistill_loss(auth, hacker, y, omega, T).item() == pytest.approx(expected.item(), rel=1e-5)
     # identical outputs: the KL term vanishes and only the cross-entropy is left
     assert undistill_loss(auth, auth, y, omega, T).item() == pytest.approx(F.cross_entropy(auth, y).item(), rel=1e-5)

@@ -174,8 +174,10 @@ def test_tiny_protect_run_records_theta0_history_and_cleans_up(tiny_run, digits_
     assert _equal_states(result.theta0[0], create_model("cnn", 10, 1, seed=0).state_dict())
     assert [h["epoch"] for h in result.history] == [1]
     rec = result.history[0]
-    assert set(rec) == {"epoch", "gm", "fd", "ud", "total"}
+    assert set(rec) == {"epoch", "gm", "fd", "ud", "total", "diag_gm_authorized", "diag_gm_hacker",
+                        "diag_fd_target_rate", "diag_surrogate_acc"}
     assert all(math.isfinite(v) for v in rec.values())
+    assert 0 <= rec["diag_fd_target_rate"] <= 1 and 0 <= rec["diag_surrogate_acc"] <= 1
     assert rec["total"] == pytest.approx(rec["gm"] + rec["fd"] + rec["ud"], rel=1e-5, abs=1e-6)
     assert result.feature_space.startswith("encoder")
     assert {"trajectory", "feature_space", "generator", "generate"} <= set(result.seconds)
@@ -200,14 +202,14 @@ def test_history_holds_only_the_enabled_losses(digits_small, losses):
     result = protect(digits_small, tiny_config(losses=losses, generator_epochs=2), device="cpu", progress=False)
     assert [h["epoch"] for h in result.history] == [1, 2]
     for rec in result.history:
-        assert set(rec) == {"epoch", "total", *losses}
+        assert {k for k in rec if not k.startswith("diag_")} == {"epoch", "total", *losses}
         assert rec["total"] == pytest.approx(sum(rec[k] for k in losses), rel=1e-5, abs=1e-6)
     assert (result.feature_space == "none") == ("fd" not in losses)
 
 
 def test_fd_only_runs_and_reports_its_feature_space(digits_small):
     result = protect(digits_small, tiny_config(losses=("fd",)), device="cpu", progress=False)
-    assert set(result.history[0]) == {"epoch", "fd", "total"}
+    assert set(result.history[0]) == {"epoch", "fd", "total", "diag_fd_target_rate", "diag_surrogate_acc"}
     assert result.feature_space.startswith("encoder")
     # θ0 is still published for the authorized network
     assert _equal_states(result.theta0[0], create_model("cnn", 10, 1, seed=0).state_dict())

@@ -12,6 +12,13 @@ from .utils import from_dict
 
 LOSSES = ("gm", "fd", "ud")
 FEATURE_SPACES = ("encoder", "clip")
+CHOICES = {  # option -> its values; the first is the paper's reading (as this project implemented it first)
+    "gm_granularity": ("batch", "class", "sample"),
+    "gm_batchnorm": ("train", "frozen"),
+    "ud_teacher": ("checkpoint", "trained"),
+    "fd_target": ("least_similar", "next"),
+    "parametrization": ("generator", "delta"),
+}
 
 
 @dataclass
@@ -59,6 +66,16 @@ class ProtectConfig:
     encoder_recipe: Recipe = field(default_factory=lambda: Recipe(epochs=10))
     clean_grad_cache_mb: int = 1024  # memory for reusing L_gm's clean gradients across epochs; 0: recompute
     seed: int = 0
+    # --- readings of the paper and variants beyond it (issue 10); each is measured on the selectivity bench
+    gm_granularity: str = "batch"  # L_gm of the batch's mean loss, per class, or per sample (Eq. 6 as written)
+    gm_batchnorm: str = "train"  # checkpoints in train mode (batch statistics) or frozen at the clean batch's
+    gm_augment: bool = False  # match gradients under the recipe's crop + flip (the same draw for x and x_u)
+    gm_trajectories: int = 1  # trajectories from θ0 with different data orders (an expectation over the recipe)
+    ud_teacher: str = "checkpoint"  # L_ud's authorized network: θT, or θ0 trained with the whole recipe
+    fd_target: str = "least_similar"  # L_fd's target class: least similar to the image (Eq. 9), or y + 1
+    parametrization: str = "generator"  # a generator G(x) (the paper), or a per-sample δ optimised directly
+    delta_steps: int = 10  # parametrization "delta": signed-gradient steps per batch
+    diagnostics: bool = True  # per-epoch diagnostics in the history (a few batches' worth of extra work)
 
     def __post_init__(self):
         self.authorized = [a if isinstance(a, AuthorizedSpec) else AuthorizedSpec(**a) for a in self.authorized]
@@ -86,6 +103,14 @@ class ProtectConfig:
                 problems.append(f"{name} must be positive")
         for name in ("generator_lr", "temperature"):
             if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        for name, values in CHOICES.items():
+            if getattr(self, name) not in values:
+                problems.append(f"{name} must be one of {values}, got {getattr(self, name)!r}")
+        if self.gm_granularity == "sample" and self.gm_batchnorm != "frozen":
+            problems.append("gm_granularity 'sample' needs gm_batchnorm 'frozen' (one sample has no batch statistics)")
+        for name in ("gm_trajectories", "delta_steps"):
+            if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive")
         if self.clean_grad_cache_mb < 0:
             problems.append("clean_grad_cache_mb must be >= 0")

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Sequence
 
 from .countermeasures import (Countermeasure, countermeasure_slug, format_countermeasures, make_batch_augment,
                               parse_countermeasures, perturb_init, transform_data, wrap_task)
@@ -109,12 +110,16 @@ class _Setting:
     def test_set(self) -> ImageDataset:
         return transform_data(self.cms, self._test, test=True)
 
-    def fit(self, model, recipe, task, device, seed, progress, desc) -> tuple[Classifier, dict]:
-        start = time.perf_counter()
+    def fit(self, model, recipe, task, device, seed, progress, desc, curve: bool = False) -> tuple[Classifier, dict]:
+        """Train ``model``; with ``curve`` the record also holds the test accuracy after every epoch."""
+        start, accs = time.perf_counter(), []
+        on_epoch = (lambda e, m: (accs.append(round(accuracy(m, self.test_set), 2)), m.train())) if curve else None
         train(model, self.train_set, recipe, task=wrap_task(self.cms, task), device=device, seed=seed,
-              progress=progress, desc=desc, batch_augment=make_batch_augment(self.cms, self.train_set.num_classes))
-        return model, {"test_acc": accuracy(model, self.test_set), "train_acc": accuracy(model, self.train_set),
-                       "seconds": round(time.perf_counter() - start, 2), "countermeasures": self.text}
+              progress=progress, desc=desc, batch_augment=make_batch_augment(self.cms, self.train_set.num_classes),
+              on_epoch=on_epoch)
+        res = {"test_acc": accuracy(model, self.test_set), "train_acc": accuracy(model, self.train_set),
+               "seconds": round(time.perf_counter() - start, 2), "countermeasures": self.text, "train_seed": seed}
+        return model, {**res, "curve": accs} if curve else res
 
 
 def _done(rec_file: Path, recipe: Recipe, countermeasures: str | None) -> dict:
@@ -137,7 +142,8 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
                  recipes: dict[str, Recipe] | None = None,
                  countermeasures: str | list[Countermeasure] | None = None,
                  authorized_countermeasures: str | list[Countermeasure] | None = None,
-                 recipe_label: str | None = None) -> list[dict]:
+                 recipe_label: str | None = None, authorized_seeds: Sequence[int] = (),
+                 repeat: int = 0) -> list[dict]:
     """Train the authorized networks (from their θ0) and the hackers on ``train_set``; test on ``test_set``.
 
     Args:
@@ -159,6 +165,11 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
             network as trained here.
         recipe_label: names a ``recipe`` other than the published one (a recipe sweep); stored in each
             record and appended to its file name (``..._cnn__recipe-batch-32.json``).
+        authorized_seeds: further training seeds (batch order, augmentation) for each authorized network:
+            ``seed`` may replay the protector's own trajectory run, these are a user's fresh runs of the
+            published recipe. Their records have ``"fresh": true`` and file names ending ``__seed<S>``.
+        repeat: a repeat of the whole grid (the caller varies ``seed`` and the hackers' seeds); stored in each
+            record and, when not 0, appended to its file name (``__rep1``), so repeats share a folder.
     Returns:
         one record per trained network; each stores its ``countermeasures`` text (None for none).
     """
@@ -177,31 +188,34 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
                                   f"{h.arch}; authorized: {', '.join(a[0] for a in authorized) or 'none'}")
             theta0[h.arch] = match[0]
     out = Path(out_dir) if out_dir is not None else None
-    tag = f"__recipe-{slug(recipe_label)}" if recipe_label else ""
+    tag = (f"__recipe-{slug(recipe_label)}" if recipe_label else "") + (f"__rep{repeat}" if repeat else "")
     common = {"data": data_label, "n_train": len(train_set), "n_test": len(test_set), "recipe": recipe.to_dict(),
               "device": str(device), "versions": versions(), **(extra or {}),
-              **({"recipe_label": recipe_label} if recipe_label else {})}
+              **({"recipe_label": recipe_label} if recipe_label else {}), **({"repeat": repeat} if repeat else {})}
     auth = _Setting(auth_cms, train_set, test_set)
     records, teacher = [], None
     for k, (name, theta0_net, *init) in enumerate(authorized):
-        model = copy.deepcopy(theta0_net)  # train a copy: the caller's θ0 network is reused (one grid per setting)
-        rec_file = out / f"{data_label}_authorized{k}_{name}{auth.suffix}{tag}.json" if out else None
-        weights = rec_file.with_suffix(".safetensors") if rec_file else None
-        if rec_file and rec_file.exists() and weights.exists():
-            records.append(_done(rec_file, recipe, auth.text))
-            load_into(model, weights).to(device).eval()
-        else:
-            model, res = auth.fit(model, recipe, SupervisedTask(), device, seed, progress,
-                                  f"{data_label}: authorized {name}")
-            rec = {**common, "role": "authorized", "index": k, "arch": name, "mode": "normal",
-                   "init": init[0] if init else "theta0", **res}
-            if out:
-                save_weights(weights, model.state_dict())
-                write_json(rec_file, rec)
+        for s in dict.fromkeys([seed, *authorized_seeds]):
+            fresh = s != seed
+            rec_file = (out / f"{data_label}_authorized{k}_{name}{f'__seed{s}' if fresh else ''}{auth.suffix}{tag}.json"
+                        if out else None)
+            weights = rec_file.with_suffix(".safetensors") if rec_file else None
+            model = copy.deepcopy(theta0_net)  # train a copy: the caller's θ0 network is reused (one grid per setting)
+            if rec_file and rec_file.exists() and weights.exists():
+                rec = _done(rec_file, recipe, auth.text)
+                load_into(model, weights).to(device).eval()
+            else:
+                model, res = auth.fit(model, recipe, SupervisedTask(), device, s, progress,
+                                      f"{data_label}: authorized {name}" + (f" (seed {s})" if fresh else ""), curve=True)
+                rec = {**common, "role": "authorized", "index": k, "arch": name, "mode": "normal",
+                       "init": init[0] if init else "theta0", **({"fresh": True} if fresh else {}), **res}
+                if rec_file:
+                    save_weights(weights, model.state_dict())
+                    write_json(rec_file, rec)
+                log.info("%s  authorized %-12s seed %d  test acc %.2f%%", data_label, name, s, rec["test_acc"])
             records.append(rec)
-            log.info("%s  authorized %-12s test acc %.2f%%", data_label, name, res["test_acc"])
-        if teacher is None:
-            teacher = model
+            if teacher is None:  # the distillation teacher: the first authorized network, trained with ``seed``
+                teacher = model
     hack = _Setting(hacker_cms, train_set, test_set)
     for h in hackers:
         rec_file = out / f"{data_label}_hacker_{h.key}{hack.suffix}{tag}.json" if out else None

@@ -93,6 +93,67 @@ def gradient_matching_loss(model: nn.Module, x: torch.Tensor, x_u: torch.Tensor,
     return gradient_distance(g_clean, g_u)
 
 
+def per_sample_gradient_distance(model: nn.Module, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor,
+                                 params: Sequence[nn.Parameter], chunk_size: int | None = 32) -> torch.Tensor:
+    """L_gm as Eq. 6 writes it: the mean over samples of Dist(∇θ ℓ(f(x_i), y_i), ∇θ ℓ(f(x_u,i), y_i)).
+
+    Every sample's gradient is compared with its own clean gradient (``torch.func.vmap`` of ``grad``, in
+    chunks of ``chunk_size`` samples to bound memory), so the match does not depend on which samples share
+    a batch. The model must be in eval mode (one sample has no batch statistics; see
+    :func:`freeze_batchnorm`). Differentiable with respect to ``x_u`` (second order).
+    """
+    from torch.func import functional_call, grad, vmap
+
+    if model.training:
+        raise ValueError("per-sample gradient matching needs the model in eval mode (freeze its BatchNorm first)")
+    names = {id(p): n for n, p in model.named_parameters()}
+    matched = [names[id(p)] for p in params]
+    state = {**{n: p.detach() for n, p in model.named_parameters()}, **dict(model.named_buffers())}
+    theta = tuple(state[n] for n in matched)
+
+    def loss(th, xi, yi):
+        return F.cross_entropy(functional_call(model, {**state, **dict(zip(matched, th))}, (xi[None],)), yi[None])
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=chunk_size)
+    g_clean = [g.detach() for g in per_sample(theta, x.detach(), y)]
+    g_u = per_sample(theta, x_u, y)
+    dist = [(1 - F.cosine_similarity(a.flatten(2), b.flatten(2), dim=2, eps=1e-8)).mean(1)  # (B,) per tensor
+            for a, b in zip((g.reshape(g.shape[0], g.shape[1], -1) for g in g_clean),
+                            (g.reshape(g.shape[0], g.shape[1], -1) for g in g_u))]
+    return torch.stack(dist).mean()
+
+
+def per_class_gradient_distance(model: nn.Module, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor,
+                                params: Sequence[nn.Parameter]) -> torch.Tensor:
+    """L_gm matched class by class (dataset condensation): Dist between the gradients of each class's mean loss
+    on x and on x_u, averaged over the classes present in the batch."""
+    out = []
+    for c in y.unique():
+        m = y == c
+        g_clean = clean_gradient(model, x[m], y[m], params)
+        out.append(gradient_matching_loss(model, x[m], x_u[m], y[m], params, g_clean=g_clean))
+    return torch.stack(out).mean()
+
+
+@torch.no_grad()
+def freeze_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Set every BatchNorm's running statistics to those of the batch ``x`` and switch the model to eval mode.
+
+    In train mode BatchNorm normalizes with the batch's own statistics, which removes any pattern shared by
+    the batch (L_gm would not see a universal perturbation); dataset condensation instead takes the
+    statistics from the real batch and keeps them fixed for both the real and the synthetic pass.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 1.0  # running stats := this batch's stats
+    model.train()
+    model(x)
+    for m, mom in zip(norms, saved):
+        m.momentum = mom
+    return model.eval()
+
+
 def least_similar_class(f_clean: torch.Tensor, class_feats: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """For each sample, the class c ≠ y whose class feature is least similar to the clean image feature.
 
@@ -104,7 +165,7 @@ def least_similar_class(f_clean: torch.Tensor, class_feats: torch.Tensor, y: tor
 
 
 def feature_distance_loss(f_clean: torch.Tensor, f_prot: torch.Tensor, class_feats: torch.Tensor,
-                          y: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+                          y: torch.Tensor, alpha: float = 0.1, target: torch.Tensor | None = None) -> torch.Tensor:
     """L_fd (Eqs. 7–9): mean of ℓ_feat + ℓ_tri over the batch.
 
     Args:
@@ -113,6 +174,8 @@ def feature_distance_loss(f_clean: torch.Tensor, f_prot: torch.Tensor, class_fea
         class_feats: F_t^c, normalized class ("text") features (K, D).
         y: labels (B,).
         alpha: triplet margin α.
+        target: the class each protected feature is pulled to (B,); default: the least similar class F'_t
+            of Eq. 9 (:func:`least_similar_class`).
 
     ℓ_feat = −‖F_i − F'_i‖² pushes protected features away from clean ones (Eq. 8);
     ℓ_tri = ‖F'_i − F'_t‖² + max(0, α − ‖F'_i − F_t‖²) pulls them to the least similar wrong class F'_t
@@ -120,7 +183,7 @@ def feature_distance_loss(f_clean: torch.Tensor, f_prot: torch.Tensor, class_fea
     """
     f_clean = f_clean.detach()
     l_feat = -(f_clean - f_prot).pow(2).sum(1)
-    far = class_feats[least_similar_class(f_clean, class_feats, y)]
+    far = class_feats[least_similar_class(f_clean, class_feats, y) if target is None else target]
     true = class_feats[y]
     l_tri = (f_prot - far).pow(2).sum(1) + torch.clamp(alpha - (f_prot - true).pow(2).sum(1), min=0)
     return (l_feat + l_tri).mean()
@@ -138,11 +201,14 @@ def undistill_loss(auth_logits: torch.Tensor, hacker_logits: torch.Tensor, y: to
                    omega: float = 0.1, temperature: float = 4.0) -> torch.Tensor:
     """L_ud (Eq. 11): CE(f_θ(x_u), y) − ω · KL(f_θ(x_u) ‖ f'_θA(x_u)), the KL taken at temperature τ.
 
+    The KL is the plain one of Eq. 11, without the τ² factor of distillation (:func:`kd_loss`), so ω keeps
+    the paper's balance between the two terms (with τ² = 16 folded in, ω = 0.1 would act as 1.6).
     Minimizing it keeps x_u correctly classified by the trained authorized network while pushing the
     authorized network's soft outputs away from those of a random hacker network, so a student distilled
     from the authorized network receives misleading "dark knowledge".
     """
-    return F.cross_entropy(auth_logits, y) - omega * kd_loss(hacker_logits, auth_logits, temperature)
+    kl = kd_loss(hacker_logits, auth_logits, temperature) / temperature ** 2
+    return F.cross_entropy(auth_logits, y) - omega * kl
 
 
 def gradient_matching_input_grad(model: nn.Module, x_u: torch.Tensor, y: torch.Tensor,

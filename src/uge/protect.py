@@ -22,9 +22,11 @@ from .config import ProtectConfig
 from .data.dataset import ImageDataset
 from .errors import ConfigError
 from .features import build_feature_space
-from .losses import clean_gradient, feature_distance_loss, gradient_matching_loss, matched_parameters, undistill_loss
+from .losses import (clean_gradient, feature_distance_loss, freeze_batchnorm, gradient_distance, gradient_matching_loss,
+                     least_similar_class, matched_parameters, per_class_gradient_distance,
+                     per_sample_gradient_distance, undistill_loss)
 from .models import Generator, create_model
-from .training import record_trajectory, train
+from .training import augment, record_trajectory, train
 from .utils import atomic_file, atomic_write_text, resolve_device
 from .weights import build_network, load_weights, save_weights
 
@@ -89,9 +91,9 @@ class _Workdir:
         return self.path / name
 
 
-def _trajectory(k, spec, cfg, data, device, work, progress):
-    """θ0..θT of authorized network k, from the work folder or by training."""
-    f = work.file(f"trajectory_{k}.safetensors")
+def _trajectory(k, spec, cfg, data, device, work, progress, j: int = 0):
+    """θ0..θT of authorized network k (its j-th data order), from the work folder or by training."""
+    f = work.file(f"trajectory_{k}.safetensors" if j == 0 else f"trajectory_{k}_{j}.safetensors")
     if f.exists():
         flat = load_weights(f)
         states = [{} for _ in range(cfg.trajectory_epochs + 1)]
@@ -102,9 +104,20 @@ def _trajectory(k, spec, cfg, data, device, work, progress):
         return states
     model = build_network(spec.arch, data.num_classes, data.channels, spec.seed, spec.theta0)
     states = record_trajectory(model, data, cfg.recipe, cfg.trajectory_epochs, device=device,
-                               seed=cfg.seed + k, progress=progress)
+                               seed=cfg.seed + k + 7919 * j, progress=progress)
     save_weights(f, {f"{t}/{name}": v for t, s in enumerate(states) for name, v in s.items()})
     return states
+
+
+def _trained(k, spec, cfg, data, device, work, progress) -> dict:
+    """Authorized network k trained from θ0 with the whole published recipe on the clean data (L_ud's teacher)."""
+    f = work.file(f"trained_{k}.safetensors")
+    model = build_network(spec.arch, data.num_classes, data.channels, spec.seed, spec.theta0)
+    if f.exists():
+        return load_weights(f)
+    train(model, data, cfg.recipe, device=device, seed=cfg.seed + k, progress=progress, desc="authorized (L_ud)")
+    save_weights(f, model.state_dict())
+    return model.state_dict()
 
 
 def _feature_space(cfg, data, device, work, progress):
@@ -163,11 +176,32 @@ class UGEObjective:
     network (L_gm), their trained θT and a random hacker network (L_ud), and the feature space (L_fd).
     """
 
-    def __init__(self, cfg: ProtectConfig, gm_models, ud_models, space, hacker):
+    def __init__(self, cfg: ProtectConfig, gm_models, ud_models, space, hacker, probe=None):
         self.cfg, self.gm_models, self.ud_models, self.space, self.hacker = cfg, gm_models, ud_models, space, hacker
+        self.probe = probe  # a network of the authorized architecture from another init (diagnostics only)
         self.class_feats = space.class_features() if space is not None else None
         self.gm_params = [[matched_parameters(m) for m in models] for models in gm_models]
         self.grad_cache = CleanGradientCache(cfg.clean_grad_cache_mb * 2 ** 20)
+
+    def target(self, f_clean: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """L_fd's target class per sample: the least similar class (Eq. 9) or y + 1 (``fd_target``)."""
+        if self.cfg.fd_target == "next":
+            return (y + 1) % self.class_feats.shape[0]
+        return least_similar_class(f_clean, self.class_feats, y)
+
+    def gm_distance(self, model: nn.Module, params, x, x_u, y, key=None) -> torch.Tensor:
+        """Eq. 6 at one checkpoint, in the configured reading (granularity, BatchNorm mode)."""
+        cfg = self.cfg
+        if cfg.gm_batchnorm == "frozen":
+            freeze_batchnorm(model, x)
+        else:
+            model.train()
+        if cfg.gm_granularity == "sample":
+            return per_sample_gradient_distance(model, x, x_u, y, params)
+        if cfg.gm_granularity == "class":
+            return per_class_gradient_distance(model, x, x_u, y, params)
+        g_clean = self.grad_cache.get(key, lambda: clean_gradient(model, x, y, params))
+        return gradient_matching_loss(model, x, x_u, y, params, g_clean=g_clean)
 
     def terms(self, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
               batch_id: int | None = None) -> dict:
@@ -179,23 +213,56 @@ class UGEObjective:
         cfg, terms = self.cfg, {}
         if self.gm_models:  # Eq. 6, averaged over authorized networks (Eq. 12); a random θt per step
             gm = []
+            xa, xua = x, x_u
+            if cfg.gm_augment:  # one crop + flip draw for each pair (x, x_u): the recipe's view of both
+                xa, xua = augment(torch.cat([x, x_u], 1), cfg.recipe.crop, cfg.recipe.flip).split(x.shape[1], 1)
+                batch_id = None
             for k, models in enumerate(self.gm_models):
                 t = int(rng.integers(len(models)))
-                model, params = models[t], self.gm_params[k][t]
                 key = None if batch_id is None else (k, t, batch_id)
-                g_clean = self.grad_cache.get(key, lambda: clean_gradient(model, x, y, params))
-                gm.append(gradient_matching_loss(model, x, x_u, y, params, g_clean=g_clean))
+                gm.append(self.gm_distance(models[t], self.gm_params[k][t], xa, xua, y, key))
             terms["gm"] = torch.stack(gm).mean()
         if self.space is not None:  # Eqs. 7–9
             with torch.no_grad():
                 f_clean = self.space.image_features(x)
             terms["fd"] = cfg.lambda_fd * feature_distance_loss(f_clean, self.space.image_features(x_u),
-                                                                self.class_feats, y, cfg.alpha)
+                                                                self.class_feats, y, cfg.alpha,
+                                                                target=self.target(f_clean, y))
         if self.ud_models:  # Eq. 11, averaged over authorized networks (Eq. 12)
             h = self.hacker(x_u)
             terms["ud"] = cfg.lambda_ud * torch.stack([undistill_loss(m(x_u), h, y, cfg.omega, cfg.temperature)
                                                        for m in self.ud_models]).mean()
         return terms
+
+
+    def diagnose(self, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor) -> dict:
+        """Is the perturbation invisible to the authorized network only, and did the feature attack converge?
+
+        On one batch (x, x_u): the gradient distance of Eq. 6 (batch-mean loss, BatchNorm frozen at the clean
+        batch: one fixed measure for every variant) averaged over every authorized checkpoint, and the same at
+        a network of the authorized architecture from another init (a hacker's θ0); the share of x_u whose
+        surrogate feature is nearest to its L_fd target class, and the nearest-class-feature accuracy on x_u.
+        """
+        out = {}
+        x, x_u = x.detach(), x_u.detach()
+
+        def dist(model):
+            freeze_batchnorm(model, x)
+            params = matched_parameters(model)
+            g_u = clean_gradient(model, x_u, y, params)
+            return gradient_distance(clean_gradient(model, x, y, params), g_u).item()
+
+        if self.gm_models:
+            out["diag_gm_authorized"] = float(np.mean([dist(m) for models in self.gm_models for m in models]))
+        if self.probe is not None:
+            out["diag_gm_hacker"] = dist(self.probe)
+        if self.space is not None:
+            with torch.no_grad():
+                f_clean, f_u = self.space.image_features(x), self.space.image_features(x_u)
+                nearest = (f_u @ self.class_feats.T).argmax(1)
+                out["diag_fd_target_rate"] = (nearest == self.target(f_clean, y)).float().mean().item()
+                out["diag_surrogate_acc"] = (nearest == y).float().mean().item()
+        return out
 
 
 def _objective(cfg: ProtectConfig, data: ImageDataset, device, work: _Workdir, progress: bool, seconds: dict):
@@ -212,10 +279,14 @@ def _objective(cfg: ProtectConfig, data: ImageDataset, device, work: _Workdir, p
             continue
         states = _trajectory(k, spec, cfg, data, device, work, progress)
         theta0.append(states[0])
-        if "gm" in use:
-            gm_models.append([_load(spec.arch, data, s, device).train() for s in states[:-1]])
+        if "gm" in use:  # θ0..θT-1 of the first data order, θ1..θT-1 of the others (θ0 is shared)
+            more = [s for j in range(1, cfg.gm_trajectories)
+                    for s in _trajectory(k, spec, cfg, data, device, work, progress, j)[1:-1]]
+            gm_models.append([_load(spec.arch, data, s, device).train() for s in states[:-1] + more])
         if "ud" in use:
-            ud_models.append(_frozen(_load(spec.arch, data, states[-1], device), device))
+            teacher = states[-1] if cfg.ud_teacher == "checkpoint" else _trained(k, spec, cfg, data, device, work,
+                                                                               progress)
+            ud_models.append(_frozen(_load(spec.arch, data, teacher, device), device))
     seconds["trajectory"], timer = time.perf_counter() - timer, time.perf_counter()
     space = _frozen(_feature_space(cfg, data, device, work, progress), device) if "fd" in use else None
     hacker = None
@@ -223,7 +294,10 @@ def _objective(cfg: ProtectConfig, data: ImageDataset, device, work: _Workdir, p
         hacker = _frozen(create_model(cfg.hacker_arch or cfg.authorized[0].arch, data.num_classes, data.channels,
                                       seed=cfg.seed + 20_000), device)
     seconds["feature_space"] = time.perf_counter() - timer
-    return UGEObjective(cfg, gm_models, ud_models, space, hacker), theta0
+    probe = None
+    if cfg.diagnostics and gm_models:
+        probe = create_model(cfg.authorized[0].arch, data.num_classes, data.channels, seed=cfg.seed + 30_000).to(device)
+    return UGEObjective(cfg, gm_models, ud_models, space, hacker, probe), theta0
 
 
 def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDataset, device, work: _Workdir,
@@ -271,12 +345,68 @@ def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDat
             raise FloatingPointError(f"generator training diverged in epoch {epoch + 1} (losses {sums}); "
                                      "lower generator_lr, or report this with the config")
         record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
+        if cfg.diagnostics:
+            idx = _diagnostic_indices(data, cfg, device)
+            xd = images[idx].float().div_(255)
+            with torch.no_grad():
+                xd_u = gen(xd)
+            record.update(objective.diagnose(xd, xd_u, labels[idx]))
         history.append(record)
         bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "epoch"})
         with atomic_file(ckpt) as tmp:  # a kill mid-save must not corrupt the resume point
             torch.save({"generator": gen.state_dict(), "optimizer": opt.state_dict(), "history": history,
                         "epoch": epoch + 1}, tmp)
     return gen, history
+
+
+def _diagnostic_indices(data: ImageDataset, cfg: ProtectConfig, device, n: int = 128) -> torch.Tensor:
+    """A fixed random batch of images on which the diagnostics are measured, every epoch the same."""
+    return torch.from_numpy(np.random.default_rng([cfg.seed, 2]).permutation(len(data))[:n]).to(device)
+
+
+def _optimize_delta(objective: UGEObjective, cfg: ProtectConfig, data: ImageDataset, device, work: _Workdir,
+                    progress: bool) -> tuple[torch.Tensor, list[dict]]:
+    """The per-sample parametrization: δ of every image optimised directly on L_all, batch by batch.
+
+    Each batch takes ``delta_steps`` signed-gradient steps of size 2.5ρ/steps from a uniform random start
+    in the ball (PGD, Madry et al.), every step on a new random checkpoint. Progress is saved after every
+    batch, so an interrupted run resumes. Returns x_u (N, C, H, W) in [0, 1] on the CPU, and a history with
+    the mean loss terms after each step (``epoch`` counts steps) plus the diagnostics of the final δ.
+    """
+    images, labels = data.tensors(device)
+    n, bs, rho = len(data), min(cfg.generator_batch_size, len(data)), cfg.rho
+    gen = torch.Generator().manual_seed(cfg.seed)
+    delta = ((torch.rand(images.shape, generator=gen) * 2 - 1) * rho).to(device)
+    ckpt, done, sums = work.file("delta.pt"), 0, [dict() for _ in range(cfg.delta_steps)]
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        delta, done, sums = state["delta"], state["done"], state["sums"]
+    rng = np.random.default_rng([cfg.seed, done])
+    torch.manual_seed(cfg.seed + done)
+    step = 2.5 * rho / cfg.delta_steps
+    starts = list(range(0, n, bs))
+    for b in tqdm(range(done, len(starts)), desc="δ", disable=None if progress else True, leave=False,
+                  initial=done, total=len(starts)):
+        sl = slice(starts[b], starts[b] + bs)
+        x, y = images[sl].float().div_(255), labels[sl]
+        d = delta[sl].clone()
+        for i in range(cfg.delta_steps):
+            d.requires_grad_(True)
+            terms = objective.terms(x, (x + d).clamp(0, 1), y, rng)
+            (g,) = torch.autograd.grad(sum(terms.values()), d)
+            d = (d.detach() - step * g.sign()).clamp(-rho, rho)
+            d = (x + d).clamp(0, 1) - x
+            for k, v in terms.items():
+                sums[i][k] = sums[i].get(k, 0.0) + v.item() * len(y) / n
+        delta[sl] = d
+        with atomic_file(ckpt) as tmp:
+            torch.save({"delta": delta, "done": b + 1, "sums": sums}, tmp)
+    history = [{"epoch": i + 1, **s, "total": sum(s.values())} for i, s in enumerate(sums)]
+    x_u = (images.float() / 255 + delta).clamp(0, 1)
+    if cfg.diagnostics:
+        idx = _diagnostic_indices(data, cfg, device)
+        history[-1].update(objective.diagnose(images[idx].float() / 255, x_u[idx], labels[idx]))
+    return x_u.cpu(), history
 
 
 def protect(data: ImageDataset, config: ProtectConfig, *, device="auto", work_dir: str | Path | None = None,
@@ -297,12 +427,19 @@ def protect(data: ImageDataset, config: ProtectConfig, *, device="auto", work_di
     seconds = {}
     objective, theta0 = _objective(cfg, data, device, work, progress, seconds)
     timer = time.perf_counter()
-    gen, history = _train_generator(objective, cfg, data, device, work, progress)
-    seconds["generator"] = time.perf_counter() - timer
-    timer = time.perf_counter()
-    recalibrate_batchnorm(gen, data, device)
-    protected = generate(gen, data, device)
-    seconds["generate"] = time.perf_counter() - timer
+    if cfg.parametrization == "delta":
+        x_u, history = _optimize_delta(objective, cfg, data, device, work, progress)
+        seconds["generator"] = time.perf_counter() - timer  # the optimisation stage, whatever its form
+        images, _ = data.tensors("cpu")
+        protected = ImageDataset(quantize(x_u, images, cfg.rho).permute(0, 2, 3, 1).numpy(), data.labels.copy(),
+                                 list(data.classes))
+    else:
+        gen, history = _train_generator(objective, cfg, data, device, work, progress)
+        seconds["generator"] = time.perf_counter() - timer
+        timer = time.perf_counter()
+        recalibrate_batchnorm(gen, data, device)
+        protected = generate(gen, data, device)
+        seconds["generate"] = time.perf_counter() - timer
     if not keep_work:
         shutil.rmtree(work.path, ignore_errors=True)
     space_name = objective.space.name if objective.space is not None else "none"

@@ -58,6 +58,7 @@ class Variant:
     protector: str = "uge"
     federated: list[list[int]] | None = None
     overrides: dict = field(default_factory=dict)
+    repeats: int = 1  # evaluate the grid this many times with other training seeds and hacker inits (the noise)
 
     @property
     def slug(self) -> str:
@@ -83,6 +84,8 @@ class BenchmarkConfig:
     # issue 4's recipe sweep: label -> Recipe overrides; the authorized networks of every variant are trained
     # again with each (the published recipe stays the one the generator matched), hackers are not
     authorized_recipes: dict[str, dict] = field(default_factory=dict)
+    # fresh training seeds of the authorized networks beside ``seed`` (which replays the trajectory's own run)
+    authorized_seeds: list[int] = field(default_factory=list)
     paper: dict = field(default_factory=dict)  # the paper's numbers, shown beside ours by the report
 
     def protect_config(self, variant: Variant) -> ProtectConfig:
@@ -107,6 +110,8 @@ class BenchmarkConfig:
             d["countermeasures_authorized"] = self.countermeasures_authorized
         if self.authorized_recipes:
             d["authorized_recipes"] = self.authorized_recipes
+        if self.authorized_seeds:
+            d["authorized_seeds"] = self.authorized_seeds
         return d
 
     def to_dict(self) -> dict:
@@ -114,11 +119,12 @@ class BenchmarkConfig:
                 "data": vars(self.data), "recipe": self.recipe.to_dict(),
                 "recipes": {k: r.to_dict() for k, r in self.recipes.items()}, "protect": self.protect,
                 "evaluate": self._evaluate_dict(),
-                "variant": [{"name": v.name, "protector": v.protector, "federated": v.federated, **v.overrides}
+                "variant": [{"name": v.name, "protector": v.protector, "federated": v.federated, **v.overrides,
+                             **({"repeats": v.repeats} if v.repeats != 1 else {})}
                             for v in self.variants], "paper": self.paper}
 
 
-_EVALUATE_KEYS = {"hackers", "countermeasures", "countermeasures_authorized", "authorized_recipes"}
+_EVALUATE_KEYS = {"hackers", "countermeasures", "countermeasures_authorized", "authorized_recipes", "authorized_seeds"}
 _TOP_KEYS = {"name", "description", "device", "seed", "data", "recipe", "recipes", "protect", "evaluate",
              "variant", "paper"}
 
@@ -153,6 +159,11 @@ def parse_config(d: dict, where: str = "config") -> BenchmarkConfig:
                 Recipe.from_dict({**d.get("recipe", {}), **ov})
             except ConfigError as e:
                 raise ConfigError(f"evaluate.authorized_recipes.{label!r}: {e}") from None
+        seeds = ev.get("authorized_seeds", [])
+        if not isinstance(seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) \
+                or len(set(seeds)) != len(seeds) or d.get("seed", 0) in seeds:
+            raise ConfigError(f"evaluate.authorized_seeds must be a list of distinct integer training seeds other than "
+                              f"the config's seed {d.get('seed', 0)} (which replays the trajectory), got {seeds!r}")
         labels = {slug(k) for k in sweep}
         if len(labels) != len(sweep) or "" in labels:
             raise ConfigError(f"evaluate.authorized_recipes labels must be distinct as file names: {list(sweep)}")
@@ -163,7 +174,8 @@ def parse_config(d: dict, where: str = "config") -> BenchmarkConfig:
             recipes={k: Recipe.from_dict({**d.get("recipe", {}), **v}) for k, v in d.get("recipes", {}).items()},
             protect=dict(d.get("protect", {})), hackers=[HackerSpec.parse(h) for h in ev.get("hackers", [])],
             countermeasures=cms, countermeasures_authorized=ev.get("countermeasures_authorized", True),
-            variants=[_variant(v) for v in d.get("variant", [])], authorized_recipes=dict(sweep), paper=dict(d.get("paper", {})))
+            variants=[_variant(v) for v in d.get("variant", [])], authorized_recipes=dict(sweep),
+            authorized_seeds=list(seeds), paper=dict(d.get("paper", {})))
         _check(cfg)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
@@ -174,8 +186,11 @@ def _variant(v: dict) -> Variant:
     if not isinstance(v, dict) or not isinstance(v.get("name"), str) or not v["name"].strip():
         raise ConfigError(f"every [[variant]] needs a 'name', got {v!r}")
     rest = dict(v)
+    repeats = rest.pop("repeats", 1)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or not 1 <= repeats <= 10:
+        raise ConfigError(f"variant {v['name']!r}: repeats must be an integer in 1..10, got {repeats!r}")
     return Variant(name=rest.pop("name"), protector=rest.pop("protector", "uge"),
-                   federated=rest.pop("federated", None), overrides=rest)
+                   federated=rest.pop("federated", None), overrides=rest, repeats=repeats)
 
 
 def _check(cfg: BenchmarkConfig) -> None:

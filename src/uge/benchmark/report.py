@@ -22,12 +22,14 @@ from .runner import read_records
 def _column(r: dict, n_auth: int, hacker_archs: dict) -> str:
     """The table column of a record: "authorized" (or "authorized<k>") or the hacker's architecture."""
     if r["role"] == "authorized":
-        return "authorized" if n_auth == 1 else f"authorized{r.get('index', 0)}"
+        col = "authorized" if n_auth == 1 else f"authorized{r.get('index', 0)}"
+        return f"{col} seed {r['train_seed']}" if r.get("fresh") else col
     return r["arch"] if len(hacker_archs[(r["arch"], r["mode"])]) == 1 else f"{r['arch']}({r['init']})"
 
 
 def _match_key(r: dict) -> tuple:
-    return (r["role"], r["arch"], r["mode"], r["init"], r.get("countermeasures") or "")
+    return (r["role"], r["arch"], r["mode"], r["init"], r.get("countermeasures") or "",
+            r.get("train_seed") if r.get("fresh") else None)
 
 
 def _n_authorized(records: list[dict]) -> int:
@@ -250,6 +252,119 @@ def protection_table(run_dir: Path) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+# ---------------------------------------------------------------- selectivity (issue 10)
+
+def _plain(records: list[dict]) -> list[dict]:
+    """The records of the main grid: no countermeasure, no recipe sweep."""
+    return [r for r in records if not r.get("countermeasures") and not r.get("recipe_label")]
+
+
+def _net_key(r: dict) -> tuple:
+    """Which network a record is, across variants: role, index, arch, mode, init and fresh training seed."""
+    return (r["role"], r.get("index", 0), r["arch"], r["mode"], r["init"] if r["role"] == "hacker" else "",
+            r.get("train_seed") if r.get("fresh") else None)
+
+
+def noise_of_one_number(records: list[dict]) -> tuple[float | None, int]:
+    """(σ, pairs): the standard deviation of one accuracy, from the clean variant's repeats.
+
+    Each network of repeat 0 is paired with its counterpart of repeat r (the same position in the grid,
+    other training seed and hacker init); σ = sqrt(mean(d²) / 2) over all pairs' differences d."""
+    clean = [r for r in _plain(records) if r.get("protector") == "clean" and not r.get("fresh")]
+    by_rep = defaultdict(list)
+    for r in clean:
+        by_rep[r.get("repeat", 0)].append(r)
+    if len(by_rep) < 2:
+        return None, 0
+    base = {(r["role"], r.get("index", 0), r["arch"], r["mode"]): r["test_acc"] for r in by_rep[0]}
+    diffs = [r["test_acc"] - base[k] for rep, rs in by_rep.items() if rep for r in rs
+             if (k := (r["role"], r.get("index", 0), r["arch"], r["mode"])) in base]
+    if not diffs:
+        return None, 0
+    return math.sqrt(float(np.mean(np.square(diffs))) / 2), len(diffs)
+
+
+def selectivity_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
+    """Per protected variant: the authorized network's change (replay and fresh seeds), every hacker's change,
+    the mean hacker change and the selectivity (authorized fresh − mean hacker; replay where no fresh seed).
+
+    Returns the hacker columns and one dict per variant (changes in points, None where no clean baseline)."""
+    plain = [r for r in _plain(records) if not r.get("repeat")]
+    clean = {_net_key(r): r["test_acc"] for r in plain if r.get("protector") == "clean"}
+    hackers, out = [], {}
+    for r in plain:
+        if r.get("protector") == "clean":
+            continue
+        row = out.setdefault(r.get("variant", r["data"]), {"variant": r.get("variant", r["data"]), "replay": [],
+                                                            "fresh": [], "hackers": {}})
+        base = clean.get(_net_key(r))
+        change = None if base is None else r["test_acc"] - base
+        if r["role"] == "authorized":
+            row["fresh" if r.get("fresh") else "replay"].append(change)
+        else:
+            col = f"{r['arch']} {r['mode']} ({r['init']})"
+            if col not in hackers:
+                hackers.append(col)
+            row["hackers"][col] = change
+    rows = []
+    for row in out.values():
+        mean = lambda xs: None if not xs or None in xs else float(np.mean(xs))  # noqa: E731
+        h = list(row["hackers"].values())
+        auth = mean(row["fresh"]) if row["fresh"] else mean(row["replay"])
+        row.update(replay=mean(row["replay"]), fresh=mean(row["fresh"]), mean_hacker=mean(h),
+                   worst_hacker=None if not h or None in h else max(h))
+        row["selectivity"] = None if auth is None or row["mean_hacker"] is None else auth - row["mean_hacker"]
+        rows.append(row)
+    return hackers, rows
+
+
+def selectivity_table(records: list[dict], goal_auth: float = -3.0, goal_hacker: float = -15.0) -> str:
+    """Markdown: the selectivity bench's table, with the noise of one number and the issue's goal."""
+    hackers, rows = selectivity_rows(records)
+    if not rows:
+        return ""
+    sigma, pairs = noise_of_one_number(records)
+    f = lambda x: "–" if x is None else f"{x:+.2f}"  # noqa: E731
+    head = ["data", "authorized (replay seed)", "authorized (fresh seeds)", *hackers, "mean hacker", "selectivity",
+            "goal met"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for row in rows:
+        auth = row["fresh"] if row["fresh"] is not None else row["replay"]
+        beyond = sigma is None or (row["selectivity"] is not None and abs(row["selectivity"]) > 2 * sigma)
+        met = (auth is not None and row["worst_hacker"] is not None and auth >= goal_auth
+               and row["worst_hacker"] <= goal_hacker and beyond)
+        sel = f(row["selectivity"]) + ("" if beyond else " (noise)")
+        lines.append("| " + " | ".join([row["variant"], f(row["replay"]), f(row["fresh"]),
+                                        *[f(row["hackers"].get(c)) for c in hackers], f(row["mean_hacker"]), sel,
+                                        "yes" if met else "no"]) + " |")
+    noise = ("no repeats of the clean variant: the noise is unknown" if sigma is None else
+             f"noise of one accuracy σ = {sigma:.2f} points (from {pairs} clean networks trained twice); "
+             f"a change or selectivity smaller than 2σ = {2 * sigma:.2f} is no result")
+    return (f"Selectivity: change in clean test accuracy (points) from the same network trained on the clean "
+            f"data; selectivity = authorized change (fresh training seeds) − mean hacker change. Goal: authorized "
+            f"≥ {goal_auth:g} with a fresh seed, every hacker ≤ {goal_hacker:g}, beyond 2σ. {noise}.\n\n"
+            + "\n".join(lines))
+
+
+_DIAG = {"gm": "L_gm", "diag_gm_authorized": "gm dist. authorized", "diag_gm_hacker": "gm dist. hacker init",
+         "diag_fd_target_rate": "feature → target", "diag_surrogate_acc": "surrogate acc. on x_u"}
+
+
+def diagnostics_table(run_dir: Path) -> str:
+    """Per protected variant: the last generator epoch's diagnostics and the published perturbation's makeup."""
+    lines = ["| variant | " + " | ".join(_DIAG.values()) + " | universal | class-wise | sample-wise | at edge |",
+             "|---" * (len(_DIAG) + 5) + "|"]
+    for f in sorted((run_dir / "variants").glob("*/protect.json")):
+        d = json.loads(f.read_text())
+        last = ((d.get("parts") or [{}])[0].get("history") or [{}])[-1]
+        p = d.get("perturbation") or {}
+        g = lambda v, fmt="{:.3f}": "–" if v is None else fmt.format(v)  # noqa: E731
+        lines.append(f"| {d['variant']} | " + " | ".join(g(last.get(k)) for k in _DIAG) + " | " + " | ".join(
+            g(p.get(k), "{:.0%}") for k in ("universal_energy_share", "classwise_energy_share",
+                                             "samplewise_energy_share", "at_budget_edge")) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 # ---------------------------------------------------------------- figures
 
 def _plt():
@@ -350,6 +465,49 @@ def recipe_figure(path: Path, labels, columns, cells) -> bool:
     return True
 
 
+def curves_figure(path: Path, records: list[dict]) -> bool:
+    """Learning curves: the authorized networks' test accuracy after every epoch, per variant (issue 10: does
+    the authorized network learn from D_u as from D?). False when no record has a curve."""
+    curves = [r for r in _plain(records) if r["role"] == "authorized" and r.get("curve") and not r.get("repeat")]
+    if not curves:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in curves:
+        seed = f" seed {r['train_seed']}" if r.get("fresh") else ""
+        ax.plot(range(1, len(r["curve"]) + 1), r["curve"], "--" if r.get("protector") == "clean" else "-",
+                label=f"{r.get('variant', r['data'])}: authorized{r.get('index', 0) or ''}{seed}")
+    return _save_curve(plt, fig, ax, path, "epoch of the authorized recipe")
+
+
+def diagnostics_figure(path: Path, run_dir: Path) -> bool:
+    """The generator's per-epoch diagnostics (protect.json histories), one panel per quantity."""
+    hist = {}
+    for f in sorted((run_dir / "variants").glob("*/protect.json")):
+        d = json.loads(f.read_text())
+        h = ((d.get("parts") or [{}])[0].get("history") or [])
+        if any(k.startswith("diag_") for e in h for k in e):
+            hist[d["variant"]] = h
+    if not hist:
+        return False
+    keys = [k for k in _DIAG if any(k in e for h in hist.values() for e in h)]
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for name, h in hist.items():
+            pts = [(e["epoch"], e[k]) for e in h if k in e]
+            if pts:
+                ax.plot(*zip(*pts), "o-", ms=3, label=name)
+        ax.set_title(_DIAG[k], fontsize=9)
+        ax.set_xlabel("generator epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def samples_figure(path: Path, run_dir: Path, max_images: int = 8, order: list[str] | None = None) -> bool:
     """Figs. 4/6: per protected variant, rows of clean images, the noise scaled to fill [0, 1], protected.
 
@@ -398,7 +556,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     records = read_records(run_dir)
     overrides = cfg.get("evaluate", {}).get("authorized_recipes", {})
     sweep = recipe_sweep(records, overrides)
-    columns, rows = build_rows([r for r in records if not r.get("recipe_label")],
+    columns, rows = build_rows([r for r in records if not r.get("recipe_label") and not r.get("repeat")],
                                cfg.get("evaluate", {}).get("countermeasures"))
     source, paper = paper_numbers(cfg)
     table = markdown_table(columns, rows)
@@ -413,14 +571,27 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         figures.append("init_noise.png")
     if recipe_figure(out / "recipe.png", *sweep):
         figures.append("recipe.png")
+    if curves_figure(out / "curves.png", records):
+        figures.append("curves.png")
+    if diagnostics_figure(out / "diagnostics.png", run_dir):
+        figures.append("diagnostics.png")
     order = [Variant(v["name"]).slug for v in cfg.get("variant", [])]
     if samples_figure(out / "samples.png", run_dir, order=order):
         figures.append("samples.png")
-    for stale in {"rho.png", "init_noise.png", "recipe.png", "samples.png"} - set(figures):  # from an older report
+    for stale in {"rho.png", "init_noise.png", "recipe.png", "samples.png", "curves.png", "diagnostics.png"} - set(figures):  # from an older report
         (out / stale).unlink(missing_ok=True)
     parts = [f"# {cfg.get('name', run_dir.name)}", cfg.get("description", ""),
              ("Clean test accuracy (%) of each network trained on each variant of the training set; in brackets "
               "the change from the same network trained on the clean data."), table]
+    sel = selectivity_table(records)
+    if sel and (any(r.get("fresh") or r.get("repeat") for r in records)):
+        parts.append(sel)
+    diag = diagnostics_table(run_dir)
+    if diag and any(r.get("fresh") or r.get("repeat") for r in records):
+        parts += ["Diagnostics of each protection: the generator's last epoch (L_gm; the same gradient distance "
+                  "at the authorized checkpoints and at a hacker's initialisation; how often the surrogate "
+                  "feature of x_u is nearest to its target class; the surrogate's accuracy on x_u) and the "
+                  "published perturbation's energy shares.", diag]
     matrix = robustness_matrix(columns, rows)
     if matrix:
         parts += [("Robustness matrix: every network's accuracy for each protection (rows) under each "

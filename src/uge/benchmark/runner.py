@@ -13,6 +13,7 @@ last epoch checkpoint, and a network with a record is skipped.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import torch
 
 from ..data import ImageDataset, load_dataset, load_splits
 from ..errors import ConfigError
+from ..diagnostics import perturbation_shares
 from ..evaluate import evaluate_set
 from ..protect import protect
 from ..protectors import build_protector
@@ -56,19 +58,30 @@ def load_data(cfg: BenchmarkConfig, root=None) -> tuple[ImageDataset, ImageDatas
 
 
 def _open_run(run_dir: Path, cfg: BenchmarkConfig) -> None:
-    """Create the run folder, or check that an existing one holds the same experiment."""
+    """Create the run folder, or check that an existing one holds the same experiment.
+
+    The one change allowed is *new* variants (every variant already there unchanged, in the same order,
+    more after them): an experiment grows by a hypothesis at a time, and the finished records stay valid.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     f = run_dir / "config.json"
     mine = cfg.to_dict()
     mine.pop("device")  # the same experiment may resume on another device
+    theirs = None
     if f.exists():
         theirs = json.loads(f.read_text())
         theirs.pop("device", None)
+        old_variants = theirs.get("variant", [])
+        grows = mine["variant"][:len(old_variants)] == old_variants
         if theirs != mine:
-            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise ConfigError(f"run folder {run_dir} holds another experiment (differs in: {', '.join(changed)}); "
-                              "use another --out, or the same config to resume")
-    else:
+            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
+                             and not (k == "variant" and grows))
+            if changed or not grows:
+                raise ConfigError(f"run folder {run_dir} holds another experiment (differs in: "
+                                  f"{', '.join(changed or ['variant'])}); use another --out, or the same config "
+                                  "(new variants may be appended) to resume")
+            log.info("%s: %d new variant(s) appended to the run", run_dir, len(mine["variant"]) - len(old_variants))
+    if theirs != mine:
         atomic_write_text(f, json.dumps(mine, indent=2))
 
 
@@ -134,6 +147,16 @@ def _save_samples(vdir: Path, clean: ImageDataset, used: ImageDataset, rho: floa
              classes=np.array(clean.classes), rho=np.nan if rho is None else rho, is_protected=protected)
 
 
+def _record_perturbation(vdir: Path, clean: ImageDataset, used: ImageDataset, rho: float | None) -> None:
+    """Add the published perturbation's universal / class-wise / sample-wise energy shares to protect.json."""
+    f = vdir / "protect.json"
+    d = json.loads(f.read_text())
+    if "perturbation" not in d:
+        delta = used.images.astype(np.int16) - clean.images.astype(np.int16)
+        d["perturbation"] = perturbation_shares(delta, clean.labels, None if rho is None else int(np.floor(255 * rho + 1e-9)))
+        write_json(f, d)
+
+
 def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, root=None,
                   progress: bool = True) -> list[dict]:
     """Run (or resume) every variant of ``cfg`` into ``run_dir``; returns all records."""
@@ -153,6 +176,8 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
         start = time.perf_counter()
         used = train if v.protector == "clean" else _protect_variant(cfg, v, pc, prot, train, vdir, device, progress)
         _save_samples(vdir, train, used, rho, v.protector != "clean")
+        if v.protector != "clean":
+            _record_perturbation(vdir, train, used, rho)
         authorized = [(a.arch, build_network(a.arch, train.num_classes, train.channels, a.seed, a.theta0),
                        f"theta0:{a.theta0 or f'seed{a.seed}'}") for a in pc.authorized]
         extra = {"variant": v.name, "protector": v.protector, "rho": rho,
@@ -161,9 +186,13 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
         same = {"data_label": v.slug, "out_dir": run_dir / "records" / v.slug, "device": device, "seed": cfg.seed,
                 "progress": progress, "extra": extra}
         for cm in cfg.countermeasures:  # one evaluation grid per countermeasure setting ("" = none)
-            records += evaluate_set(used, test, authorized, cfg.hackers, cfg.recipe, recipes=cfg.recipes,
-                                    countermeasures=cm,
-                                    authorized_countermeasures=cm if cfg.countermeasures_authorized else None, **same)
+            for r in range(v.repeats):  # repeat r: other training seeds and hacker inits (the noise of one number)
+                records += evaluate_set(used, test, authorized, [dataclasses.replace(h, seed=h.seed + r)
+                                                                 for h in cfg.hackers],
+                                        cfg.recipe, recipes=cfg.recipes, countermeasures=cm,
+                                        authorized_countermeasures=cm if cfg.countermeasures_authorized else None,
+                                        authorized_seeds=[] if r else cfg.authorized_seeds, repeat=r,
+                                        **{**same, "seed": cfg.seed + 1000 * r})
         for label, recipe in cfg.recipe_sweep():  # the authorized networks again, with other recipes
             records += evaluate_set(used, test, authorized, [], recipe, recipe_label=label, **same)
         log.info("[%s] done in %.1f s", v.name, time.perf_counter() - start)

@@ -6,6 +6,7 @@ name       method                                                               
 uge        Ungeneralizable Examples (Ye & Wang, CVPR 2024)                             L∞ ρ = 0.04
 fd         UGE's L_fd alone ("Ours (L_fd)", Table 3)                                   L∞ 8/255
 random     uniform random noise (control)                                              L∞ 8/255
+patch      class-wise tiled ±ρ patches (positive control of the selectivity bench)     L∞ 8/255
 em         error-minimizing noise (Huang et al., ICLR 2021)                            L∞ 8/255
 tap        targeted adversarial poisoning (Fowl et al., NeurIPS 2021)                  L∞ 8/255
 rem        robust error-minimizing noise (Fu et al., ICLR 2022)                        L∞ 8/255

@@ -32,3 +32,33 @@ class RandomNoise(Protector):
                 progress: bool = True, seed: int = 0) -> Protection:
         n, (h, w), c = len(data), data.image_size, data.channels
         return noise_result(self, data, uniform_start((n, c, h, w), self.rho, seed, torch.device("cpu")))
+
+
+@register_protector
+@dataclass
+class TiledPatch(Protector):
+    """Class-wise synthetic noise that survives random crops and flips: one random ±ρ patch of ``size``×``size``
+    pixels per class, tiled over the whole image (the synthetic shortcuts of Yu et al., KDD 2022).
+
+    A pattern over the whole image is shifted by the recipe's random crop and mirrored by its flip, so a
+    network cannot key on fixed pixel positions; a small periodic tile looks the same after any shift by
+    its period and is found by convolutions anywhere. The selectivity bench's positive control: it must
+    lower every network, the authorized one included.
+    """
+
+    name = "patch"
+    title = "Class-wise tiled ±ρ patches (synthetic shortcut; positive control)"
+    rho: float = 8 / 255
+    size: int = 8
+
+    def limits(self):
+        return [check_rho(self.rho), ("size", 1 <= self.size <= 64, "in 1..64 pixels")]
+
+    def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
+                progress: bool = True, seed: int = 0) -> Protection:
+        (h, w), c = data.image_size, data.channels
+        g = torch.Generator().manual_seed(seed)
+        patches = (torch.randint(0, 2, (data.num_classes, c, self.size, self.size), generator=g) * 2 - 1) * self.rho
+        reps = (1, 1, -(-h // self.size), -(-w // self.size))
+        tiles = patches.repeat(*reps)[:, :, :h, :w]
+        return noise_result(self, data, tiles[torch.from_numpy(data.labels).long()])
