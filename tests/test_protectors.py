@@ -30,6 +30,7 @@ TINY = {  # parameters that make every protector run in well under a second on 1
     "uge": UGE_TINY,
     "fd": UGE_TINY,
     "random": {},
+    "patch": {"size": 4},
     "em": {"arch": "lenet", "train_steps": 2, "pgd_steps": 2, "max_rounds": 2, "batch_size": 32},
     "rem": {"arch": "lenet", "train_steps": 2, "pgd_steps": 2, "max_rounds": 2, "batch_size": 32, "adv_steps": 2},
     "tap": {"arch": "lenet", "epochs": 1, "steps": 3, "batch_size": 32},
@@ -40,6 +41,7 @@ BAD = {
     "uge": [("generator_epochs", "3"), ("rho", 2.0)],
     "fd": [("generator_epochs", 1.5), ("rho", 0.0)],
     "random": [("rho", "8/255"), ("rho", 0.0)],
+    "patch": [("size", 2.0), ("size", 0)],
     "em": [("pgd_steps", 2.0), ("stop_acc", 120.0), ("arch", "resnet1000")],
     "rem": [("adv_steps", True), ("adv_rho", -0.1)],
     "tap": [("augment", "yes"), ("steps", 0)],
@@ -49,7 +51,7 @@ BAD = {
 
 def test_every_protector_has_tiny_parameters_and_bad_values():
     assert set(TINY) == set(BAD) == set(list_protectors())
-    assert {"uge", "fd", "random", "em", "tap", "rem", "cuda"} <= set(list_protectors())
+    assert {"uge", "fd", "random", "patch", "em", "tap", "rem", "cuda"} <= set(list_protectors())
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +267,23 @@ def test_random_noise_is_spread_over_the_budget(runs, digits_small):
     d = runs["random"][0].protected.images.astype(int) - digits_small.images.astype(int)
     inside = (digits_small.images > 8) & (digits_small.images < 247)  # away from clipping at 0 and 255
     assert set(np.unique(d[inside])) == set(range(-8, 9))
+
+
+def test_tiled_patch_is_one_periodic_pattern_per_class(runs, digits_small):
+    d = runs["patch"][0].protected.images.astype(int) - digits_small.images.astype(int)
+    inside = (digits_small.images > 8) & (digits_small.images < 247)
+    assert set(np.unique(d[inside])) == {-8, 8}  # ±ρ everywhere the pixel range allows
+    labels = digits_small.labels
+    sign = np.sign(d)
+    for c in np.unique(labels):  # every image of a class carries the same signs (where not clipped)
+        first = np.flatnonzero(labels == c)[0]
+        agree = [(sign[i] == sign[first])[inside[i] & inside[first]].mean() for i in np.flatnonzero(labels == c)]
+        assert min(agree) == 1.0
+    a, b = (np.flatnonzero(labels == c)[0] for c in (0, 1))
+    assert (sign[a] != sign[b]).mean() > 0.2  # classes differ
+    tile = sign[a][:4, :4]  # 8x8 digits, size 4: the same 4x4 tile four times
+    both = inside[a][:4, :4] & inside[a][4:, 4:]
+    assert (tile == sign[a][4:, 4:])[both].all()
 
 
 # ------------------------------------------------------------------------------- similarity

@@ -17,8 +17,16 @@ from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
-from .countermeasures import (Countermeasure, countermeasure_slug, format_countermeasures, make_batch_augment,
-                              parse_countermeasures, perturb_init, transform_data, wrap_task)
+from .countermeasures import (
+    Countermeasure,
+    countermeasure_slug,
+    format_countermeasures,
+    make_batch_augment,
+    parse_countermeasures,
+    perturb_init,
+    transform_data,
+    wrap_task,
+)
 from .data.dataset import ImageDataset
 from .errors import ConfigError
 from .models import create_model

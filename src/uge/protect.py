@@ -22,9 +22,18 @@ from .config import ProtectConfig
 from .data.dataset import ImageDataset
 from .errors import ConfigError
 from .features import build_feature_space
-from .losses import (clean_gradient, feature_distance_loss, freeze_batchnorm, gradient_distance, gradient_matching_loss,
-                     least_similar_class, matched_parameters, per_class_gradient_distance,
-                     per_sample_gradient_distance, undistill_loss)
+from .losses import (
+    clean_gradient,
+    feature_distance_loss,
+    freeze_batchnorm,
+    gradient_distance,
+    gradient_matching_loss,
+    least_similar_class,
+    matched_parameters,
+    per_class_gradient_distance,
+    per_sample_gradient_distance,
+    undistill_loss,
+)
 from .models import Generator, create_model
 from .training import augment, record_trajectory, train
 from .utils import atomic_file, atomic_write_text, resolve_device

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from ..data import ImageDataset, load_dataset, load_splits
-from ..errors import ConfigError
 from ..diagnostics import perturbation_shares
+from ..errors import ConfigError
 from ..evaluate import evaluate_set
 from ..protect import protect
 from ..protectors import build_protector
