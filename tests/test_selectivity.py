@@ -265,3 +265,22 @@ def test_a_run_may_grow_by_new_variants_but_not_change_old_ones(sel_run, tmp_pat
     changed["variant"][1]["size"] = 2
     with pytest.raises(ConfigError, match="another experiment"):
         run_benchmark(parse_config(changed), run_dir, progress=False)
+
+
+def test_cli_takes_the_objective_options_and_rejects_bad_combinations(tmp_path, capsys):
+    from uge.cli import main
+
+    rc = main(["protect", "--data", "digits", "--per-class", "3", "--out", str(tmp_path / "x"),
+               "--gm-granularity", "sample"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and "needs gm_batchnorm 'frozen'" in err[0]
+    rc = main(["protect", "--data", "digits", "--per-class", "3", "--out", str(tmp_path / "y"), "--quiet",
+               "--authorized", "lenet:0", "--epochs", "1", "--batch-size", "10", "--trajectory-epochs", "1",
+               "--encoder-arch", "lenet", "--encoder-epochs", "1", "--generator-width", "4", "--losses", "gm,fd",
+               "--parametrization", "delta", "--delta-steps", "2", "--gm-granularity", "sample",
+               "--gm-batchnorm", "frozen", "--fd-target", "next", "--format", "npz"])
+    assert rc == 0
+    manifest = json.loads((tmp_path / "y" / "manifest.json").read_text())
+    cfg = manifest["config"]
+    assert (cfg["parametrization"], cfg["delta_steps"], cfg["gm_granularity"], cfg["fd_target"]) == \
+        ("delta", 2, "sample", "next")

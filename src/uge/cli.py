@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import AuthorizedSpec, ProtectConfig
+from .config import CHOICES, AuthorizedSpec, ProtectConfig
 from .countermeasures import (SYNTAX, countermeasure_slug, describe_countermeasures, format_countermeasures,
                               list_countermeasures, make_batch_augment, parse_countermeasures, transform_data,
                               wrap_task)
@@ -105,7 +105,9 @@ def _protect_config(args) -> ProtectConfig:
              "alpha": args.alpha, "omega": args.omega, "temperature": args.temperature,
              "feature_space": args.feature_space, "clip_model": args.clip_model,
              "clip_checkpoint": args.clip_checkpoint, "encoder_arch": args.encoder_arch, "seed": args.seed,
-             "hacker_arch": args.hacker_arch}
+             "hacker_arch": args.hacker_arch, "gm_augment": args.gm_augment or None,
+             "gm_trajectories": args.gm_trajectories, "delta_steps": args.delta_steps,
+             **{name: getattr(args, name) for name in CHOICES}}
     d.update({k: v for k, v in flags.items() if v is not None})
     if args.losses:
         d["losses"] = [s.strip() for s in args.losses.split(",") if s.strip()]
@@ -324,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
                       ("generator-lr", float), ("lambda-fd", float), ("lambda-ud", float), ("alpha", float),
                       ("omega", float), ("temperature", float), ("encoder-epochs", int), ("seed", int)):
         q.add_argument(f"--{name}", type=typ)
+    for name, values in CHOICES.items():  # readings of the paper and variants beyond it (README: the objective)
+        q.add_argument(f"--{name.replace('_', '-')}", choices=values, help=f"default {values[0]}")
+    q.add_argument("--gm-augment", action="store_true", help="match gradients under the recipe's crop + flip")
+    q.add_argument("--gm-trajectories", type=int, help="trajectories (data orders) from θ0 matched by L_gm (default 1)")
+    q.add_argument("--delta-steps", type=int, help="with --parametrization delta: PGD steps per batch (default 10)")
     q.add_argument("--feature-space", choices=["encoder", "clip"])
     q.add_argument("--clip-model", help="OpenCLIP model name (default ViT-B-32)")
     q.add_argument("--clip-checkpoint", help="local OpenCLIP checkpoint file")

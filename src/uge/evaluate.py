@@ -213,8 +213,8 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
                 rec = _done(rec_file, recipe, auth.text)
                 load_into(model, weights).to(device).eval()
             else:
-                model, res = auth.fit(model, recipe, SupervisedTask(), device, s, progress,
-                                      f"{data_label}: authorized {name}" + (f" (seed {s})" if fresh else ""), curve=True)
+                desc = f"{data_label}: authorized {name}" + (f" (seed {s})" if fresh else "")
+                model, res = auth.fit(model, recipe, SupervisedTask(), device, s, progress, desc, curve=True)
                 rec = {**common, "role": "authorized", "index": k, "arch": name, "mode": "normal",
                        "init": init[0] if init else "theta0", **({"fresh": True} if fresh else {}), **res}
                 if rec_file:

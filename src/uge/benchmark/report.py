@@ -578,7 +578,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     order = [Variant(v["name"]).slug for v in cfg.get("variant", [])]
     if samples_figure(out / "samples.png", run_dir, order=order):
         figures.append("samples.png")
-    for stale in {"rho.png", "init_noise.png", "recipe.png", "samples.png", "curves.png", "diagnostics.png"} - set(figures):  # from an older report
+    optional = {"rho.png", "init_noise.png", "recipe.png", "samples.png", "curves.png", "diagnostics.png"}
+    for stale in optional - set(figures):  # from an older report
         (out / stale).unlink(missing_ok=True)
     parts = [f"# {cfg.get('name', run_dir.name)}", cfg.get("description", ""),
              ("Clean test accuracy (%) of each network trained on each variant of the training set; in brackets "

@@ -153,7 +153,8 @@ def _record_perturbation(vdir: Path, clean: ImageDataset, used: ImageDataset, rh
     d = json.loads(f.read_text())
     if "perturbation" not in d:
         delta = used.images.astype(np.int16) - clean.images.astype(np.int16)
-        d["perturbation"] = perturbation_shares(delta, clean.labels, None if rho is None else int(np.floor(255 * rho + 1e-9)))
+        levels = None if rho is None else int(np.floor(255 * rho + 1e-9))
+        d["perturbation"] = perturbation_shares(delta, clean.labels, levels)
         write_json(f, d)
 
 
