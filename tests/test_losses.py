@@ -119,3 +119,28 @@ def test_undistill_sign_and_temperature():
     # a larger disagreement with the hacker lowers the loss (it is rewarded, not penalized)
     assert undistill_loss(auth, -3 * auth, y, omega, T) < undistill_loss(auth, auth, y, omega, T)
     assert math.isfinite(undistill_loss(auth, hacker, y, omega, 0.5).item())
+
+
+def test_per_sample_gradient_distance_equals_a_loop_over_samples_gradients_included():
+    from uge.losses import clean_gradient, freeze_batchnorm, gradient_distance_reference, per_sample_gradient_distance
+    from uge.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cnn", 10, 3, seed=0).double()
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64)
+    y = torch.tensor([1, 4, 7])
+    freeze_batchnorm(model, x)
+    params = matched_parameters(model)
+    x_u = (x + 0.03 * torch.randn_like(x)).requires_grad_()
+    d = per_sample_gradient_distance(model, x, x_u, y, params, chunk_size=2)
+    loop = torch.stack([gradient_distance_reference(
+        clean_gradient(model, x[i:i + 1], y[i:i + 1], params),
+        torch.autograd.grad(F.cross_entropy(model(x_u[i:i + 1]), y[i:i + 1]), params, create_graph=True))
+        for i in range(3)]).mean()
+    assert d.item() == pytest.approx(loop.item(), rel=1e-10)
+    (g1,) = torch.autograd.grad(d, x_u)
+    (g2,) = torch.autograd.grad(loop, x_u)
+    assert torch.allclose(g1, g2, rtol=1e-8, atol=1e-12) and g1.abs().max() > 0
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        per_sample_gradient_distance(model, x, x_u, y, params)

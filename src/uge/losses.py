@@ -139,9 +139,9 @@ def per_class_gradient_distance(model: nn.Module, x: torch.Tensor, x_u: torch.Te
 def freeze_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """Set every BatchNorm's running statistics to those of the batch ``x`` and switch the model to eval mode.
 
-    In train mode BatchNorm normalizes with the batch's own statistics, which removes any pattern shared by
-    the batch (L_gm would not see a universal perturbation); dataset condensation instead takes the
-    statistics from the real batch and keeps them fixed for both the real and the synthetic pass.
+    In train mode BatchNorm normalizes each pass with that pass's own statistics, so a shift shared by the
+    whole protected batch is partly normalized away and L_gm sees less of it; dataset condensation instead
+    takes the statistics from the real batch and keeps them fixed for both the real and the synthetic pass.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in norms]

@@ -121,9 +121,9 @@ def _trajectory(k, spec, cfg, data, device, work, progress, j: int = 0):
 def _trained(k, spec, cfg, data, device, work, progress) -> dict:
     """Authorized network k trained from θ0 with the whole published recipe on the clean data (L_ud's teacher)."""
     f = work.file(f"trained_{k}.safetensors")
-    model = build_network(spec.arch, data.num_classes, data.channels, spec.seed, spec.theta0)
     if f.exists():
         return load_weights(f)
+    model = build_network(spec.arch, data.num_classes, data.channels, spec.seed, spec.theta0)
     train(model, data, cfg.recipe, device=device, seed=cfg.seed + k, progress=progress, desc="authorized (L_ud)")
     save_weights(f, model.state_dict())
     return model.state_dict()
@@ -242,7 +242,6 @@ class UGEObjective:
             terms["ud"] = cfg.lambda_ud * torch.stack([undistill_loss(m(x_u), h, y, cfg.omega, cfg.temperature)
                                                        for m in self.ud_models]).mean()
         return terms
-
 
     def diagnose(self, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor) -> dict:
         """Is the perturbation invisible to the authorized network only, and did the feature attack converge?
@@ -382,10 +381,11 @@ def _optimize_delta(objective: UGEObjective, cfg: ProtectConfig, data: ImageData
     batch, so an interrupted run resumes. Returns x_u (N, C, H, W) in [0, 1] on the CPU, and a history with
     the mean loss terms after each step (``epoch`` counts steps) plus the diagnostics of the final δ.
     """
+    from .protectors.pgd import pgd, uniform_start  # the baselines' PGD loop (lazy: protectors import this module)
+
     images, labels = data.tensors(device)
     n, bs, rho = len(data), min(cfg.generator_batch_size, len(data)), cfg.rho
-    gen = torch.Generator().manual_seed(cfg.seed)
-    delta = ((torch.rand(images.shape, generator=gen) * 2 - 1) * rho).to(device)
+    delta = uniform_start(images.shape, rho, cfg.seed, device)
     ckpt, done, sums = work.file("delta.pt"), 0, [dict() for _ in range(cfg.delta_steps)]
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
@@ -398,16 +398,15 @@ def _optimize_delta(objective: UGEObjective, cfg: ProtectConfig, data: ImageData
                   initial=done, total=len(starts)):
         sl = slice(starts[b], starts[b] + bs)
         x, y = images[sl].float().div_(255), labels[sl]
-        d = delta[sl].clone()
-        for i in range(cfg.delta_steps):
-            d.requires_grad_(True)
-            terms = objective.terms(x, (x + d).clamp(0, 1), y, rng)
-            (g,) = torch.autograd.grad(sum(terms.values()), d)
-            d = (d.detach() - step * g.sign()).clamp(-rho, rho)
-            d = (x + d).clamp(0, 1) - x
+        calls = iter(sums)  # one loss call per step: add the step's terms to its history entry
+
+        def loss(x_u, x=x, y=y, calls=calls):
+            terms, entry = objective.terms(x, x_u.clamp(0, 1), y, rng), next(calls)
             for k, v in terms.items():
-                sums[i][k] = sums[i].get(k, 0.0) + v.item() * len(y) / n
-        delta[sl] = d
+                entry[k] = entry.get(k, 0.0) + v.item() * len(y) / n
+            return sum(terms.values())
+
+        delta[sl] = pgd(loss, x, delta[sl], rho, cfg.delta_steps, step, minimize=True)
         with atomic_file(ckpt) as tmp:
             torch.save({"delta": delta, "done": b + 1, "sums": sums}, tmp)
     history = [{"epoch": i + 1, **s, "total": sum(s.values())} for i, s in enumerate(sums)]
