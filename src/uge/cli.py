@@ -147,7 +147,12 @@ def cmd_protect(args) -> int:
         what = ("authorized: " + ", ".join(f"{a.arch}:{a.theta0 or a.seed}" for a in cfg.authorized)
                 + f", losses: {'+'.join(cfg.losses)}")
     else:  # a baseline protector (uge.protectors), built first so a bad parameter fails before any work
-        method = build_protector(args.method, **_method_params(args.param))
+        from .protectors import protector_class
+
+        params = _method_params(args.param)
+        if "recipe" in protector_class(args.method).parameter_names() and "recipe" not in params:
+            params["recipe"] = _recipe(args).to_dict()  # keyed: the recipe flags are the published recipe
+        method = build_protector(args.method, **params)
         what = f"method: {args.method} {json.dumps(method.params())}"
     data = load_source(_source_record(args), args.root, args.download)
     out = Path(args.out)
@@ -160,7 +165,10 @@ def cmd_protect(args) -> int:
         result = protect(data, cfg, device=args.device, work_dir=work, progress=not args.quiet)
     else:
         result = method.protect(data, device=args.device, work_dir=work, progress=not args.quiet, seed=args.seed or 0)
-    publish(result, data, out, formats=formats, source=_source_record(args), overwrite=args.overwrite)
+    publish(result, data, out, formats=formats, source=_source_record(args), overwrite=args.overwrite,
+            theta0_apart=args.theta0_apart)
+    if args.theta0_apart and result.theta0:
+        _print(f"θ0 written apart from the set, to {args.theta0_apart} (the manifest holds its SHA-256)")
     _print(f"published {out} ({', '.join(formats)}) in {time.perf_counter() - start:.1f} s"
            + (f"; feature space: {result.feature_space}" if result.feature_space != "none" else ""))
     if result.history:
@@ -235,7 +243,7 @@ def cmd_evaluate(args) -> int:
     start = time.perf_counter()
     records = evaluate_published(pub, test, hackers, clean=clean, recipe=_recipe(args, pub.recipe), out_dir=out,
                                  device=args.device, seed=args.seed, progress=not args.quiet,
-                                 countermeasures=cms, authorized_countermeasures=auth_cms)
+                                 countermeasures=cms, authorized_countermeasures=auth_cms, theta0=args.theta0)
     table = format_table(records)
     # one table per countermeasure setting, like the records ("table.md" without countermeasures)
     tag = "".join(f"__{p}{countermeasure_slug(c)}" for p, c in (("", cms), ("authorized-", auth_cms)) if c)
@@ -259,7 +267,7 @@ def cmd_verify(args) -> int:
             original = load_source(src, args.root, args.download)
         except UGEError as e:
             _print(f"warning: cannot load the originals ({e}); checking hashes only")
-    report = verify(args.published, original)
+    report = verify(args.published, original, theta0=args.theta0)
     for c in report.checks:
         _print(f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}")
     _print("verified: OK" if report.ok else "verified: FAILED")
@@ -337,11 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--encoder-arch", help="network of the offline feature space (default resnetc20)")
     q.add_argument("--hacker-arch", help="random network f'_θA of L_ud (default: the authorized architecture)")
     q.add_argument("--method", default="uge", help="uge (default) or a baseline protector: "
-                   "fd, random, em, tap, rem, cuda (see uge.protectors)")
+                   "keyed, fd, random, patch, em, tap, rem, cuda (see uge.protectors)")
     q.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="a baseline method's parameter, e.g. --param pgd_steps=10 (repeat for several)")
     q.add_argument("--format", default="npz,png", help="npz, png or both (default npz,png)")
     q.add_argument("--work-dir", help="checkpoint folder for resuming (default: .<out>.work beside --out)")
+    q.add_argument("--theta0-apart", metavar="DIR", help="write the authorized θ0 here instead of into the set "
+                   "(the manifest keeps its SHA-256; evaluate and verify then take --theta0 FILE)")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_protect)
 
@@ -375,12 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baseline", action="store_true", help="also train the same networks on the clean originals")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="records folder (default: <published>-eval)")
+    e.add_argument("--theta0", action="append", metavar="FILE",
+                   help="θ0 of an authorized network published apart from the set (repeat for several, in order)")
     e.set_defaults(func=cmd_evaluate)
 
     v = sub.add_parser("verify", help="check a published set's budget, labels, order and hashes")
     v.add_argument("published")
     _add_data_args(v, required=False, prefix="original-")
     _add_common(v)
+    v.add_argument("--theta0", action="append", metavar="FILE",
+                   help="θ0 of an authorized network published apart from the set (repeat for several, in order)")
     v.set_defaults(func=cmd_verify)
 
     b = sub.add_parser("benchmark", help="run (or resume) an experiment grid from a TOML config")

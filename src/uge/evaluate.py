@@ -19,6 +19,7 @@ from typing import Sequence
 
 from .countermeasures import (
     Countermeasure,
+    adapt_model,
     countermeasure_slug,
     format_countermeasures,
     make_batch_augment,
@@ -201,6 +202,7 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
               "device": str(device), "versions": versions(), **(extra or {}),
               **({"recipe_label": recipe_label} if recipe_label else {}), **({"repeat": repeat} if repeat else {})}
     auth = _Setting(auth_cms, train_set, test_set)
+    theta0_nets = [net for _, net, *_ in authorized]  # what a model countermeasure (copy-input) may copy
     records, teacher = [], None
     for k, (name, theta0_net, *init) in enumerate(authorized):
         for s in dict.fromkeys([seed, *authorized_seeds]):
@@ -208,7 +210,8 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
             rec_file = (out / f"{data_label}_authorized{k}_{name}{f'__seed{s}' if fresh else ''}{auth.suffix}{tag}.json"
                         if out else None)
             weights = rec_file.with_suffix(".safetensors") if rec_file else None
-            model = copy.deepcopy(theta0_net)  # train a copy: the caller's θ0 network is reused (one grid per setting)
+            # train a copy: the caller's θ0 network is reused (one grid per setting)
+            model = adapt_model(auth.cms, copy.deepcopy(theta0_net), theta0_nets)
             if rec_file and rec_file.exists() and weights.exists():
                 rec = _done(rec_file, recipe, auth.text)
                 load_into(model, weights).to(device).eval()
@@ -238,6 +241,7 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
             model.load_state_dict(net.state_dict())
             perturb_init(model, h.init_noise, seed=h.seed)
             init = {"init": f"{label}+noise{h.init_noise!r}:seed{h.seed}", "init_noise": h.init_noise}
+        model = adapt_model(hack.cms, model, theta0_nets)
         _, res = hack.fit(model, h_recipe, TASKS[h.mode](teacher, h_recipe), device, seed, progress,
                           f"{data_label}: {h.arch} {h.mode}")
         rec = {**common, "recipe": h_recipe.to_dict(), "role": "hacker", "arch": h.arch, "mode": h.mode,
@@ -253,21 +257,24 @@ def evaluate_published(pub: Published, test_set: ImageDataset, hackers: list[Hac
                        clean: ImageDataset | None = None, recipe: Recipe | None = None,
                        out_dir: str | Path | None = None, device="auto", seed: int = 0,
                        progress: bool = True, countermeasures: str | list[Countermeasure] | None = None,
-                       authorized_countermeasures: str | list[Countermeasure] | None = None) -> list[dict]:
+                       authorized_countermeasures: str | list[Countermeasure] | None = None,
+                       theta0: list | None = None) -> list[dict]:
     """The paper's evaluation of a published set, optionally beside the same grid on the clean originals.
 
     The authorized networks start from the published θ0 and train with the published recipe unless
     ``recipe`` overrides it (e.g. ``dataclasses.replace(pub.recipe, batch_size=64)``: the authorized user
     trains differently from the recipe the generator matched); hackers train with the same recipe.
     ``countermeasures`` apply to the hackers and ``authorized_countermeasures`` to the authorized networks
-    (see :func:`evaluate_set`), on the clean and the protected set alike.
+    (see :func:`evaluate_set`), on the clean and the protected set alike. ``theta0``: files of θ0s that
+    were published apart from the set, in the order of the manifest's authorized networks.
     """
     recipe = recipe or pub.recipe
     extra = {"published": str(pub.path), "checksums_sha256": pub.manifest.get("checksums_sha256")}
     records = []
     sets = ([("clean", clean)] if clean is not None else []) + [("protected", pub.data)]
     for label, data in sets:
-        authorized = [(f"{a['arch']}", pub.authorized_network(k)) for k, a in enumerate(pub.manifest["authorized"])]
+        authorized = [(f"{a['arch']}", pub.authorized_network(k, (theta0 or [])[k] if k < len(theta0 or []) else None))
+                      for k, a in enumerate(pub.manifest["authorized"])]
         records += evaluate_set(data, test_set, authorized, hackers, recipe, data_label=label, out_dir=out_dir,
                                 device=device, seed=seed, progress=progress, extra=extra,
                                 countermeasures=countermeasures, authorized_countermeasures=authorized_countermeasures)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import ProtectConfig
+from .config import AuthorizedSpec, ProtectConfig
 from .data.dataset import ImageDataset
 from .errors import ConfigError
 from .features import build_feature_space
@@ -35,7 +35,7 @@ from .losses import (
     undistill_loss,
 )
 from .models import Generator, create_model
-from .training import augment, record_trajectory, train
+from .training import Recipe, augment, record_trajectory, train
 from .utils import atomic_file, atomic_write_text, resolve_device
 from .weights import build_network, load_weights, save_weights
 
@@ -47,7 +47,8 @@ class Protection:
     """What a protection run produces; :func:`uge.publish.publish` writes it to disk.
 
     UGE runs carry their :class:`ProtectConfig`; baseline protectors (:mod:`uge.protectors`) leave
-    ``config`` None, name themselves in ``method`` and record their parameters in ``params``.
+    ``config`` None, name themselves in ``method`` and record their parameters in ``params``. A protector
+    that chooses authorized networks (UGE, keyed) gives their specs, θ0 and the published recipe.
     """
 
     protected: ImageDataset  # the quantized (8-bit) protected images, same order and labels
@@ -59,10 +60,14 @@ class Protection:
     method: str = "uge"  # the protector's registry name (uge.protectors)
     params: dict = field(default_factory=dict)  # the protector's parameters, as plain values
     rho: float | None = None  # L∞ budget on the [0, 1] scale (default: config.rho); None: not norm-bounded
+    authorized: list[AuthorizedSpec] = field(default_factory=list)  # default: config.authorized
+    recipe: Recipe | None = None  # the published recipe of the authorized networks (default: config.recipe)
 
     def __post_init__(self):
-        if self.rho is None and self.config is not None:
-            self.rho = self.config.rho
+        if self.config is not None:
+            self.rho = self.config.rho if self.rho is None else self.rho
+            self.authorized = self.authorized or list(self.config.authorized)
+            self.recipe = self.recipe or self.config.recipe
 
     @property
     def norm_bounded(self) -> bool:

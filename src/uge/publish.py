@@ -6,7 +6,7 @@ Layout of a published folder::
     checksums.sha256         SHA-256 of every other file (``sha256sum -c`` format)
     data.npz                 images (N, H, W, C) uint8, labels, classes      [format "npz"]
     images/<class>/<i>.png   the same images as lossless PNG, i = position   [format "png"]
-    authorized/theta0_<k>.safetensors   θ0 of authorized network k
+    authorized/theta0_<k>.safetensors   θ0 of authorized network k (or, published apart, only its hash)
 
 The folder is written atomically: it appears under its final name only once complete.
 """
@@ -47,7 +47,7 @@ def _png_path(label: int, classes: list[str], index: int) -> str:
 
 
 def publish(result: Protection, original: ImageDataset, out: str | Path, *, formats=("npz",),
-            source: dict | None = None, overwrite: bool = False) -> Path:
+            source: dict | None = None, overwrite: bool = False, theta0_apart: str | Path | None = None) -> Path:
     """Write ``result`` (of UGE or of any protector in :mod:`uge.protectors`) as a published set in ``out``.
 
     The manifest names the method and its parameters, its budget (``rho``/``rho_levels``, None when not
@@ -59,6 +59,8 @@ def publish(result: Protection, original: ImageDataset, out: str | Path, *, form
             the right originals; the originals themselves are not written).
         formats: any of "npz" and "png".
         source: where the clean data came from (recorded in the manifest for ``verify``/``evaluate``).
+        theta0_apart: a folder for the θ0 files instead of the set (for owners who hand θ0 to licensees
+            only); the manifest then holds each file's SHA-256, and ``evaluate``/``verify`` take the file.
     """
     formats = tuple(formats)
     if not formats or set(formats) - set(FORMATS):
@@ -76,10 +78,13 @@ def publish(result: Protection, original: ImageDataset, out: str | Path, *, form
                 Image.fromarray(img[..., 0] if data.channels == 1 else img).save(
                     tmp / _png_path(int(y), data.classes, i), compress_level=6)
         authorized = []
-        for k, (spec, state) in enumerate(zip(cfg.authorized if cfg else [], result.theta0)):
+        for k, (spec, state) in enumerate(zip(result.authorized, result.theta0)):
             rel = f"authorized/theta0_{k}.safetensors"
-            save_weights(tmp / rel, state, metadata={"arch": spec.arch})
-            authorized.append({"arch": spec.arch, "seed": spec.seed, "theta0": rel,
+            f = Path(theta0_apart) / f"{Path(out).name}-theta0_{k}.safetensors" if theta0_apart else tmp / rel
+            f.parent.mkdir(parents=True, exist_ok=True)
+            save_weights(f, state, metadata={"arch": spec.arch})
+            authorized.append({"arch": spec.arch, "seed": None if theta0_apart else spec.seed,
+                               "theta0": None if theta0_apart else rel, "theta0_sha256": sha256_file(f),
                                "num_classes": data.num_classes, "in_channels": data.channels})
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         sums = "".join(f"{sha256_file(tmp / f)}  {f}\n" for f in files)
@@ -93,7 +98,7 @@ def publish(result: Protection, original: ImageDataset, out: str | Path, *, form
             "rho_levels": int(np.floor(255 * result.rho + 1e-9)) if result.norm_bounded else None,
             "similarity": similarity(data.images, original.images),
             "labels_sha256": array_sha256(data.labels), "original_sha256": array_sha256(original.images),
-            "source": source or {}, "authorized": authorized, "recipe": cfg.recipe.to_dict() if cfg else None,
+            "source": source or {}, "authorized": authorized, "recipe": result.recipe.to_dict() if result.recipe else None,
             "feature_space": result.feature_space, "config": cfg.to_dict() if cfg else None,
             "params": result.params or (cfg.to_dict() if cfg else {}), "history": result.history,
             "seconds": result.seconds, "versions": versions(),
@@ -123,10 +128,22 @@ class Published:
         recipe = self.manifest.get("recipe")
         return Recipe.from_dict(recipe) if recipe else Recipe()
 
-    def authorized_network(self, k: int = 0):
-        """Authorized network k at its published θ0."""
-        a = self.manifest["authorized"][k]
-        return build_network(a["arch"], a["num_classes"], a["in_channels"], weights=self.path / a["theta0"])
+    def authorized_network(self, k: int = 0, theta0: str | Path | None = None):
+        """Authorized network k at its published θ0, or at ``theta0`` (a file, checked against the hash the
+        manifest records); a θ0 published apart from the set must be given."""
+        return authorized_network(self.path, self.manifest, k, theta0)
+
+
+def authorized_network(path: Path, manifest: dict, k: int, theta0: str | Path | None = None):
+    """Authorized network k of the set in ``path`` (see :meth:`Published.authorized_network`)."""
+    a = manifest["authorized"][k]
+    if theta0 is None and not a.get("theta0"):
+        raise ConfigError(f"θ0 of authorized network {k} ({a['arch']}) was published apart from the set; "
+                          "pass its file (--theta0 FILE)")
+    f = Path(theta0) if theta0 is not None else path / a["theta0"]
+    if theta0 is not None and a.get("theta0_sha256") and f.is_file() and sha256_file(f) != a["theta0_sha256"]:
+        raise ConfigError(f"{f} is not the θ0 of authorized network {k}: its SHA-256 differs from the manifest's")
+    return build_network(a["arch"], a["num_classes"], a["in_channels"], weights=f)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -221,12 +238,32 @@ class VerifyReport:
             raise VerificationError(f"verification failed: {failed}")
 
 
-def verify(path: str | Path, original: ImageDataset | None = None) -> VerifyReport:
+def input_stage_difference(net, images: np.ndarray, original: np.ndarray, chunk: int = 4096) -> float:
+    """The largest |stage(x_u) − stage(x)| over all pixels of two uint8 (N, H, W, C) sets, on the [0, 1] scale."""
+    import torch
+
+    worst = 0.0
+    with torch.no_grad():
+        for i in range(0, len(images), chunk):
+            a, b = (torch.from_numpy(np.ascontiguousarray(x[i:i + chunk])).permute(0, 3, 1, 2).double() / 255
+                    for x in (images, original))
+            stage = net.double().input_stage
+            worst = max(worst, float((stage(a) - stage(b)).abs().max()))
+    net.float()
+    return worst
+
+
+def verify(path: str | Path, original: ImageDataset | None = None,
+           theta0: list[str | Path] | None = None) -> VerifyReport:
     """Check a published set: file hashes, format agreement, and (given the originals) budget and labels.
 
     Norm-bounded sets must hold ‖published − original‖∞ ≤ ρ on the saved 8-bit files ("budget"); sets that
     are not (CUDA) get a "similarity" check instead: their PSNR and SSIM to the originals, which must equal
     what the manifest reports.
+
+    An authorized network with a blind input stage (keyed protection) also gets an "input stage" check: it
+    must map every published image to what it maps the original to, within the 8-bit rounding (half a
+    level); the largest difference is reported. ``theta0``: files of θ0s that were published apart.
 
     Every check is run and reported; nothing is raised for a failed check (see
     :meth:`VerifyReport.raise_if_failed`), only for a folder that is not a published set at all.
@@ -261,12 +298,18 @@ def verify(path: str | Path, original: ImageDataset | None = None) -> VerifyRepo
                    "data.npz and the PNG tree hold the same images and labels")
     report.add("labels", array_sha256(data.labels) == manifest["labels_sha256"] and data.classes == manifest["classes"],
                f"{len(data)} labels and {data.num_classes} classes match the manifest")
-    for a in manifest["authorized"]:
+    nets = []
+    for k, a in enumerate(manifest["authorized"]):
+        name = f"θ0 {a.get('theta0') or f'of authorized network {k} (published apart)'}"
+        given = theta0[k] if theta0 and k < len(theta0) else None
+        if not a.get("theta0") and given is None:
+            report.add(name, True, "not checked: published apart; pass its file to check it")
+            continue
         try:
-            build_network(a["arch"], a["num_classes"], a["in_channels"], weights=path / a["theta0"])
-            report.add(f"θ0 {a['theta0']}", True, f"loads into {a['arch']}")
+            nets.append(authorized_network(path, manifest, k, given))
+            report.add(name, True, f"loads into {a['arch']}" + (" and matches the manifest's hash" if given else ""))
         except Exception as e:  # noqa: BLE001 — any failure to load is a failed check
-            report.add(f"θ0 {a['theta0']}", False, str(e))
+            report.add(name, False, str(e))
 
     if original is None:
         report.add("budget", True, "not checked: pass the original data to check the L∞ budget and the order")
@@ -280,6 +323,12 @@ def verify(path: str | Path, original: ImageDataset | None = None) -> VerifyRepo
                "the given originals differ from the ones recorded at protection time")
     report.add("labels unchanged", np.array_equal(original.labels, data.labels) and original.classes == data.classes,
                "labels, classes and order equal the originals")
+    for k, net in enumerate(nets):
+        if net.blind is not None:
+            worst = input_stage_difference(net, data.images, original.images)
+            report.add(f"input stage {k}", worst <= 0.5 / 255,
+                       f"the authorized network's input stage maps every published image to its original's "
+                       f"output within {worst:.2e} (8-bit rounding bound 0.5/255 = {0.5 / 255:.2e})")
     diff = np.abs(data.images.astype(np.int16) - original.images.astype(np.int16))
     levels = int(diff.max())
     report.linf = levels / 255

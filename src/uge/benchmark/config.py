@@ -13,8 +13,8 @@ from pathlib import Path
 from ..config import AuthorizedSpec, ProtectConfig
 from ..countermeasures import format_countermeasures, parse_countermeasures
 from ..errors import ConfigError
-from ..evaluate import HackerSpec
-from ..models.registry import list_models
+from ..evaluate import HACKER_SYNTAX, HackerSpec
+from ..models.registry import known_model, list_models
 from ..protectors import build_protector, list_protectors
 from ..training import Recipe
 from ..utils import from_dict, slug
@@ -59,6 +59,7 @@ class Variant:
     federated: list[list[int]] | None = None
     overrides: dict = field(default_factory=dict)
     repeats: int = 1  # evaluate the grid this many times with other training seeds and hacker inits (the noise)
+    hackers: list[HackerSpec] | None = None  # None: the config's hackers; [] trains the authorized networks only
 
     @property
     def slug(self) -> str:
@@ -120,7 +121,8 @@ class BenchmarkConfig:
                 "recipes": {k: r.to_dict() for k, r in self.recipes.items()}, "protect": self.protect,
                 "evaluate": self._evaluate_dict(),
                 "variant": [{"name": v.name, "protector": v.protector, "federated": v.federated, **v.overrides,
-                             **({"repeats": v.repeats} if v.repeats != 1 else {})}
+                             **({"repeats": v.repeats} if v.repeats != 1 else {}),
+                             **({"hackers": [h.spec for h in v.hackers]} if v.hackers is not None else {})}
                             for v in self.variants], "paper": self.paper}
 
 
@@ -189,8 +191,13 @@ def _variant(v: dict) -> Variant:
     repeats = rest.pop("repeats", 1)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or not 1 <= repeats <= 10:
         raise ConfigError(f"variant {v['name']!r}: repeats must be an integer in 1..10, got {repeats!r}")
+    hackers = rest.pop("hackers", None)
+    if hackers is not None and (not isinstance(hackers, list) or not all(isinstance(h, str) for h in hackers)):
+        raise ConfigError(f"variant {v['name']!r}: hackers must be a list of hacker specs ({HACKER_SYNTAX}), "
+                          f"got {hackers!r}")
     return Variant(name=rest.pop("name"), protector=rest.pop("protector", "uge"),
-                   federated=rest.pop("federated", None), overrides=rest, repeats=repeats)
+                   federated=rest.pop("federated", None), overrides=rest, repeats=repeats,
+                   hackers=None if hackers is None else [HackerSpec.parse(h) for h in hackers])
 
 
 def _check(cfg: BenchmarkConfig) -> None:
@@ -199,7 +206,6 @@ def _check(cfg: BenchmarkConfig) -> None:
     slugs = [v.slug for v in cfg.variants]
     if len(set(slugs)) != len(slugs) or "" in slugs:
         raise ConfigError(f"variant names must be distinct (as folder names): {[v.name for v in cfg.variants]}")
-    models = set(list_models())
     archs = {h.arch for h in cfg.hackers} | set(cfg.recipes)
     protectors = ["clean", *list_protectors()]
     for v in cfg.variants:
@@ -210,6 +216,7 @@ def _check(cfg: BenchmarkConfig) -> None:
             if v.federated:
                 raise ConfigError(f"variant {v.name!r}: federated protection is implemented for uge only")
             build_protector(v.protector, **v.overrides)  # validates the baseline's parameters
+        archs |= {h.arch for h in v.hackers or []}
         if v.protector == "clean" and (v.overrides.keys() - {"authorized"} or v.federated):
             raise ConfigError(f"variant {v.name!r}: the clean variant takes no protect options "
                               f"(got {sorted(v.overrides.keys() - {'authorized'}) or 'federated'})")
@@ -217,9 +224,10 @@ def _check(cfg: BenchmarkConfig) -> None:
             _check_groups(v)
         pc = cfg.protect_config(v)  # validates every protect option of the variant
         archs |= {a.arch for a in pc.authorized} | {pc.encoder_arch} | ({pc.hacker_arch} - {None})
-    missing = archs - models
+    missing = {a for a in archs if not known_model(a)}
     if missing:
-        raise ConfigError(f"unknown architecture(s) {', '.join(sorted(missing))}; available: {', '.join(sorted(models))}")
+        raise ConfigError(f"unknown architecture(s) {', '.join(sorted(missing))}; available: "
+                          f"{', '.join(list_models())} (and blind-<model> for each)")
 
 
 def _check_groups(v: Variant) -> None:

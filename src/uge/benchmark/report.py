@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..models.registry import BLIND
 from .config import Variant
 from .runner import read_records
 
@@ -296,11 +297,14 @@ def selectivity_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
         if r.get("protector") == "clean":
             continue
         row = out.setdefault(r.get("variant", r["data"]), {"variant": r.get("variant", r["data"]), "replay": [],
-                                                            "fresh": [], "hackers": {}})
+                                                            "fresh": [], "hackers": {}, "standard": []})
         base = clean.get(_net_key(r))
         change = None if base is None else r["test_acc"] - base
         if r["role"] == "authorized":
             row["fresh" if r.get("fresh") else "replay"].append(change)
+            if r["arch"].startswith(BLIND) and r.get("fresh"):  # keyed: also against the standard architecture
+                std = clean.get(_net_key({**r, "arch": r["arch"].removeprefix(BLIND)}))
+                row["standard"].append(None if std is None else r["test_acc"] - std)
         else:
             col = f"{r['arch']} {r['mode']} ({r['init']})"
             if col not in hackers:
@@ -311,7 +315,7 @@ def selectivity_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
         mean = lambda xs: None if not xs or None in xs else float(np.mean(xs))  # noqa: E731
         h = list(row["hackers"].values())
         auth = mean(row["fresh"]) if row["fresh"] else mean(row["replay"])
-        row.update(replay=mean(row["replay"]), fresh=mean(row["fresh"]), mean_hacker=mean(h),
+        row.update(replay=mean(row["replay"]), fresh=mean(row["fresh"]), standard=mean(row["standard"]), mean_hacker=mean(h),
                    worst_hacker=None if not h or None in h else max(h))
         row["selectivity"] = None if auth is None or row["mean_hacker"] is None else auth - row["mean_hacker"]
         rows.append(row)
@@ -325,16 +329,20 @@ def selectivity_table(records: list[dict], goal_auth: float = -3.0, goal_hacker:
         return ""
     sigma, pairs = noise_of_one_number(records)
     f = lambda x: "–" if x is None else f"{x:+.2f}"  # noqa: E731
-    head = ["data", "authorized (replay seed)", "authorized (fresh seeds)", *hackers, "mean hacker", "selectivity",
+    blind = any(row["standard"] is not None for row in rows)  # keyed rows: a column against the standard arch
+    head = ["data", "authorized (replay seed)", "authorized (fresh seeds)",
+            *(["authorized (fresh) vs standard arch"] if blind else []), *hackers, "mean hacker", "selectivity",
             "goal met"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for row in rows:
         auth = row["fresh"] if row["fresh"] is not None else row["replay"]
         beyond = sigma is None or (row["selectivity"] is not None and abs(row["selectivity"]) > 2 * sigma)
-        met = (auth is not None and row["worst_hacker"] is not None and auth >= goal_auth
+        judged = row["standard"] if row["standard"] is not None else auth  # keyed: against the standard arch
+        met = (judged is not None and row["worst_hacker"] is not None and judged >= goal_auth
                and row["worst_hacker"] <= goal_hacker and beyond)
         sel = f(row["selectivity"]) + ("" if beyond else " (noise)")
         lines.append("| " + " | ".join([row["variant"], f(row["replay"]), f(row["fresh"]),
+                                        *([f(row["standard"])] if blind else []),
                                         *[f(row["hackers"].get(c)) for c in hackers], f(row["mean_hacker"]), sel,
                                         "yes" if met else "no"]) + " |")
     noise = ("no repeats of the clean variant: the noise is unknown" if sigma is None else
@@ -342,7 +350,10 @@ def selectivity_table(records: list[dict], goal_auth: float = -3.0, goal_hacker:
              f"a change or selectivity smaller than 2σ = {2 * sigma:.2f} is no result")
     return (f"Selectivity: change in clean test accuracy (points) from the same network trained on the clean "
             f"data; selectivity = authorized change (fresh training seeds) − mean hacker change. Goal: authorized "
-            f"≥ {goal_auth:g} with a fresh seed, every hacker ≤ {goal_hacker:g}, beyond 2σ. {noise}.\n\n"
+            f"≥ {goal_auth:g} with a fresh seed, every hacker ≤ {goal_hacker:g}, beyond 2σ. {noise}."
+            + (" A blind (keyed) authorized network is compared with the clean run of the same blind architecture; "
+               "the column \"vs standard arch\" compares it with the standard architecture's clean run." if blind
+               else "") + "\n\n"
             + "\n".join(lines))
 
 

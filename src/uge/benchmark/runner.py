@@ -103,8 +103,9 @@ def _publish_checked(protect_fn, part: ImageDataset, pub_dir: Path, source: dict
 
 
 def _protect_variant(cfg: BenchmarkConfig, v: Variant, pc, prot, train: ImageDataset, vdir: Path, device,
-                     progress: bool) -> ImageDataset:
-    """Protect (or reuse) a variant's published set(s) and return what was published, in the original order.
+                     progress: bool) -> tuple[ImageDataset, list[tuple] | None]:
+    """Protect (or reuse) a variant's published set(s); return what was published, in the original order,
+    and the authorized networks a baseline protector published (keyed), None where it published none.
 
     ``pc``: the variant's ProtectConfig (UGE); ``prot``: its baseline protector (None for UGE).
     """
@@ -114,7 +115,9 @@ def _protect_variant(cfg: BenchmarkConfig, v: Variant, pc, prot, train: ImageDat
                                                                progress=progress, seed=cfg.seed),
                                       train, vdir / "published", source, v.name)
         write_json(vdir / "protect.json", {"variant": v.name, "protector": v.protector, "parts": [stats]})
-        return pub.data
+        published = [(a["arch"], pub.authorized_network(k), f"theta0:published{k}")
+                     for k, a in enumerate(pub.manifest["authorized"])]
+        return pub.data, published or None
     groups = v.federated or [list(range(train.num_classes))]
     if max(c for g in groups for c in g) >= train.num_classes:
         raise ConfigError(f"variant {v.name!r}: federated class index out of range for {train.num_classes} classes")
@@ -134,7 +137,7 @@ def _protect_variant(cfg: BenchmarkConfig, v: Variant, pc, prot, train: ImageDat
     if not covered.all():  # classes no server holds stay clean, as they would in the published union
         log.warning("[%s] %d images belong to no federated group and stay clean", v.name, int((~covered).sum()))
     write_json(vdir / "protect.json", {"variant": v.name, "protector": "uge", "config": pc.to_dict(), "parts": stats})
-    return ImageDataset(images, train.labels.copy(), list(train.classes))
+    return ImageDataset(images, train.labels.copy(), list(train.classes)), None
 
 
 def _save_samples(vdir: Path, clean: ImageDataset, used: ImageDataset, rho: float | None, protected: bool) -> None:
@@ -172,15 +175,19 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
         vdir = run_dir / "variants" / v.slug
         vdir.mkdir(parents=True, exist_ok=True)
         pc = cfg.protect_config(v)  # its authorized networks are the ones evaluated, for every protector
-        prot = None if v.protector in ("clean", "uge") else build_protector(v.protector, **v.overrides)
+        prot = None if v.protector in ("clean", "uge") else build_protector(v.protector, **_params(cfg, v))
         rho = None if v.protector == "clean" else (prot.rho if prot is not None else pc.rho)
         start = time.perf_counter()
-        used = train if v.protector == "clean" else _protect_variant(cfg, v, pc, prot, train, vdir, device, progress)
+        used, published = (train, None) if v.protector == "clean" else _protect_variant(
+            cfg, v, pc, prot, train, vdir, device, progress)
         _save_samples(vdir, train, used, rho, v.protector != "clean")
         if v.protector != "clean":
             _record_perturbation(vdir, train, used, rho)
-        authorized = [(a.arch, build_network(a.arch, train.num_classes, train.channels, a.seed, a.theta0),
-                       f"theta0:{a.theta0 or f'seed{a.seed}'}") for a in pc.authorized]
+        # the authorized networks a protector published (keyed), else the config's, for every protector
+        authorized = published or [(a.arch, build_network(a.arch, train.num_classes, train.channels, a.seed,
+                                                          a.theta0), f"theta0:{a.theta0 or f'seed{a.seed}'}")
+                                   for a in pc.authorized]
+        hackers = cfg.hackers if v.hackers is None else v.hackers
         extra = {"variant": v.name, "protector": v.protector, "rho": rho,
                  "losses": list(pc.losses) if v.protector == "uge" else None, "federated": v.federated,
                  "benchmark": cfg.name}
@@ -189,7 +196,7 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
         for cm in cfg.countermeasures:  # one evaluation grid per countermeasure setting ("" = none)
             for r in range(v.repeats):  # repeat r: other training seeds and hacker inits (the noise of one number)
                 records += evaluate_set(used, test, authorized, [dataclasses.replace(h, seed=h.seed + r)
-                                                                 for h in cfg.hackers],
+                                                                 for h in hackers],
                                         cfg.recipe, recipes=cfg.recipes, countermeasures=cm,
                                         authorized_countermeasures=cm if cfg.countermeasures_authorized else None,
                                         authorized_seeds=[] if r else cfg.authorized_seeds, repeat=r,
@@ -200,6 +207,14 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
     write_json(run_dir / "finished.json", {"versions": versions(), "device": str(device), "records": len(records),
                                            "machine": _machine(device)})
     return records
+
+
+def _params(cfg: BenchmarkConfig, v: Variant) -> dict:
+    """A baseline protector's parameters; one that publishes an authorized recipe (keyed) gets the bench's."""
+    from ..protectors import protector_class
+
+    names = protector_class(v.protector).parameter_names()
+    return {**({"recipe": cfg.recipe.to_dict()} if "recipe" in names else {}), **v.overrides}
 
 
 def _machine(device) -> str:

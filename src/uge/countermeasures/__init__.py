@@ -12,6 +12,7 @@ input      once, on the training images (uint8 in, uint8 out, labels untouched):
 batch      on every training batch inside :func:`uge.training.train`, after crop and flip:
            ``cutout``, ``mixup``, ``cutmix`` (soft targets), ``ueraser``
 task       around the training task: ``adv`` (PGD adversarial training)
+model      on the hacker's network, knowing the authorized ones: ``copy-input`` (keyed protection)
 ========== =========================================================================================
 
 :func:`describe_countermeasures` lists every parameter with its range and default. Two UGE-specific
@@ -30,14 +31,14 @@ Example::
 """
 from . import adversarial, augment, inputs  # noqa: F401  (register the built-in countermeasures)
 from .init import perturb_init
-from .registry import (KINDS, SYNTAX, BatchAugment, Countermeasure, InputTransform, Param, TaskWrapper,
-                       countermeasure_slug, describe_countermeasures, format_countermeasures, get_countermeasure,
+from .registry import (KINDS, SYNTAX, BatchAugment, Countermeasure, InputTransform, ModelAdapter, Param,
+                       TaskWrapper, adapt_model, countermeasure_slug, describe_countermeasures, format_countermeasures, get_countermeasure,
                        list_countermeasures, make_batch_augment, parse_countermeasures, register_countermeasure,
                        soft_targets, transform_data, wrap_task)
 
 __all__ = [
-    "KINDS", "SYNTAX", "BatchAugment", "Countermeasure", "InputTransform", "Param", "TaskWrapper",
-    "countermeasure_slug", "describe_countermeasures", "format_countermeasures", "get_countermeasure",
+    "KINDS", "SYNTAX", "BatchAugment", "Countermeasure", "InputTransform", "ModelAdapter", "Param",
+    "TaskWrapper", "adapt_model", "countermeasure_slug", "describe_countermeasures", "format_countermeasures", "get_countermeasure",
     "list_countermeasures", "make_batch_augment", "parse_countermeasures", "perturb_init",
     "register_countermeasure", "soft_targets", "transform_data", "wrap_task",
 ]

@@ -1,8 +1,10 @@
-"""A hacker who knows the authorized architecture and θ0 approximately: θ0 plus Gaussian noise.
+"""Hackers who use what is published about the authorized network.
 
-Used to sweep "how close must an initialization be to count as authorized": σ = 0 is the authorized start
-exactly, and the distance to θ0 grows linearly with σ. In :mod:`uge.evaluate` such a hacker is written
-``ARCH:MODE:theta0+SIGMA[:SEED]`` (see :class:`uge.evaluate.HackerSpec`).
+- θ0 plus Gaussian noise (:func:`perturb_init`): a hacker who knows the authorized architecture and θ0
+  approximately. Used to sweep "how close must an initialization be to count as authorized": σ = 0 is the
+  authorized start exactly. In :mod:`uge.evaluate` such a hacker is written ``ARCH:MODE:theta0+SIGMA[:SEED]``.
+- ``copy-input``: a hacker who copies the authorized network's fixed input stage (keyed protection,
+  :mod:`uge.protectors.keyed`) in front of their own network, and so stops seeing the keyed perturbation.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .registry import ModelAdapter, register_countermeasure
 
 
 @torch.no_grad()
@@ -33,3 +36,18 @@ def perturb_init(model: nn.Module, sigma: float, seed: int = 1) -> nn.Module:
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
         p.add_((sigma * p.detach().float().std().cpu() * noise).to(p.device, p.dtype))
     return model
+
+
+@register_countermeasure
+class CopyInputStage(ModelAdapter):
+    """Put the first authorized network's blind input stage in front of the hacker's network."""
+
+    name = "copy-input"
+    summary = ("copy the authorized network's fixed input stage (keyed protection) in front of the hacker's "
+               "network; networks without one have nothing to copy (no change).")
+
+    def adapt(self, model, authorized: list):
+        stages = [a.blind for a in authorized if getattr(a, "blind", None) is not None]
+        if stages and getattr(model, "make_blind", None) is not None:
+            model.make_blind(stages[0].detach().clone().cpu())
+        return model

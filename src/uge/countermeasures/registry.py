@@ -9,6 +9,8 @@ says where it acts:
   after its crop and flip; may turn labels into soft targets (mixup, cutmix).
 - ``task``: a :class:`TaskWrapper` that wraps the training task (supervised or distillation); e.g. PGD
   adversarial training.
+- ``model``: a :class:`ModelAdapter` that changes the hacker's network before training, knowing the
+  authorized networks; e.g. copying the authorized network's input stage.
 
 Parameters are declared with :class:`Param`; parsing checks names, keys, types and ranges and raises
 :class:`~uge.errors.ConfigError` with a one-line message that names what is wrong and what is allowed.
@@ -25,7 +27,7 @@ import torch
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
 
-KINDS = ("input", "batch", "task")
+KINDS = ("input", "batch", "task", "model")
 SYNTAX = "NAME[:key=value[,key=value]] joined by '+', e.g. jpeg:quality=10+cutout:size=8"
 
 _REGISTRY: dict[str, type[Countermeasure]] = {}
@@ -165,6 +167,16 @@ class TaskWrapper(Countermeasure):
         raise NotImplementedError
 
 
+class ModelAdapter(Countermeasure):
+    """Changes the hacker's network before training: ``adapt(model, authorized) -> model``, where
+    ``authorized`` are the authorized networks at θ0 (what the published set gives a hacker)."""
+
+    kind = "model"
+
+    def adapt(self, model, authorized: list):
+        raise NotImplementedError
+
+
 def register_countermeasure(cls: type[Countermeasure]) -> type[Countermeasure]:
     """Class decorator: register a countermeasure under ``cls.name``."""
     if not getattr(cls, "name", None) or getattr(cls, "kind", None) not in KINDS:
@@ -279,6 +291,14 @@ def wrap_task(cms: list[Countermeasure], task):
         if isinstance(c, TaskWrapper):
             task = c.wrap(task)
     return task
+
+
+def adapt_model(cms: list[Countermeasure], model, authorized: list):
+    """``model`` changed by the model countermeasures of ``cms`` in order (``authorized``: θ0 networks)."""
+    for c in cms:
+        if isinstance(c, ModelAdapter):
+            model = c.adapt(model, authorized)
+    return model
 
 
 def soft_targets(y: torch.Tensor, num_classes: int) -> torch.Tensor:

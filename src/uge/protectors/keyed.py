@@ -1,0 +1,114 @@
+"""Keyed protection: a shortcut inside a colour direction that the authorized network cannot see.
+
+The protector chooses the authorized network, so it gives it a fixed input stage that removes one colour
+direction c from every pixel (``blind-<arch>``, :meth:`uge.models.Classifier.make_blind`) and puts the whole
+perturbation along c: δ(pixel) = m(pixel)·c with an integer m. Then the authorized network sees exactly the
+clean image, f(x + δ) = f(x), and trains as on clean data, while every other network sees δ, a class-wise
+tiled pattern (a shortcut that survives random crops and flips, like the ``patch`` control). With c made of
+small integers, x + δ lands exactly on the 8-bit grid: the published files carry no rounding error.
+
+The mechanism in one line: the authorized network is blind to S = {δ : δ(pixel) ∥ c}, every δ lies in S.
+It holds against hackers who train their own networks; one who copies the published input stage into
+their own network is a partly authorized user (countermeasure ``copy-input``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import AuthorizedSpec
+from ..data.dataset import ImageDataset
+from ..errors import ConfigError
+from ..models import create_model, known_model
+from ..models.registry import BLIND, BLIND_DIRECTION
+from ..protect import Protection
+from ..training import Recipe
+from .base import Protector, check_rho, image_result, register_protector
+
+
+def keyed_levels(images: np.ndarray, labels: np.ndarray, direction, patterns: np.ndarray, max_step: int) -> np.ndarray:
+    """Integer amplitudes m (N, H, W) of δ = m·c for each pixel: the class's pattern (values in {−1, 0, 1})
+    times ``max_step``, clipped per pixel so that x + m·c stays within 0..255 in every channel."""
+    c = np.asarray(direction, np.int64)
+    m = patterns[labels].astype(np.int64) * max_step  # (N, H, W)
+    x = images.astype(np.int64)  # (N, H, W, C)
+    lo = np.full(m.shape, -max_step, np.int64)
+    hi = np.full(m.shape, max_step, np.int64)
+    for i, ci in enumerate(c):  # 0 <= x_i + m c_i <= 255
+        if ci > 0:
+            lo, hi = np.maximum(lo, -(x[..., i] // ci)), np.minimum(hi, (255 - x[..., i]) // ci)
+        elif ci < 0:
+            lo, hi = np.maximum(lo, -((255 - x[..., i]) // -ci)), np.minimum(hi, x[..., i] // -ci)
+    return np.clip(m, lo, hi)
+
+
+def tiled_patterns(num_classes: int, h: int, w: int, size: int, block: int, seed: int) -> np.ndarray:
+    """One random ±1 pattern per class, (K, H, W): a ``size``×``size`` tile of ``block``×``block`` cells,
+    repeated over the image (so that it looks the same after a shift by its period)."""
+    g = torch.Generator().manual_seed(seed)
+    cells = size // block
+    signs = torch.randint(0, 2, (num_classes, cells, cells), generator=g) * 2 - 1
+    tile = signs.repeat_interleave(block, 1).repeat_interleave(block, 2)
+    return tile.repeat(1, -(-h // size), -(-w // size))[:, :h, :w].numpy().astype(np.int8)
+
+
+@register_protector
+@dataclass
+class Keyed(Protector):
+    """A class-wise tiled pattern along colour direction ``direction``, which the published authorized
+    network ``blind-<arch>`` (θ0 from ``init_seed``, trained with ``recipe``) cannot see."""
+
+    name = "keyed"
+    title = "Keyed protection: a shortcut the authorized network's input stage cannot see"
+    rho: float = 0.04
+    arch: str = "resnetc20"
+    init_seed: int = 0
+    direction: list = field(default_factory=lambda: list(BLIND_DIRECTION))
+    size: int = 8
+    block: int = 1
+    recipe: dict = field(default_factory=dict)  # the published recipe (Recipe fields; default Recipe())
+
+    def limits(self):
+        d = self.direction
+        ints = isinstance(d, list) and len(d) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in d)
+        return [check_rho(self.rho),
+                ("arch", known_model(self.arch) and not self.arch.startswith(BLIND),
+                 "a registered network (its blind version is published)"),
+                ("direction", ints and any(d) and (not ints or 255 * self.rho >= max(map(abs, d))),
+                 "three integers, not all 0, none larger than the budget in 8-bit levels"),
+                ("size", 1 <= self.size <= 64, "in 1..64 pixels"),
+                ("block", 1 <= self.block <= self.size and self.size % self.block == 0, "a divisor of size")]
+
+    def __post_init__(self):
+        super().__post_init__()
+        try:
+            Recipe.from_dict(self.recipe)
+        except ConfigError as e:
+            raise ConfigError(f"protector 'keyed': parameter recipe: {e}") from None
+
+    @property
+    def max_step(self) -> int:
+        """The largest integer m with |m·c_i| within the budget's 8-bit levels."""
+        return int(np.floor(255 * self.rho + 1e-9)) // max(abs(v) for v in self.direction)
+
+    def authorized_network(self, data: ImageDataset):
+        """The published authorized network at θ0: ``blind-<arch>`` from ``init_seed``, blind along ``direction``."""
+        if data.channels != 3:
+            raise ConfigError("keyed protection needs RGB images: it hides the perturbation in a colour direction")
+        return create_model(BLIND + self.arch, data.num_classes, 3, seed=self.init_seed).make_blind(self.direction)
+
+    def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
+                progress: bool = True, seed: int = 0) -> Protection:
+        net = self.authorized_network(data)
+        (h, w) = data.image_size
+        patterns = tiled_patterns(data.num_classes, h, w, self.size, self.block, seed)
+        m = keyed_levels(data.images, data.labels, self.direction, patterns, self.max_step)
+        images = (data.images.astype(np.int16) + m[..., None] * np.asarray(self.direction, np.int16)).astype(np.uint8)
+        result = image_result(self, data, images)
+        result.authorized = [AuthorizedSpec(arch=BLIND + self.arch, seed=self.init_seed)]
+        result.theta0 = [net.state_dict()]
+        result.recipe = Recipe.from_dict(self.recipe)
+        return result
