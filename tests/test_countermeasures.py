@@ -25,7 +25,7 @@ from uge.training import AdversarialTask, DistillTask, Recipe, SupervisedTask, t
 EXAMPLES = {
     "jpeg": "jpeg:quality=30", "grayscale": "grayscale", "blur": "blur:sigma=0.8", "cutout": "cutout:size=4",
     "mixup": "mixup:alpha=0.4", "cutmix": "cutmix:alpha=1", "ueraser": "ueraser:strength=0.7",
-    "adv": "adv:eps=4,steps=2",
+    "adv": "adv:eps=4,steps=2", "copy-input": "copy-input",
 }
 # One bad parameter per countermeasure: (spec, words the message must contain).
 BAD = {
@@ -37,6 +37,7 @@ BAD = {
     "cutmix": ("cutmix:alpha=big", ["alpha='big'", "is not a float"]),
     "ueraser": ("ueraser:strength=2", ["strength=2", "<= 1"]),
     "adv": ("adv:eps=4,steps=2.5", ["steps='2.5'", "is not an int"]),
+    "copy-input": ("copy-input:from=1", ["no parameter 'from'", "parameters: none"]),
 }
 INPUTS = [n for n in list_countermeasures() if get_countermeasure(n).kind == "input"]
 BATCHES = [n for n in list_countermeasures() if get_countermeasure(n).kind == "batch"]
@@ -71,7 +72,7 @@ def test_every_registered_countermeasure_has_a_contract_example():
 @pytest.mark.parametrize("name", list_countermeasures())
 def test_spec_round_trip_spells_out_every_parameter(name):
     c = one(EXAMPLES[name])
-    assert c.name == name and c.kind in ("input", "batch", "task")
+    assert c.name == name and c.kind in ("input", "batch", "task", "model")
     assert one(c.spec) == c and one(c.spec).spec == c.spec
     assert all(f"{k}=" in c.spec for k in c.params)  # defaults and derived values are written out
     assert one(name) == one(one(name).spec)  # every parameter has a default

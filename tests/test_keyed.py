@@ -41,7 +41,7 @@ def rgb():
 
 @pytest.fixture(scope="module")
 def published(rgb, tmp_path_factory):
-    prot = build_protector("keyed", arch="cnn", size=4, recipe={"epochs": 1, "batch_size": 16, "lr": 0.05})
+    prot = build_protector("keyed", arch="cnn", size=4, block=2, recipe={"epochs": 1, "batch_size": 16, "lr": 0.05})
     out = tmp_path_factory.mktemp("keyed") / "set"
     publish(prot.protect(rgb, seed=0), rgb, out, formats=("npz", "png"))
     return prot, out
@@ -171,7 +171,7 @@ def test_bench_evaluates_the_published_blind_network(tmp_path):
          "evaluate": {"hackers": ["lenet:normal:1"], "authorized_seeds": [3]},
          "variant": [{"name": "Clean", "protector": "clean"},
                      {"name": "Clean (blind)", "protector": "clean", "authorized": ["blind-lenet:0"], "hackers": []},
-                     {"name": "Keyed", "protector": "keyed", "arch": "lenet", "size": 4}]}
+                     {"name": "Keyed", "protector": "keyed", "arch": "lenet", "size": 4, "block": 2}]}
     records = run_benchmark(parse_config(d), tmp_path / "run", progress=False)
     keyed = [r for r in records if r["variant"] == "Keyed"]
     assert {r["arch"] for r in keyed if r["role"] == "authorized"} == {"blind-lenet"}

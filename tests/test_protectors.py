@@ -35,6 +35,7 @@ TINY = {  # parameters that make every protector run in well under a second on 1
     "rem": {"arch": "lenet", "train_steps": 2, "pgd_steps": 2, "max_rounds": 2, "batch_size": 32, "adv_steps": 2},
     "tap": {"arch": "lenet", "epochs": 1, "steps": 3, "batch_size": 32},
     "cuda": {},
+    "keyed": {"arch": "lenet", "size": 8, "block": 2, "recipe": {"epochs": 1}},
 }
 # A wrong type and an out-of-range value for each protector (the parameter named must be in the message).
 BAD = {
@@ -46,12 +47,18 @@ BAD = {
     "rem": [("adv_steps", True), ("adv_rho", -0.1)],
     "tap": [("augment", "yes"), ("steps", 0)],
     "cuda": [("kernel_size", "3"), ("kernel_size", 4)],
+    "keyed": [("size", "8"), ("block", 3)],
 }
+RGB = {"keyed"}  # protectors that need colour images: they run on 16×16 RGB images instead of digits
+
+
+def _data(name, digits_small):
+    return random_dataset(n=40, size=16, channels=3, num_classes=4, seed=0) if name in RGB else digits_small
 
 
 def test_every_protector_has_tiny_parameters_and_bad_values():
     assert set(TINY) == set(BAD) == set(list_protectors())
-    assert {"uge", "fd", "random", "patch", "em", "tap", "rem", "cuda"} <= set(list_protectors())
+    assert {"uge", "fd", "random", "patch", "em", "tap", "rem", "cuda", "keyed"} <= set(list_protectors())
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +66,9 @@ def runs(digits_small, tmp_path_factory):
     """name -> (protection, published folder) of every protector, seed 0, both formats."""
     out = {}
     for name in list_protectors():
-        result = build_protector(name, **TINY[name]).protect(digits_small, device="cpu", progress=False, seed=0)
-        folder = publish(result, digits_small, tmp_path_factory.mktemp(name) / "set", formats=("npz", "png"))
+        data = _data(name, digits_small)
+        result = build_protector(name, **TINY[name]).protect(data, device="cpu", progress=False, seed=0)
+        folder = publish(result, data, tmp_path_factory.mktemp(name) / "set", formats=("npz", "png"))
         out[name] = (result, folder)
     return out
 
@@ -83,6 +91,7 @@ def test_protector_attributes(name):
 @pytest.mark.parametrize("name", list_protectors())
 def test_protection_keeps_shapes_labels_and_dtype(name, runs, digits_small):
     result, _ = runs[name]
+    digits_small = _data(name, digits_small)
     assert isinstance(result, Protection) and result.method == name
     prot = result.protected
     assert prot.images.dtype == np.uint8 and prot.images.shape == digits_small.images.shape
@@ -93,6 +102,7 @@ def test_protection_keeps_shapes_labels_and_dtype(name, runs, digits_small):
 @pytest.mark.parametrize("name", list_protectors())
 def test_budget_holds_on_the_saved_files_and_verify_passes(name, runs, digits_small):
     result, folder = runs[name]
+    digits_small = _data(name, digits_small)
     for fmt in ("npz", "png"):
         saved = read_published(folder, prefer=fmt)
         assert np.array_equal(saved.data.images, result.protected.images)
@@ -120,6 +130,9 @@ def test_manifest_records_method_params_and_authorized_networks(name, runs):
     assert m["params"] == json.loads(json.dumps(result.params))
     if name in ("uge", "fd"):
         assert len(m["authorized"]) == 1 and m["config"]["losses"] == (["fd"] if name == "fd" else ["gm", "fd", "ud"])
+    elif name == "keyed":  # a baseline that chooses its authorized network: blind θ0 and the published recipe
+        assert [a["arch"] for a in m["authorized"]] == ["blind-lenet"] and m["config"] is None
+        assert read_published(folder).recipe == Recipe(epochs=1)
     else:
         assert m["authorized"] == [] and m["config"] is None and m["recipe"] is None
         assert read_published(folder).recipe == Recipe()  # evaluation falls back to the default recipe
@@ -127,6 +140,7 @@ def test_manifest_records_method_params_and_authorized_networks(name, runs):
 
 @pytest.mark.parametrize("name", list_protectors())
 def test_same_seed_same_output_other_seed_other_output(name, runs, digits_small):
+    digits_small = _data(name, digits_small)
     p = build_protector(name, **TINY[name])
     again = p.protect(digits_small, device="cpu", progress=False, seed=0).protected.images
     assert np.array_equal(again, runs[name][0].protected.images)

@@ -25,6 +25,7 @@ from uge.data import ImageDataset
 from uge.errors import ConfigError, DataError, VerificationError
 from uge.models import create_model
 from uge.protect import Protection
+from uge.utils import sha256_file
 from uge.publish import Published, publish, read_manifest, read_published, verify
 
 publish_mod = importlib.import_module("uge.publish")  # ``uge.publish`` as an attribute is the function
@@ -105,6 +106,7 @@ def test_published_layout_and_manifest(published, gray):
     assert m["source"] == {"data": "digits", "split": "train"}
     assert m["history"] == result.history and m["feature_space"] == "encoder:test"
     assert m["authorized"] == [{"arch": "cnn", "seed": 0, "theta0": "authorized/theta0_0.safetensors",
+                                "theta0_sha256": sha256_file(published / "authorized/theta0_0.safetensors"),
                                 "num_classes": 10, "in_channels": 1}]
     assert m["config"] == result.config.to_dict()
     listed = [line.split("  ", 1)[1] for line in (published / "checksums.sha256").read_text().splitlines()]

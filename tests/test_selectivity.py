@@ -251,7 +251,7 @@ def test_bench_config_validates_repeats_and_authorized_seeds():
         parse_config(tiny(evaluate={"hackers": [], "authorized_seeds": [0]}))  # the replay seed itself
 
 
-def test_a_run_may_grow_by_new_variants_but_not_change_old_ones(sel_run, tmp_path):
+def test_a_run_may_grow_by_new_variants_and_countermeasures_but_not_change_old_ones(sel_run, tmp_path):
     out, _ = sel_run
     grown = copy.deepcopy(SEL)
     grown["variant"].append({"name": "Random", "protector": "random", "rho": 0.04})
@@ -265,6 +265,17 @@ def test_a_run_may_grow_by_new_variants_but_not_change_old_ones(sel_run, tmp_pat
     changed["variant"][1]["size"] = 2
     with pytest.raises(ConfigError, match="another experiment"):
         run_benchmark(parse_config(changed), run_dir, progress=False)
+    more = copy.deepcopy(grown)  # a new countermeasure column: every variant gets it, the old records stay
+    more["evaluate"]["countermeasures"] = ["none", "copy-input"]
+    before = {f.name for f in (run_dir / "records").glob("*/*.json")}
+    records = run_benchmark(parse_config(more), run_dir, progress=False)
+    assert {f.name for f in (run_dir / "records").glob("*/*.json")} >= before
+    assert {r["variant"] for r in records if r.get("countermeasures") == "copy-input"} == {"Clean", "Patch", "UGE",
+                                                                                          "Random"}
+    other = copy.deepcopy(more)
+    other["evaluate"]["countermeasures"] = ["none", "grayscale"]
+    with pytest.raises(ConfigError, match="evaluate"):
+        run_benchmark(parse_config(other), run_dir, progress=False)
 
 
 def test_cli_takes_the_objective_options_and_rejects_bad_combinations(tmp_path, capsys):

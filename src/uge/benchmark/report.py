@@ -76,8 +76,8 @@ def build_rows(records: list[dict], cm_order: list[str] | None = None) -> tuple[
 def _header(columns, rows) -> list[str]:
     names = []
     for c in columns:
-        arch = next((row["cells"][c]["arch"] for row in rows if c in row["cells"]), "")
-        names.append(f"{c} ({arch})" if c.startswith("authorized") else c)
+        archs = dict.fromkeys(row["cells"][c]["arch"] for row in rows if c in row["cells"])  # keyed: blind-<arch> too
+        names.append(f"{c} ({' / '.join(archs)})" if c.startswith("authorized") else c)
     return names
 
 

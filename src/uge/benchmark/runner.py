@@ -13,6 +13,7 @@ last epoch checkpoint, and a network with a record is skipped.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -60,8 +61,9 @@ def load_data(cfg: BenchmarkConfig, root=None) -> tuple[ImageDataset, ImageDatas
 def _open_run(run_dir: Path, cfg: BenchmarkConfig) -> None:
     """Create the run folder, or check that an existing one holds the same experiment.
 
-    The one change allowed is *new* variants (every variant already there unchanged, in the same order,
-    more after them): an experiment grows by a hypothesis at a time, and the finished records stay valid.
+    The one change allowed is growth: *new* variants or *new* countermeasure settings, appended (everything
+    already there unchanged, in the same order): an experiment grows by a hypothesis at a time, and the
+    finished records stay valid.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     f = run_dir / "config.json"
@@ -71,18 +73,38 @@ def _open_run(run_dir: Path, cfg: BenchmarkConfig) -> None:
     if f.exists():
         theirs = json.loads(f.read_text())
         theirs.pop("device", None)
-        old_variants = theirs.get("variant", [])
-        grows = mine["variant"][:len(old_variants)] == old_variants
         if theirs != mine:
-            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
-                             and not (k == "variant" and grows))
-            if changed or not grows:
+            grown = _without_growth(mine, theirs)
+            changed = sorted(k for k in set(grown) | set(theirs) if grown.get(k) != theirs.get(k))
+            if changed:
                 raise ConfigError(f"run folder {run_dir} holds another experiment (differs in: "
-                                  f"{', '.join(changed or ['variant'])}); use another --out, or the same config "
-                                  "(new variants may be appended) to resume")
-            log.info("%s: %d new variant(s) appended to the run", run_dir, len(mine["variant"]) - len(old_variants))
+                                  f"{', '.join(changed)}); use another --out, or the same config (new variants "
+                                  "and countermeasure settings may be appended) to resume")
+            log.info("%s: the run grows by %d variant(s) and %d countermeasure setting(s)", run_dir,
+                     len(mine["variant"]) - len(theirs["variant"]),
+                     len(_cms(mine)) - len(_cms(theirs)))
     if theirs != mine:
         atomic_write_text(f, json.dumps(mine, indent=2))
+
+
+def _cms(d: dict) -> list[str]:
+    return d.get("evaluate", {}).get("countermeasures", [""])
+
+
+def _without_growth(mine: dict, theirs: dict) -> dict:
+    """``mine`` with what it appends to ``theirs`` (variants, countermeasure settings) cut off."""
+    out = copy.deepcopy(mine)
+    n = len(theirs.get("variant", []))
+    if out["variant"][:n] == theirs.get("variant", []):
+        out["variant"] = out["variant"][:n]
+    old = _cms(theirs)
+    if _cms(out)[:len(old)] == old and len(_cms(out)) > len(old):
+        out["evaluate"] = {**out["evaluate"], "countermeasures": old}
+        if old == [""]:  # the key is written only when countermeasures are used
+            out["evaluate"].pop("countermeasures")
+            if theirs.get("evaluate", {}).get("countermeasures_authorized") is None:
+                out["evaluate"].pop("countermeasures_authorized", None)
+    return out
 
 
 def _publish_checked(protect_fn, part: ImageDataset, pub_dir: Path, source: dict, what: str) -> tuple:

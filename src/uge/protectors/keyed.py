@@ -67,8 +67,8 @@ class Keyed(Protector):
     arch: str = "resnetc20"
     init_seed: int = 0
     direction: list = field(default_factory=lambda: list(BLIND_DIRECTION))
-    size: int = 8
-    block: int = 1
+    size: int = 32  # a whole 32×32 image of 4×4 cells: LeNet learns it (tiled 8-px patterns it did not; results/keyed-probe)
+    block: int = 8
     recipe: dict = field(default_factory=dict)  # the published recipe (Recipe fields; default Recipe())
 
     def limits(self):
