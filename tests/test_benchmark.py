@@ -43,7 +43,7 @@ def tiny(**changes) -> dict:
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
-    assert cfg.variants and (cfg.hackers or cfg.authorized_recipes)
+    assert cfg.variants and (cfg.hackers or cfg.authorized_recipes or cfg.authorized_seeds)
     for v in cfg.variants:
         cfg.protect_config(v)
 

@@ -48,7 +48,7 @@ def published(rgb, tmp_path_factory):
 
 
 def test_authorized_input_stage_maps_saved_files_to_the_originals(rgb, published):
-    prot, out = published
+    _, out = published
     pub = read_published(out, prefer="png")  # the saved 8-bit files
     net = pub.authorized_network(0).eval()
     assert net.blind is not None and pub.manifest["authorized"][0]["arch"] == "blind-cnn"

@@ -68,7 +68,7 @@ class Classifier(nn.Module):
         self.body = body
         self.register_buffer("blind", None)  # (k, C) orthonormal directions the input stage removes, or None
 
-    def make_blind(self, directions) -> "Classifier":
+    def make_blind(self, directions) -> Classifier:
         """Put the fixed input stage in front: the network stops seeing colour along ``directions`` ((k, C)
         or (C,)), which become the persistent buffer ``blind`` (orthonormal rows). Returns self."""
         u = unit_directions(directions)

@@ -13,6 +13,7 @@ their own network is a partly authorized user (countermeasure ``copy-input``).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,12 +103,13 @@ class Keyed(Protector):
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:
+        start = time.perf_counter()
         net = self.authorized_network(data)
         (h, w) = data.image_size
         patterns = tiled_patterns(data.num_classes, h, w, self.size, self.block, seed)
         m = keyed_levels(data.images, data.labels, self.direction, patterns, self.max_step)
         images = (data.images.astype(np.int16) + m[..., None] * np.asarray(self.direction, np.int16)).astype(np.uint8)
-        result = image_result(self, data, images)
+        result = image_result(self, data, images, seconds={"protect": round(time.perf_counter() - start, 3)})
         result.authorized = [AuthorizedSpec(arch=BLIND + self.arch, seed=self.init_seed)]
         result.theta0 = [net.state_dict()]
         result.recipe = Recipe.from_dict(self.recipe)
