@@ -165,6 +165,26 @@ def test_distilled_hacker_learns_from_the_authorized_network_trained_on_the_set(
     assert all(len(r["curve"]) == 2 for r in recs if r["role"] == "authorized")  # one test accuracy per epoch
 
 
+def test_a_record_without_its_weights_is_kept_unless_it_must_teach(digits_small, digits_splits, tmp_path):
+    """Weight files are not committed with results: a rerun must not retrain (and overwrite) a finished
+    authorized record, except the distillation teacher, whose weights the distilled hacker needs."""
+    from uge.evaluate import HackerSpec, evaluate_set
+
+    test = digits_splits[1].per_class(3)
+    authorized = [("cnn", create_model("cnn", 10, 1, seed=0))]
+    for hackers, retrained in (([HackerSpec("lenet", "normal", 1)], False), ([HackerSpec("lenet", "distill", 1)], True)):
+        out = tmp_path / hackers[0].mode
+        evaluate_set(digits_small, test, authorized, hackers, Recipe(epochs=1, batch_size=32, flip=False),
+                     data_label="p", out_dir=out, device="cpu", progress=False)
+        rec = out / "p_authorized0_cnn.json"
+        rec.write_text(rec.read_text().replace('"seconds"', '"marker": 1, "seconds"'))
+        rec.with_suffix(".safetensors").unlink()
+        (out / f"p_hacker_lenet_{hackers[0].mode}_s1.json").unlink()
+        evaluate_set(digits_small, test, authorized, hackers, Recipe(epochs=1, batch_size=32, flip=False),
+                     data_label="p", out_dir=out, device="cpu", progress=False)
+        assert ("marker" not in json.loads(rec.read_text())) == retrained
+
+
 def evaluate_set_(train_set, test_set, authorized, out, **kw):
     from uge.evaluate import HackerSpec, evaluate_set
 

@@ -212,9 +212,12 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
             weights = rec_file.with_suffix(".safetensors") if rec_file else None
             # train a copy: the caller's θ0 network is reused (one grid per setting)
             model = adapt_model(auth.cms, copy.deepcopy(theta0_net), theta0_nets)
-            if rec_file and rec_file.exists() and weights.exists():
+            # a record without its weights is kept unless the network must teach a distilled hacker
+            needed = teacher is None and any(h.mode == "distill" for h in hackers)
+            if rec_file and rec_file.exists() and (weights.exists() or not needed):
                 rec = _done(rec_file, recipe, auth.text)
-                load_into(model, weights).to(device).eval()
+                if weights.exists():
+                    load_into(model, weights).to(device).eval()
             else:
                 desc = f"{data_label}: authorized {name}" + (f" (seed {s})" if fresh else "")
                 model, res = auth.fit(model, recipe, SupervisedTask(), device, s, progress, desc, curve=True)
