@@ -91,7 +91,7 @@ def test_pattern_is_classwise_and_tiled():
     assert (p[:, :4, :4] == p[:, 4:8, 8:12]).all()  # period 4
     assert (p[:, 0:2, 0:2] == p[:, 0:1, 0:1]).all()  # 2x2 cells
     assert not (p[0] == p[1]).all()
-    m = keyed_levels(np.full((2, 16, 16, 3), 128, np.uint8), np.array([0, 2]), [1, -2, 1], p, 5)
+    m = keyed_levels(np.full((2, 16, 16, 3), 128, np.uint8), 5 * p[[0, 2]], [1, -2, 1])
     assert (m == 5 * p[[0, 2]]).all()
 
 
@@ -180,3 +180,36 @@ def test_bench_evaluates_the_published_blind_network(tmp_path):
     assert pub.recipe.epochs == 1  # the bench's recipe is the published one
     report = (write_report(tmp_path / "run") / "report.md").read_text()
     assert "vs standard arch" in report
+
+
+def test_teacher_encoding_carries_the_reference_logits_linearly(tmp_path):
+    from uge.protectors.keyed import hadamard_codes
+    from uge.training import predict
+    from uge.weights import save_weights
+
+    d = random_dataset(n=60, size=16, channels=3, num_classes=4, seed=5)
+    data = ImageDataset((20 + d.images.astype(np.int64) * 215 // 255).astype(np.uint8), d.labels, d.classes)
+    ref = create_model("blind-cnn", 4, 3, seed=4)
+    save_weights(tmp_path / "ref.safetensors", ref.state_dict())
+    prot = build_protector("keyed", arch="cnn", size=16, block=4, encode="teacher",
+                           reference=str(tmp_path / "ref.safetensors"))
+    delta = prot.protect(data, seed=0).protected.images.astype(np.int64) - data.images.astype(np.int64)
+    c = np.array(prot.direction)
+    assert np.abs(np.cross(delta, c)).max() == 0 and np.abs(delta).max() <= 10  # still in S, within budget
+    m = delta @ c // (c @ c)
+    cells = m.reshape(len(m), 4, 4, 4, 4)[:, :, 0, :, 0].reshape(len(m), -1)  # one value per 4-px cell
+    assert (m.reshape(len(m), 4, 4, 4, 4) == cells.reshape(len(m), 4, 1, 4, 1)).all()  # constant cells
+    z = cells @ hadamard_codes(4, 16).T  # decode the code weights
+    logits = predict(ref, torch.from_numpy(data.images).permute(0, 3, 1, 2)).numpy()
+    t = logits - logits.mean(1, keepdims=True)
+    target = t / t.std() + np.eye(4)[data.labels]
+    assert np.corrcoef(z.ravel(), target.ravel())[0, 1] > 0.95
+
+
+def test_hadamard_codes_are_orthogonal_and_need_enough_cells():
+    from uge.protectors.keyed import hadamard_codes
+
+    h = hadamard_codes(10, 16)
+    assert (h @ h.T == 16 * np.eye(10)).all() and (h.sum(1) == 0).all()  # no uniform shift
+    with pytest.raises(ConfigError, match="power-of-two"):
+        hadamard_codes(10, 9)

@@ -30,14 +30,13 @@ from ..training import Recipe
 from .base import Protector, check_rho, image_result, register_protector
 
 
-def keyed_levels(images: np.ndarray, labels: np.ndarray, direction, patterns: np.ndarray, max_step: int) -> np.ndarray:
-    """Integer amplitudes m (N, H, W) of δ = m·c for each pixel: the class's pattern (values in {−1, 0, 1})
-    times ``max_step``, clipped per pixel so that x + m·c stays within 0..255 in every channel."""
+def keyed_levels(images: np.ndarray, m: np.ndarray, direction) -> np.ndarray:
+    """The integer amplitudes ``m`` (N, H, W) of δ = m·c, clipped per pixel so that x + m·c stays within
+    0..255 in every channel (a clipped δ stays in S; clipping each channel alone would leave it)."""
     c = np.asarray(direction, np.int64)
-    m = patterns[labels].astype(np.int64) * max_step  # (N, H, W)
+    m = m.astype(np.int64)
     x = images.astype(np.int64)  # (N, H, W, C)
-    lo = np.full(m.shape, -max_step, np.int64)
-    hi = np.full(m.shape, max_step, np.int64)
+    lo, hi = np.full(m.shape, np.iinfo(np.int64).min), np.full(m.shape, np.iinfo(np.int64).max)
     for i, ci in enumerate(c):  # 0 <= x_i + m c_i <= 255
         if ci > 0:
             lo, hi = np.maximum(lo, -(x[..., i] // ci)), np.minimum(hi, (255 - x[..., i]) // ci)
@@ -56,6 +55,28 @@ def tiled_patterns(num_classes: int, h: int, w: int, size: int, block: int, seed
     return tile.repeat(1, -(-h // size), -(-w // size))[:, :h, :w].numpy().astype(np.int8)
 
 
+def hadamard_codes(num_classes: int, cells: int) -> np.ndarray:
+    """(K, cells) orthogonal ±1 codes: rows 1..K of the Sylvester–Hadamard matrix of order ``cells`` (a power
+    of two; row 0, all ones, is a uniform colour shift and is skipped)."""
+    h = np.ones((1, 1), np.int64)
+    while h.shape[0] < cells:
+        h = np.block([[h, h], [h, -h]])
+    if h.shape[0] != cells or num_classes >= cells:
+        raise ConfigError(f"teacher encoding needs a power-of-two number of cells above the {num_classes} classes, "
+                          f"got {cells} ((size/block)²)")
+    return h[1:num_classes + 1]
+
+
+def teacher_cells(logits: np.ndarray, labels: np.ndarray, cells: int) -> np.ndarray:
+    """Per image, the cell values (N, cells) in [−1, 1] that encode a teacher's logits linearly: each class's
+    Hadamard code weighted by its standardized, centred logit plus one for the true class (so the strongest
+    code is the label's, and a distilled student can read the teacher's other logits off the pattern too)."""
+    t = logits - logits.mean(1, keepdims=True)
+    z = t / t.std() + np.eye(logits.shape[1])[labels]
+    v = z @ hadamard_codes(logits.shape[1], cells)
+    return np.clip(v / np.percentile(np.abs(v), 99), -1, 1)
+
+
 @register_protector
 @dataclass
 class Keyed(Protector):
@@ -71,6 +92,11 @@ class Keyed(Protector):
     size: int = 32  # a whole 32×32 image of 4×4 cells: LeNet learns it (tiled 8-px patterns it did not; results/keyed-probe)
     block: int = 8
     recipe: dict = field(default_factory=dict)  # the published recipe (Recipe fields; default Recipe())
+    # "label": one pattern per class; "teacher": per image, the logits of a reference authorized network (trained
+    # by the protector with the published recipe, or loaded from ``reference``) coded over the cells, so that a
+    # student distilled from an authorized network can read its targets off δ (issue 11: distillation)
+    encode: str = "label"
+    reference: str | None = None
 
     def limits(self):
         d = self.direction
@@ -81,7 +107,8 @@ class Keyed(Protector):
                 ("direction", ints and any(d) and (not ints or 255 * self.rho >= max(map(abs, d))),
                  "three integers, not all 0, none larger than the budget in 8-bit levels"),
                 ("size", 1 <= self.size <= 64, "in 1..64 pixels"),
-                ("block", 1 <= self.block <= self.size and self.size % self.block == 0, "a divisor of size")]
+                ("block", 1 <= self.block <= self.size and self.size % self.block == 0, "a divisor of size"),
+                ("encode", self.encode in ("label", "teacher"), "'label' or 'teacher'")]
 
     def __post_init__(self):
         super().__post_init__()
@@ -106,11 +133,36 @@ class Keyed(Protector):
         start = time.perf_counter()
         net = self.authorized_network(data)
         (h, w) = data.image_size
-        patterns = tiled_patterns(data.num_classes, h, w, self.size, self.block, seed)
-        m = keyed_levels(data.images, data.labels, self.direction, patterns, self.max_step)
+        if self.encode == "label":
+            patterns = tiled_patterns(data.num_classes, h, w, self.size, self.block, seed)
+            m = patterns[data.labels].astype(np.int64) * self.max_step
+        else:  # one pattern per image: patterns indexed by the image's position
+            cells = self.size // self.block
+            v = teacher_cells(self._reference_logits(data, device, progress, seed), data.labels, cells * cells)
+            amp = np.rint(v * self.max_step).astype(np.int64).reshape(len(data), cells, cells)
+            tile = amp.repeat(self.block, 1).repeat(self.block, 2)
+            m = np.tile(tile, (1, -(-h // self.size), -(-w // self.size)))[:, :h, :w]
+        m = keyed_levels(data.images, m, self.direction)
         images = (data.images.astype(np.int16) + m[..., None] * np.asarray(self.direction, np.int16)).astype(np.uint8)
         result = image_result(self, data, images, seconds={"protect": round(time.perf_counter() - start, 3)})
         result.authorized = [AuthorizedSpec(arch=BLIND + self.arch, seed=self.init_seed)]
         result.theta0 = [net.state_dict()]
         result.recipe = Recipe.from_dict(self.recipe)
         return result
+
+    def _reference_logits(self, data: ImageDataset, device, progress: bool, seed: int) -> np.ndarray:
+        """Logits on ``data`` of a reference authorized network: loaded from ``reference``, or θ0 trained by the
+        published recipe with another seed than the user's (what any authorized network will roughly say)."""
+        from ..training import predict, train
+        from ..utils import resolve_device
+        from ..weights import load_into
+
+        net = self.authorized_network(data)
+        if self.reference:
+            load_into(net, self.reference)
+        else:
+            train(net, data, Recipe.from_dict(self.recipe), device=device, seed=seed + 1, progress=progress,
+                  desc="keyed: reference network")
+        net.to(resolve_device(device))
+        images, _ = data.tensors("cpu")
+        return predict(net, images).cpu().numpy()
