@@ -161,7 +161,7 @@ class Keyed(Protector):
         if self.reference:
             load_into(net, self.reference)
         else:
-            train(net, data, Recipe.from_dict(self.recipe), device=device, seed=seed + 1, progress=progress,
+            train(net, data, Recipe.from_dict(self.recipe), device=device, seed=seed + 7919, progress=progress,
                   desc="keyed: reference network")
         net.to(resolve_device(device))
         images, _ = data.tensors("cpu")
