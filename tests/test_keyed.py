@@ -180,6 +180,8 @@ def test_bench_evaluates_the_published_blind_network(tmp_path):
     assert pub.recipe.epochs == 1  # the bench's recipe is the published one
     report = (write_report(tmp_path / "run") / "report.md").read_text()
     assert "vs standard arch" in report
+    row = next(line for line in report.splitlines() if line.startswith("| Keyed | normal |"))
+    assert "(" in row.split("|")[3]  # the published blind θ0 is compared with the clean blind network
 
 
 def test_teacher_encoding_carries_the_reference_logits_linearly(tmp_path):

@@ -29,7 +29,11 @@ def _column(r: dict, n_auth: int, hacker_archs: dict) -> str:
 
 
 def _match_key(r: dict) -> tuple:
-    return (r["role"], r["arch"], r["mode"], r["init"], r.get("countermeasures") or "",
+    """Which clean record a record is compared with: the same network (for an authorized one: the same index
+    and architecture, whatever its θ0 is called — a keyed set's published θ0 is the seed's), mode, countermeasure
+    and fresh seed."""
+    init = r.get("index", 0) if r["role"] == "authorized" else r["init"]
+    return (r["role"], r["arch"], r["mode"], init, r.get("countermeasures") or "",
             r.get("train_seed") if r.get("fresh") else None)
 
 
