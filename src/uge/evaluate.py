@@ -32,7 +32,7 @@ from .data.dataset import ImageDataset
 from .errors import ConfigError
 from .models import create_model
 from .models.registry import Classifier
-from .publish import Published
+from .publish import Published, given_theta0
 from .training import DistillTask, Recipe, SupervisedTask, accuracy, train
 from .utils import resolve_device, slug, versions, write_json
 from .weights import load_into, save_weights
@@ -276,7 +276,7 @@ def evaluate_published(pub: Published, test_set: ImageDataset, hackers: list[Hac
     records = []
     sets = ([("clean", clean)] if clean is not None else []) + [("protected", pub.data)]
     for label, data in sets:
-        authorized = [(f"{a['arch']}", pub.authorized_network(k, (theta0 or [])[k] if k < len(theta0 or []) else None))
+        authorized = [(f"{a['arch']}", pub.authorized_network(k, given_theta0(theta0, k)))
                       for k, a in enumerate(pub.manifest["authorized"])]
         records += evaluate_set(data, test_set, authorized, hackers, recipe, data_label=label, out_dir=out_dir,
                                 device=device, seed=seed, progress=progress, extra=extra,

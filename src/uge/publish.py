@@ -134,6 +134,11 @@ class Published:
         return authorized_network(self.path, self.manifest, k, theta0)
 
 
+def given_theta0(files: list | None, k: int):
+    """The θ0 file given for authorized network k (files in the manifest's order), or None."""
+    return files[k] if files and k < len(files) else None
+
+
 def authorized_network(path: Path, manifest: dict, k: int, theta0: str | Path | None = None):
     """Authorized network k of the set in ``path`` (see :meth:`Published.authorized_network`)."""
     a = manifest["authorized"][k]
@@ -239,17 +244,15 @@ class VerifyReport:
 
 
 def input_stage_difference(net, images: np.ndarray, original: np.ndarray, chunk: int = 4096) -> float:
-    """The largest |stage(x_u) − stage(x)| over all pixels of two uint8 (N, H, W, C) sets, on the [0, 1] scale."""
-    import torch
+    """The largest |stage(x_u) − stage(x)| over all pixels of two uint8 (N, H, W, C) sets, on the [0, 1] scale.
 
+    The input stage is linear (x minus its components along ``net.blind``), so this is the largest part of
+    x_u − x outside the blind directions, computed in float64 without touching the network."""
+    u = net.blind.detach().cpu().double().numpy()  # (k, C) orthonormal rows
     worst = 0.0
-    with torch.no_grad():
-        for i in range(0, len(images), chunk):
-            a, b = (torch.from_numpy(np.ascontiguousarray(x[i:i + chunk])).permute(0, 3, 1, 2).double() / 255
-                    for x in (images, original))
-            stage = net.double().input_stage
-            worst = max(worst, float((stage(a) - stage(b)).abs().max()))
-    net.float()
+    for i in range(0, len(images), chunk):
+        d = (images[i:i + chunk].astype(np.float64) - original[i:i + chunk]) / 255
+        worst = max(worst, float(np.abs(d - (d @ u.T) @ u).max(initial=0.0)))
     return worst
 
 
@@ -301,7 +304,7 @@ def verify(path: str | Path, original: ImageDataset | None = None,
     nets = []
     for k, a in enumerate(manifest["authorized"]):
         name = f"θ0 {a.get('theta0') or f'of authorized network {k} (published apart)'}"
-        given = theta0[k] if theta0 and k < len(theta0) else None
+        given = given_theta0(theta0, k)
         if not a.get("theta0") and given is None:
             report.add(name, True, "not checked: published apart; pass its file to check it")
             continue
