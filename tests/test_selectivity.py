@@ -138,10 +138,64 @@ def test_delta_parametrization_resumes_to_the_same_images(digits_small, tmp_path
     assert np.array_equal(resumed[:64], whole[:64])  # the finished batches are kept as they were
 
 
+def test_gm_rounds_match_at_the_run_on_the_protected_set(digits_small, tmp_path, monkeypatch):
+    """Round 2 adds the checkpoints θ1..θT of the authorized network trained on the round-1 protected set."""
+    cfg = tiny_config(parametrization="delta", delta_steps=1, gm_rounds=2, gm_batchnorm="frozen")
+    seen = []
+    real = protect_mod._protected_trajectories
+
+    def spy(objective, cfg_, data_u, *a):
+        seen.append((len(objective.gm_models[0]), data_u.images.copy()))
+        real(objective, cfg_, data_u, *a)
+        seen.append((len(objective.gm_models[0]), None))
+
+    monkeypatch.setattr(protect_mod, "_protected_trajectories", spy)
+    out = protect(digits_small, cfg, device="cpu", progress=False, work_dir=tmp_path / "w", keep_work=True)
+    (before, x_u), (after, _) = seen
+    assert after == before + cfg.trajectory_epochs
+    # the round-2 run was trained on protected images (within the budget, not the clean ones)
+    assert not np.array_equal(x_u, digits_small.images)
+    assert np.abs(x_u.astype(int) - digits_small.images.astype(int)).max() <= int(255 * cfg.rho)
+    states = load_weights(tmp_path / "w" / "trajectory_0_round1.safetensors")
+    theta0 = load_weights(tmp_path / "w" / "trajectory_0.safetensors")
+    assert all(torch.equal(states[k], theta0[k]) for k in states if k.startswith("0/"))  # from the same θ0
+    clean_run = protect_mod._recorded(tmp_path / "clean.safetensors", cfg.authorized[0], cfg, digits_small,
+                                      torch.device("cpu"), cfg.seed + 7919 * (cfg.gm_trajectories + 1), False)
+    assert not torch.equal(states[next(k for k in states if k.startswith("1/") and "weight" in k)],
+                           clean_run[1][next(k[2:] for k in states if k.startswith("1/") and "weight" in k)])
+    assert out.history[-1]["round"] == 2
+
+
+def test_gm_rounds_resume_in_the_second_round(digits_small, tmp_path, monkeypatch):
+    cfg = tiny_config(parametrization="delta", delta_steps=1, gm_rounds=2, gm_batchnorm="frozen")
+    whole = protect(digits_small, cfg, device="cpu", progress=False).protected.images
+    n_batches = -(-len(digits_small) // min(cfg.generator_batch_size, len(digits_small)))
+    calls = {"n": 0}
+    real = protect_mod.UGEObjective.terms
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n_batches + 2:  # the second batch of round 2
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(protect_mod.UGEObjective, "terms", dying)
+    with pytest.raises(KeyboardInterrupt):
+        protect(digits_small, cfg, device="cpu", progress=False, work_dir=tmp_path / "w")
+    monkeypatch.setattr(protect_mod.UGEObjective, "terms", real)
+    state = torch.load(tmp_path / "w" / "delta.pt", weights_only=True)
+    assert (state["round"], state["done"]) == (1, 1)
+    resumed = protect(digits_small, cfg, device="cpu", progress=False, work_dir=tmp_path / "w").protected.images
+    bs = min(cfg.generator_batch_size, len(digits_small))
+    assert np.array_equal(resumed[:bs], whole[:bs])  # the finished batch of round 2 is kept as it was
+    assert np.abs(resumed.astype(int) - digits_small.images.astype(int)).max() <= int(255 * cfg.rho)
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"gm_granularity": "pixel"}, "gm_granularity"), ({"gm_granularity": "sample"}, "needs gm_batchnorm"),
     ({"ud_teacher": "final"}, "ud_teacher"), ({"gm_trajectories": 0}, "gm_trajectories"),
-    ({"parametrization": "net"}, "parametrization"), ({"delta_steps": 0}, "delta_steps")])
+    ({"parametrization": "net"}, "parametrization"), ({"delta_steps": 0}, "delta_steps"),
+    ({"gm_rounds": 2}, "gm_rounds > 1 needs"), ({"gm_rounds": 0, "parametrization": "delta"}, "gm_rounds")])
 def test_bad_objective_options_are_one_line_errors(bad, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(**bad)

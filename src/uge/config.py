@@ -75,6 +75,9 @@ class ProtectConfig:
     fd_target: str = "least_similar"  # L_fd's target class: least similar to the image (Eq. 9), or y + 1
     parametrization: str = "generator"  # a generator G(x) (the paper), or a per-sample δ optimised directly
     delta_steps: int = 10  # parametrization "delta": signed-gradient steps per batch
+    # parametrization "delta": passes over the set; before each pass after the first, the authorized network is
+    # trained from θ0 on the current protected set and that run's checkpoints join L_gm's (on-trajectory matching)
+    gm_rounds: int = 1
     diagnostics: bool = True  # per-epoch diagnostics in the history (a few batches' worth of extra work)
 
     def __post_init__(self):
@@ -109,7 +112,9 @@ class ProtectConfig:
                 problems.append(f"{name} must be one of {values}, got {getattr(self, name)!r}")
         if self.gm_granularity == "sample" and self.gm_batchnorm != "frozen":
             problems.append("gm_granularity 'sample' needs gm_batchnorm 'frozen' (one sample has no batch statistics)")
-        for name in ("gm_trajectories", "delta_steps"):
+        if self.gm_rounds > 1 and (self.parametrization != "delta" or "gm" not in self.losses):
+            problems.append("gm_rounds > 1 needs parametrization 'delta' and L_gm in losses")
+        for name in ("gm_trajectories", "delta_steps", "gm_rounds"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive")
         if self.clean_grad_cache_mb < 0:
