@@ -42,7 +42,7 @@ BAD = {
     "uge": [("generator_epochs", "3"), ("rho", 2.0)],
     "fd": [("generator_epochs", 1.5), ("rho", 0.0)],
     "random": [("rho", "8/255"), ("rho", 0.0)],
-    "patch": [("size", 2.0), ("size", 0)],
+    "patch": [("size", 2.0), ("block", 3)],
     "em": [("pgd_steps", 2.0), ("stop_acc", 120.0), ("arch", "resnet1000")],
     "rem": [("adv_steps", True), ("adv_rho", -0.1)],
     "tap": [("augment", "yes"), ("steps", 0)],
@@ -298,6 +298,18 @@ def test_tiled_patch_is_one_periodic_pattern_per_class(runs, digits_small):
     tile = sign[a][:4, :4]  # 8x8 digits, size 4: the same 4x4 tile four times
     both = inside[a][:4, :4] & inside[a][4:, 4:]
     assert (tile == sign[a][4:, 4:])[both].all()
+
+
+def test_tiled_patch_of_coarse_cells(digits_small):
+    prot = build_protector("patch", rho=8 / 255, size=8, block=4).protect(digits_small, progress=False)
+    d = prot.protected.images.astype(int) - digits_small.images.astype(int)
+    inside = (digits_small.images > 8) & (digits_small.images < 247)
+    signs = np.sign(d).astype(float)
+    signs[~inside] = np.nan
+    for i in range(20):  # each 4x4 cell has one sign (where not clipped); the four cells are not all alike
+        cells = [signs[i][r:r + 4, c:c + 4] for r in (0, 4) for c in (0, 4)]
+        assert all(len(np.unique(cell[~np.isnan(cell)])) <= 1 for cell in cells)
+    assert set(np.unique(d[inside])) == {-8, 8}
 
 
 # ------------------------------------------------------------------------------- similarity

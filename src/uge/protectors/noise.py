@@ -43,22 +43,27 @@ class TiledPatch(Protector):
     A pattern over the whole image is shifted by the recipe's random crop and mirrored by its flip, so a
     network cannot key on fixed pixel positions; a small periodic tile looks the same after any shift by
     its period and is found by convolutions anywhere. The selectivity bench's positive control: it must
-    lower every network, the authorized one included.
+    lower every network, the authorized one included. ``block`` > 1 makes the patch of block×block cells of
+    one sign (coarse): a pattern of single pixels is averaged away by LeNet's pooling, 8-px cells are not.
     """
 
     name = "patch"
     title = "Class-wise tiled ±ρ patches (synthetic shortcut; positive control)"
     rho: float = 8 / 255
     size: int = 8
+    block: int = 1  # cell size in pixels; it divides ``size``
 
     def limits(self):
-        return [check_rho(self.rho), ("size", 1 <= self.size <= 64, "in 1..64 pixels")]
+        return [check_rho(self.rho), ("size", 1 <= self.size <= 64, "in 1..64 pixels"),
+                ("block", self.block >= 1 and self.size % self.block == 0, f"a divisor of size={self.size}")]
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:
         (h, w), c = data.image_size, data.channels
         g = torch.Generator().manual_seed(seed)
-        patches = (torch.randint(0, 2, (data.num_classes, c, self.size, self.size), generator=g) * 2 - 1) * self.rho
+        cells = self.size // self.block
+        patches = (torch.randint(0, 2, (data.num_classes, c, cells, cells), generator=g) * 2 - 1) * self.rho
+        patches = patches.repeat_interleave(self.block, 2).repeat_interleave(self.block, 3)
         reps = (1, 1, -(-h // self.size), -(-w // self.size))
         tiles = patches.repeat(*reps)[:, :, :h, :w]
         return noise_result(self, data, tiles[torch.from_numpy(data.labels).long()])
