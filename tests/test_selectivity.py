@@ -116,22 +116,27 @@ def test_the_perturbation_depends_on_the_image(digits_small, parametrization):
     assert np.abs(delta).max() <= int(255 * 0.1)
 
 
-def test_delta_parametrization_resumes_to_the_same_images(digits_small, tmp_path, monkeypatch):
-    cfg = tiny_config(parametrization="delta", delta_steps=2, losses=("fd",))
-    whole = protect(digits_small, cfg, device="cpu", progress=False).protected.images
+def _interrupt(monkeypatch, data, cfg, work, at_call: int) -> None:
+    """Run ``protect`` into ``work`` and kill it (KeyboardInterrupt) at the ``at_call``-th loss evaluation."""
     calls = {"n": 0}
     real = protect_mod.UGEObjective.terms
 
     def dying(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 5:  # in the third batch: two batches are saved
+        if calls["n"] == at_call:
             raise KeyboardInterrupt
         return real(self, *a, **k)
 
     monkeypatch.setattr(protect_mod.UGEObjective, "terms", dying)
     with pytest.raises(KeyboardInterrupt):
-        protect(digits_small, cfg, device="cpu", progress=False, work_dir=tmp_path / "w")
+        protect(data, cfg, device="cpu", progress=False, work_dir=work)
     monkeypatch.setattr(protect_mod.UGEObjective, "terms", real)
+
+
+def test_delta_parametrization_resumes_to_the_same_images(digits_small, tmp_path, monkeypatch):
+    cfg = tiny_config(parametrization="delta", delta_steps=2, losses=("fd",))
+    whole = protect(digits_small, cfg, device="cpu", progress=False).protected.images
+    _interrupt(monkeypatch, digits_small, cfg, tmp_path / "w", at_call=5)  # in the third batch: two are saved
     assert torch.load(tmp_path / "w" / "delta.pt", weights_only=True)["done"] == 2
     resumed = protect(digits_small, cfg, device="cpu", progress=False, work_dir=tmp_path / "w").protected.images
     assert np.abs(resumed.astype(int) - whole.astype(int)).max() <= int(255 * cfg.rho)
@@ -170,19 +175,7 @@ def test_gm_rounds_resume_in_the_second_round(digits_small, tmp_path, monkeypatc
     cfg = tiny_config(parametrization="delta", delta_steps=1, gm_rounds=2, gm_batchnorm="frozen")
     whole = protect(digits_small, cfg, device="cpu", progress=False).protected.images
     n_batches = -(-len(digits_small) // min(cfg.generator_batch_size, len(digits_small)))
-    calls = {"n": 0}
-    real = protect_mod.UGEObjective.terms
-
-    def dying(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == n_batches + 2:  # the second batch of round 2
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(protect_mod.UGEObjective, "terms", dying)
-    with pytest.raises(KeyboardInterrupt):
-        protect(digits_small, cfg, device="cpu", progress=False, work_dir=tmp_path / "w")
-    monkeypatch.setattr(protect_mod.UGEObjective, "terms", real)
+    _interrupt(monkeypatch, digits_small, cfg, tmp_path / "w", at_call=n_batches + 2)  # round 2's second batch
     state = torch.load(tmp_path / "w" / "delta.pt", weights_only=True)
     assert (state["round"], state["done"]) == (1, 1)
     resumed = protect(digits_small, cfg, device="cpu", progress=False, work_dir=tmp_path / "w").protected.images
