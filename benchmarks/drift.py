@@ -57,6 +57,17 @@ def apart(a: dict, b: dict, theta0: dict, names: list[str]) -> float:
     return float((num / den.clamp_min(1e-12)).sqrt()) if den > 0 else 0.0
 
 
+def table(rows: list[dict]) -> str:
+    """The per-epoch rows as a markdown table."""
+    cols = ["epoch", "acc_clean_run", "acc_protected_run", "acc_hacker_run", "gm_clean_run", "gm_protected_run",
+            "gm_hacker_run", "apart"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[c]) if c == "epoch" else f"{r[c]:.1f}" if c.startswith("acc")
+                                       else f"{r[c]:.3f}" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config")
@@ -120,6 +131,7 @@ def main() -> None:
         [a.config, a.run_dir, a.variant, "--seed", str(a.seed), "--images", str(a.images), "--out", a.out]),
         "variant": a.variant, "arch": arch, "training_seed": a.seed, "hacker_init_seed": a.hacker_seed,
         "images": a.images, "seconds": time.perf_counter() - t0, "epochs": rows})
+    Path(a.out).with_suffix(".md").write_text(table(rows))
 
 
 if __name__ == "__main__":
