@@ -250,7 +250,8 @@ def protection_table(run_dir: Path) -> str:
         for i, p in enumerate(d["parts"]):
             s = p.get("seconds") or {}
             last = (p.get("history") or [{}])[-1]
-            losses = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "epoch" and not k.startswith("diag_"))
+            losses = ", ".join(f"{k} {v:.3f}" for k, v in last.items()
+                               if k not in ("epoch", "round") and not k.startswith("diag_"))
             lines.append(f"| {d['variant']} | {i} | {p['n']} | " + " | ".join(
                 f"{s[k]:.1f}" if k in s else "–" for k in ("trajectory", "feature_space", "generator", "generate"))
                 + f" | {losses} | {p.get('feature_space')} | {p.get('budget')} |")
