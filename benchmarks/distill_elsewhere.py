@@ -29,16 +29,9 @@ from uge.weights import build_network
 
 
 def other_images(full, per_class: int, bench_per_class: int, subset_seed: int, seed: int):
-    """``per_class`` images of every class outside the bench's subset (chosen as ``per_class`` chooses it)."""
-    rng, bench = np.random.default_rng(subset_seed), []
-    for c in range(full.num_classes):
-        bench.append(rng.choice(np.flatnonzero(full.labels == c), size=bench_per_class, replace=False))
-    taken = np.zeros(len(full), bool)
-    taken[np.concatenate(bench)] = True
-    rng, keep = np.random.default_rng(seed), []
-    for c in range(full.num_classes):
-        keep.append(rng.choice(np.flatnonzero((full.labels == c) & ~taken), size=per_class, replace=False))
-    return full.subset(np.sort(np.concatenate(keep))), np.sort(np.concatenate(bench))
+    """``per_class`` images of every class outside the bench's subset, and the bench subset's indices."""
+    bench = full.per_class_indices(bench_per_class, subset_seed)
+    return full.subset(np.setdiff1d(np.arange(len(full)), bench)).per_class(per_class, seed), bench
 
 
 def main() -> None:

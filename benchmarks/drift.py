@@ -19,7 +19,6 @@ architecture from another init on D_u: a hacker), keeps every epoch's checkpoint
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 from uge.benchmark import load_config
 from uge.benchmark.runner import load_data
 from uge.config import AuthorizedSpec
-from uge.losses import clean_gradient, freeze_batchnorm, gradient_distance, matched_parameters
+from uge.losses import measured_gradient_distance
 from uge.models import create_model
 from uge.publish import authorized_network, read_published
 from uge.training import accuracy, record_trajectory
@@ -39,22 +38,17 @@ from uge.weights import build_network
 
 def gm_distance(model: torch.nn.Module, state: dict, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor,
                 batch: int) -> float:
-    """Eq. 6's distance at ``state``, averaged over batches of ``batch`` images (the report's measure)."""
+    """The report's gradient distance at ``state``, averaged over batches of ``batch`` images."""
     model.load_state_dict(state)
-    out = []
-    for i in range(0, len(y), batch):
-        xb, xub, yb = x[i:i + batch], x_u[i:i + batch], y[i:i + batch]
-        freeze_batchnorm(model, xb)
-        params = matched_parameters(model)
-        out.append(gradient_distance(clean_gradient(model, xb, yb, params),
-                                     clean_gradient(model, xub, yb, params)).item())
-    return float(np.mean(out))
+    return float(np.mean([measured_gradient_distance(model, x[i:i + batch], x_u[i:i + batch], y[i:i + batch])
+                          for i in range(0, len(y), batch)]))
 
 
 def apart(a: dict, b: dict, theta0: dict, names: list[str]) -> float:
+    """‖a − b‖ / ‖b − θ0‖ over the parameters ``names`` (0 while b is still θ0)."""
     num = sum((a[k] - b[k]).float().pow(2).sum() for k in names)
     den = sum((b[k] - theta0[k]).float().pow(2).sum() for k in names)
-    return float((num / den.clamp_min(1e-12)).sqrt()) if den > 0 else 0.0
+    return float((num / den).sqrt()) if den > 0 else 0.0
 
 
 def table(rows: list[dict]) -> str:
@@ -116,7 +110,7 @@ def main() -> None:
     x = torch.from_numpy(clean.images[idx]).permute(0, 3, 1, 2).float() / 255
     x_u = torch.from_numpy(prot.images[idx]).permute(0, 3, 1, 2).float() / 255
     y = torch.from_numpy(clean.labels[idx]).long()
-    names = [n for n, _ in net.named_parameters() if _.dim() > 1]
+    names = [n for n, w in net.named_parameters() if w.dim() > 1]  # conv and linear weights
     rows = []
     for t in range(epochs + 1):
         row = {"epoch": t}

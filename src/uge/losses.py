@@ -154,6 +154,14 @@ def freeze_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
+def measured_gradient_distance(model: nn.Module, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor) -> float:
+    """Eq. 6's distance of the batch's mean loss with BatchNorm frozen at the clean batch ``x``: the diagnostics'
+    one fixed measure, the same for every variant (no graph kept)."""
+    freeze_batchnorm(model, x)
+    params = matched_parameters(model)
+    return gradient_distance(clean_gradient(model, x, y, params), clean_gradient(model, x_u, y, params)).item()
+
+
 def least_similar_class(f_clean: torch.Tensor, class_feats: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """For each sample, the class c ≠ y whose class feature is least similar to the clean image feature.
 

@@ -26,10 +26,10 @@ from .losses import (
     clean_gradient,
     feature_distance_loss,
     freeze_batchnorm,
-    gradient_distance,
     gradient_matching_loss,
     least_similar_class,
     matched_parameters,
+    measured_gradient_distance,
     per_class_gradient_distance,
     per_sample_gradient_distance,
     undistill_loss,
@@ -265,10 +265,7 @@ class UGEObjective:
         x, x_u = x.detach(), x_u.detach()
 
         def dist(model):
-            freeze_batchnorm(model, x)
-            params = matched_parameters(model)
-            g_u = clean_gradient(model, x_u, y, params)
-            return gradient_distance(clean_gradient(model, x, y, params), g_u).item()
+            return measured_gradient_distance(model, x, x_u, y)
 
         if self.gm_models:
             out["diag_gm_authorized"] = float(np.mean([dist(m) for models in self.gm_models for m in models]))

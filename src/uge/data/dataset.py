@@ -69,6 +69,10 @@ class ImageDataset:
 
     def per_class(self, n: int, seed: int = 0) -> "ImageDataset":
         """A class-balanced subset: ``n`` random samples of every class, in their original order."""
+        return self.subset(self.per_class_indices(n, seed))
+
+    def per_class_indices(self, n: int, seed: int = 0) -> np.ndarray:
+        """The sorted indices :meth:`per_class` keeps."""
         rng = np.random.default_rng(seed)
         keep = []
         for c in range(self.num_classes):
@@ -76,7 +80,7 @@ class ImageDataset:
             if len(idx) < n:
                 raise DataError(f"class {self.classes[c]!r} has {len(idx)} samples, fewer than the {n} asked for")
             keep.append(rng.choice(idx, size=n, replace=False))
-        return self.subset(np.sort(np.concatenate(keep)))
+        return np.sort(np.concatenate(keep))
 
     def tensors(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(uint8 images (N, C, H, W), int64 labels (N,)) on ``device``; divide by 255 to get [0, 1]."""
