@@ -21,7 +21,7 @@ from uge.benchmark import parse_config, run_benchmark, write_report
 from uge.benchmark.report import noise_of_one_number, selectivity_rows
 from uge.config import AuthorizedSpec
 from uge.errors import ConfigError
-from uge.models import create_model
+from uge.models import Generator, create_model
 from uge.protect import _objective, _Workdir, protect
 from uge.publish import read_published
 from uge.training import Recipe, train
@@ -184,7 +184,36 @@ def test_gm_rounds_resume_in_the_second_round(digits_small, tmp_path, monkeypatc
     assert np.abs(resumed.astype(int) - digits_small.images.astype(int)).max() <= int(255 * cfg.rho)
 
 
+def test_gm_warmup_leaves_l_gm_out_of_the_first_epochs(digits_small, monkeypatch):
+    cfg = tiny_config(generator_epochs=3, gm_warmup_epochs=2)
+    calls = []
+    real = protect_mod.UGEObjective.gm_distance
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(protect_mod.UGEObjective, "gm_distance", spy)
+    history = protect(digits_small, cfg, device="cpu", progress=False).history
+    assert ["gm" in h for h in history] == [False, False, True]
+    assert calls  # L_gm is on in the last epoch
+
+
+def test_a_centered_generator_has_no_batch_mean_perturbation():
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 16, 16) * 0.5 + 0.25  # away from [0, 1]'s edges: no clamp bias
+    plain, centered = Generator(3, 0.04, width=4), Generator(3, 0.04, width=4, center=True)
+    centered.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        mean_plain = (plain(x) - x).mean(0).abs().mean().item()
+        mean_centered = (centered(x) - x).mean(0).abs().mean().item()
+    assert mean_plain > 0.005  # a random generator's residual is far from zero-mean
+    assert mean_centered < 0.1 * mean_plain
+    assert (centered(x) - x).abs().max() <= 0.04 + 1e-6
+
+
 @pytest.mark.parametrize("bad, message", [
+    ({"gm_warmup_epochs": 2}, "gm_warmup_epochs"),
     ({"gm_granularity": "pixel"}, "gm_granularity"), ({"gm_granularity": "sample"}, "needs gm_batchnorm"),
     ({"ud_teacher": "final"}, "ud_teacher"), ({"gm_trajectories": 0}, "gm_trajectories"),
     ({"parametrization": "net"}, "parametrization"), ({"delta_steps": 0}, "delta_steps"),

@@ -107,6 +107,7 @@ def _protect_config(args) -> ProtectConfig:
              "clip_checkpoint": args.clip_checkpoint, "encoder_arch": args.encoder_arch, "seed": args.seed,
              "hacker_arch": args.hacker_arch, "gm_augment": args.gm_augment or None,
              "gm_trajectories": args.gm_trajectories, "delta_steps": args.delta_steps, "gm_rounds": args.gm_rounds,
+             "gm_warmup_epochs": args.gm_warmup_epochs, "generator_center": args.generator_center or None,
              **{name: getattr(args, name) for name in CHOICES}}
     d.update({k: v for k, v in flags.items() if v is not None})
     if args.losses:
@@ -341,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--delta-steps", type=int, help="with --parametrization delta: PGD steps per batch (default 10)")
     q.add_argument("--gm-rounds", type=int, help="with --parametrization delta: passes over the set, each after "
                    "the first also matching at the authorized network's run on the protected set (default 1)")
+    q.add_argument("--gm-warmup-epochs", type=int, help="generator epochs trained without L_gm first (default 0)")
+    q.add_argument("--generator-center", action="store_true",
+                   help="subtract the batch mean of the generator's perturbation (no universal pattern)")
     q.add_argument("--feature-space", choices=["encoder", "clip"])
     q.add_argument("--clip-model", help="OpenCLIP model name (default ViT-B-32)")
     q.add_argument("--clip-checkpoint", help="local OpenCLIP checkpoint file")

@@ -78,6 +78,8 @@ class ProtectConfig:
     # parametrization "delta": passes over the set; before each pass after the first, the authorized network is
     # trained from θ0 on the current protected set and that run's checkpoints join L_gm's (on-trajectory matching)
     gm_rounds: int = 1
+    gm_warmup_epochs: int = 0  # parametrization "generator": the first epochs train on L_fd (+ L_ud) without L_gm
+    generator_center: bool = False  # the generator's perturbation minus its batch mean (no universal pattern)
     diagnostics: bool = True  # per-epoch diagnostics in the history (a few batches' worth of extra work)
 
     def __post_init__(self):
@@ -114,6 +116,9 @@ class ProtectConfig:
             problems.append("gm_granularity 'sample' needs gm_batchnorm 'frozen' (one sample has no batch statistics)")
         if self.gm_rounds > 1 and (self.parametrization != "delta" or "gm" not in self.losses):
             problems.append("gm_rounds > 1 needs parametrization 'delta' and L_gm in losses")
+        if not 0 <= self.gm_warmup_epochs < self.generator_epochs:
+            problems.append(f"gm_warmup_epochs must be in [0, generator_epochs={self.generator_epochs}), "
+                            f"got {self.gm_warmup_epochs}")
         for name in ("gm_trajectories", "delta_steps", "gm_rounds"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive")

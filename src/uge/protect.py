@@ -223,14 +223,14 @@ class UGEObjective:
         return gradient_matching_loss(model, x, x_u, y, params, g_clean=g_clean)
 
     def terms(self, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
-              batch_id: int | None = None) -> dict:
+              batch_id: int | None = None, gm: bool = True) -> dict:
         """The weighted loss terms of one batch, by name ("gm", "fd", "ud").
 
         ``batch_id`` names the clean batch when the same batch comes back in later epochs, so its clean
-        gradients can be reused (None: always recompute).
+        gradients can be reused (None: always recompute). ``gm=False`` leaves L_gm out (a warm-up epoch).
         """
         cfg, terms = self.cfg, {}
-        if self.gm_models:  # Eq. 6, averaged over authorized networks (Eq. 12); a random θt per step
+        if self.gm_models and gm:  # Eq. 6, averaged over authorized networks (Eq. 12); a random θt per step
             gm = []
             xa, xua = x, x_u
             if cfg.gm_augment:  # one crop + flip draw for each pair (x, x_u): the recipe's view of both
@@ -319,7 +319,7 @@ def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDat
                      progress: bool) -> tuple[Generator, list[dict]]:
     """Algorithm 1, lines 6–15: minimize L_all over the generator, checkpointing after every epoch."""
     torch.manual_seed(cfg.seed)
-    gen = Generator(data.channels, cfg.rho, width=cfg.generator_width).to(device)
+    gen = Generator(data.channels, cfg.rho, width=cfg.generator_width, center=cfg.generator_center).to(device)
     opt = torch.optim.Adam(gen.parameters(), lr=cfg.generator_lr)
     history, start, rng = [], 0, np.random.default_rng(cfg.seed)
     ckpt = work.file("generator.pt")
@@ -348,7 +348,8 @@ def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDat
             j = int(batch_order[i])
             idx = order[j * bs:(j + 1) * bs]
             x, y = images[idx].float().div_(255), labels[idx]
-            terms = objective.terms(x, gen(x), y, rng, batch_id=j if fixed else None)
+            terms = objective.terms(x, gen(x), y, rng, batch_id=j if fixed else None,
+                                    gm=epoch >= cfg.gm_warmup_epochs)
             terms["total"] = loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward(inputs=list(gen.parameters()))  # the networks inside the losses stay untouched

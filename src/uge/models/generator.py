@@ -40,11 +40,14 @@ class Generator(nn.Module):
         width: channels of the first conv ("ngf"); the residual stage has 4 × width.
         n_res: number of residual blocks (paper: 6).
         dropout: dropout rate inside the residual blocks.
+        center: subtract the batch mean of the residual before the clamp, so that no pattern shared by every
+            image of a batch survives (issue 10, against the collapse to one universal pattern; not the paper).
     """
 
-    def __init__(self, channels: int = 3, rho: float = 0.04, width: int = 64, n_res: int = 6, dropout: float = 0.5):
+    def __init__(self, channels: int = 3, rho: float = 0.04, width: int = 64, n_res: int = 6, dropout: float = 0.5,
+                 center: bool = False):
         super().__init__()
-        self.rho = float(rho)
+        self.rho, self.center = float(rho), bool(center)
         w = width
         self.encode = nn.Sequential(_conv_block(channels, w, 7), _conv_block(w, 2 * w, 3, 2),
                                     _conv_block(2 * w, 4 * w, 3, 2))
@@ -65,8 +68,10 @@ class Generator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Protected images x_u in [0, 1] with ‖x_u − x‖∞ ≤ ρ, for images x in [0, 1] of shape (B, C, H, W)."""
-        h = torch.nan_to_num(self.perturbation(x))  # an overflow must not let NaN escape the ball
-        g = x + self.rho * torch.tanh(h)
+        h = torch.tanh(torch.nan_to_num(self.perturbation(x)))  # an overflow must not let NaN escape the ball
+        if self.center and len(h) > 1:
+            h = h - h.mean(0, keepdim=True)
+        g = x + self.rho * h
         return project(g, x, self.rho)
 
 
