@@ -4,7 +4,9 @@ Everything here is sized for a loaded 2-core CPU: 8x8 digits, 100-image subsets,
 """
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +21,13 @@ from uge.data import ImageDataset, load_splits
 from uge.training import Recipe
 
 TINY_RECIPE = {"epochs": 2, "batch_size": 32, "lr": 0.05, "flip": False}
+
+
+def rehash(path: Path) -> None:
+    """Regenerate a published set's checksums.sha256 over every file, as a careful forger would."""
+    files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != "checksums.sha256")
+    (path / "checksums.sha256").write_text(
+        "".join(f"{hashlib.sha256((path / f).read_bytes()).hexdigest()}  {f}\n" for f in files))
 
 
 def tiny_config(**overrides) -> ProtectConfig:

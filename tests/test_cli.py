@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from uge.cli import main
+from uge.data import load_dataset, save_npz
 from uge.models import create_model
 from uge.publish import read_published
 from uge.weights import build_network, load_weights
@@ -71,7 +72,7 @@ def test_protect_publishes_with_the_flags_recorded(protected, workdir):
     assert "protecting 100 images of 10 classes" in out and "published pub (npz, png)" in out
     m = read_published(pub).manifest
     assert m["formats"] == ["npz", "png"] and m["num_samples"] == 100
-    assert m["source"] == {"data": "digits", "split": "train", "per_class": 10, "subset_seed": 0}
+    assert m["source"] == {"name": "digits", "builtin": True, "split": "train", "per_class": 10, "subset_seed": 0}
     cfg = m["config"]
     assert cfg["authorized"] == [{"arch": "cnn", "seed": 0, "theta0": None}]
     assert {k: cfg["recipe"][k] for k in ("epochs", "batch_size", "flip", "crop")} == \
@@ -109,6 +110,38 @@ def test_verify_fails_after_tampering(pub_copy, capsys):
     out = capsys.readouterr().out
     assert rc == 1
     assert "FAIL  file hashes" in out and out.strip().endswith("verified: FAILED")
+
+
+def test_verify_with_the_expected_budget(protected, capsys):
+    capsys.readouterr()
+    assert main(["verify", str(protected[2]), "--rho", "0.04", "--quiet"]) == 0
+    assert "PASS  stated budget" in capsys.readouterr().out
+    assert main(["verify", str(protected[2]), "--rho", "0.02", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  stated budget: you expect ρ = 0.02 (5 levels); the manifest states ρ = 0.04 (10 levels)" in out
+    assert "FAIL  budget" in out  # the 10-level images exceed the 5 levels the user expects
+
+
+def test_a_file_source_is_published_by_name_not_by_path(workdir, tmp_path, capsys):
+    """The manifest names the data file, never where it sat; verify and evaluate then take its path."""
+    data = tmp_path / "owner" / "private" / "my-digits.npz"
+    data.parent.mkdir(parents=True)
+    save_npz(load_dataset("digits", per_class=10), data)
+    argv = ["protect", *TINY_PROTECT, "--out", str(tmp_path / "pub")]
+    argv[argv.index("digits")] = str(data)
+    argv[argv.index("--per-class"):argv.index("--per-class") + 2] = []
+    assert run(argv)[0] == 0
+    text = (tmp_path / "pub" / "manifest.json").read_text()
+    assert str(tmp_path) not in text and "owner" not in text
+    assert json.loads(text)["source"] == {"name": "my-digits.npz", "builtin": False, "split": "train",
+                                          "per_class": None, "subset_seed": 0}
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "pub"), "--quiet"]) == 0  # hashes only, and it says why
+    assert "pass --original-data PATH" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "pub"), "--original-data", str(data), "--quiet"]) == 0
+    assert "PASS  budget" in capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "pub"), "--hackers", "cnn:normal", "--quiet"]) == 2
+    assert "pass --test-data" in capsys.readouterr().err
 
 
 def test_verify_with_other_originals_fails_the_originals_check(pub_copy, capsys):
@@ -329,9 +362,17 @@ def test_missing_required_argument_is_an_argparse_error(capsys):
 # ------------------------------------------------------------------------------- installed
 
 
-def test_installed_command_exits_2_with_one_line_and_no_traceback(tmp_path):
-    exe = shutil.which("uge")
+def _installed_uge() -> str:
+    """The ``uge`` script of this interpreter's environment (beside ``sys.executable``; PATH only as a fallback,
+    so the test holds when the interpreter is called without activating its environment)."""
+    here = Path(sys.executable).with_name("uge")
+    exe = str(here) if here.is_file() else shutil.which("uge")
     assert exe, "the uge console script is not installed"
+    return exe
+
+
+def test_installed_command_exits_2_with_one_line_and_no_traceback(tmp_path):
+    exe = _installed_uge()
     r = subprocess.run([exe, "protect", "--data", "digits", "--rho", "0", "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, timeout=120, check=False,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -341,7 +382,7 @@ def test_installed_command_exits_2_with_one_line_and_no_traceback(tmp_path):
 
 
 def test_python_dash_m_help_lists_the_commands():
-    r = subprocess.run([sys.executable, "-m", "uge.cli", "--help"], capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, "-m", "uge", "--help"], capture_output=True, text=True, timeout=120,
                        check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0
     for sub in ("protect", "train", "evaluate", "verify", "demo"):

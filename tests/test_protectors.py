@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_RECIPE, random_dataset
+from conftest import TINY_RECIPE, random_dataset, rehash
 
 from uge.errors import ConfigError
 from uge.models import create_model
@@ -353,7 +353,9 @@ def test_verify_catches_a_cuda_set_whose_manifest_misreports_its_similarity(runs
     f = folder / "manifest.json"
     m = json.loads(f.read_text())
     m["similarity"]["psnr"] += 5
-    f.write_text(json.dumps(m))  # the manifest is not in checksums.sha256, but it pins them
+    f.write_text(json.dumps(m))
+    assert {c.name for c in verify(folder, digits_small).checks if not c.passed} == {"file hashes"}
+    rehash(folder)  # a careful forger: the measured similarity still disagrees
     report = verify(folder, digits_small)
     assert {c.name for c in report.checks if not c.passed} == {"similarity"}
 

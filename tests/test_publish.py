@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_dataset, tiny_config
+from conftest import random_dataset, rehash, tiny_config
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -59,17 +59,6 @@ def _failed(report) -> set[str]:
     return {c.name for c in report.checks if not c.passed}
 
 
-def _rehash(path: Path):
-    """Regenerate checksums.sha256 and the manifest's pin of it, as a careful forger would."""
-    files = sorted(str(p.relative_to(path)) for p in path.rglob("*")
-                   if p.is_file() and p.name not in ("manifest.json", "checksums.sha256"))
-    sums = "".join(f"{hashlib.sha256((path / f).read_bytes()).hexdigest()}  {f}\n" for f in files)
-    (path / "checksums.sha256").write_text(sums)
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["checksums_sha256"] = hashlib.sha256(sums.encode()).hexdigest()
-    (path / "manifest.json").write_text(json.dumps(manifest))
-
-
 @pytest.fixture(scope="module")
 def gray(digits_small):
     return digits_small, make_protection(digits_small)
@@ -110,7 +99,7 @@ def test_published_layout_and_manifest(published, gray):
                                 "num_classes": 10, "in_channels": 1}]
     assert m["config"] == result.config.to_dict()
     listed = [line.split("  ", 1)[1] for line in (published / "checksums.sha256").read_text().splitlines()]
-    assert sorted(listed) == sorted(files - {"manifest.json", "checksums.sha256"})
+    assert sorted(listed) == sorted(files - {"checksums.sha256"})  # the manifest is covered too
 
 
 def test_read_published_npz_and_png_are_identical_to_the_protection(published, gray):
@@ -200,7 +189,7 @@ def test_verify_passes_an_untouched_set_with_its_originals(published, gray):
     report = verify(published, original)
     assert report.ok, [(c.name, c.detail) for c in report.checks if not c.passed]
     names = {c.name for c in report.checks}
-    assert {"checksums file", "file hashes", "no extra files", "npz = png", "labels", "originals",
+    assert {"manifest", "file hashes", "no extra files", "npz = png", "labels", "originals",
             "labels unchanged", "budget", "θ0 authorized/theta0_0.safetensors"} <= names
     assert report.linf == pytest.approx(LEVELS / 255)
     report.raise_if_failed()  # does not raise
@@ -248,9 +237,57 @@ def test_verify_fails_when_a_file_is_missing(scratch, gray):
     assert "file hashes" in _failed(report)
 
 
-def test_verify_fails_when_the_checksums_file_is_edited(scratch, gray):
+def test_verify_fails_when_the_manifest_is_edited(scratch, gray):
+    """A larger budget typed into the manifest fails the file hashes (format 2 lists the manifest)."""
+    f = scratch / "manifest.json"
+    m = json.loads(f.read_text())
+    m["rho"], m["rho_levels"] = 0.1, 25
+    f.write_text(json.dumps(m))
+    report = verify(scratch, gray[0])
+    assert _failed(report) == {"file hashes"}
+    assert "manifest.json" in _check(report, "file hashes").detail
+
+
+def test_verify_fails_when_checksums_no_longer_cover_the_manifest(scratch, gray):
     sums = scratch / "checksums.sha256"
-    sums.write_text(sums.read_text() + "\n")
+    sums.write_text("".join(line + "\n" for line in sums.read_text().splitlines() if "manifest.json" not in line))
+    assert _failed(verify(scratch, gray[0])) == {"manifest"}
+
+
+def test_verify_with_the_expected_budget_catches_a_rehashed_larger_budget(tmp_path, gray):
+    """A careful forger rehashes everything; the user's own ρ still catches the larger budget."""
+    original, result = gray
+    out = publish(result, original, tmp_path / "forged", formats=("npz",))
+    images = result.protected.images.copy()
+    images[5, 2, 2, 0] = np.clip(int(original.images[5, 2, 2, 0]) + (20 if original.images[5, 2, 2, 0] < 128
+                                                                       else -20), 0, 255)
+    np.savez(out / "data.npz", images=images, labels=result.protected.labels,
+             classes=np.array(result.protected.classes))
+    f = out / "manifest.json"
+    m = json.loads(f.read_text())
+    m["rho"], m["rho_levels"] = 0.1, 25
+    f.write_text(json.dumps(m))
+    rehash(out)
+    assert verify(out, original).ok  # consistent with its own (edited) manifest
+    report = verify(out, original, rho=RHO)
+    assert _failed(report) == {"stated budget", "budget"}
+    assert "25 levels" in _check(report, "stated budget").detail
+    honest = publish(result, original, tmp_path / "honest", formats=("npz",))
+    assert verify(honest, original, rho=RHO).ok
+
+
+def test_a_format_1_set_still_verifies(scratch, gray):
+    """Sets written before the manifest was covered: the old pin of the checksums file is checked."""
+    f = scratch / "manifest.json"
+    m = json.loads(f.read_text())
+    sums = scratch / "checksums.sha256"
+    kept = "".join(line + "\n" for line in sums.read_text().splitlines() if "manifest.json" not in line)
+    sums.write_text(kept)
+    m["format_version"], m["checksums_sha256"] = 1, hashlib.sha256(kept.encode()).hexdigest()
+    f.write_text(json.dumps(m))
+    report = verify(scratch, gray[0])
+    assert report.ok and "checksums file" in {c.name for c in report.checks}
+    sums.write_text(kept + "\n")
     assert "checksums file" in _failed(verify(scratch, gray[0]))
 
 
@@ -296,7 +333,7 @@ def test_verify_budget_check_catches_a_rehashed_forgery(tmp_path, gray):
     images[5, 2, 2, 0] = 255 if original.images[5, 2, 2, 0] < 128 else 0  # far beyond 10 levels
     np.savez(out / "data.npz", images=images, labels=result.protected.labels,
              classes=np.array(result.protected.classes))
-    _rehash(out)
+    rehash(out)
     report = verify(out, original)
     assert _failed(report) == {"budget"}
     assert report.linf > 0.4

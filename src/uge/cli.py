@@ -14,6 +14,7 @@ from .countermeasures import (SYNTAX, countermeasure_slug, describe_countermeasu
                               list_countermeasures, make_batch_augment, parse_countermeasures, transform_data,
                               wrap_task)
 from .data import ImageDataset, load_dataset, load_splits
+from .data.loaders import BUILTINS
 from .errors import ConfigError, UGEError
 from .evaluate import HACKER_SYNTAX, HackerSpec, evaluate_published, format_table
 from .protect import protect
@@ -77,17 +78,33 @@ def _add_countermeasure_arg(p: argparse.ArgumentParser, flag: str = "--counterme
 
 
 def _source_record(args, prefix: str = "") -> dict:
-    src = getattr(args, f"{prefix}data")
-    path = Path(src)
-    return {"data": str(path.resolve()) if path.exists() else src, "split": getattr(args, f"{prefix}split"),
+    """Where the data is read from on this machine (for loading; a manifest gets :func:`_published_source`)."""
+    return {"data": getattr(args, f"{prefix}data"), "split": getattr(args, f"{prefix}split"),
             "per_class": getattr(args, f"{prefix}per_class"), "subset_seed": getattr(args, f"{prefix}subset_seed")}
 
 
-def load_source(source: dict, root=None, download=False) -> ImageDataset:
-    """Load a data set described by a source record (``data``, ``split``, ``per_class``, ``subset_seed``)."""
-    if (Path(source["data"]) / "manifest.json").is_file():
-        return read_published(source["data"]).data
-    return load_dataset(source["data"], source.get("split") or "train", root=root, download=download,
+def _published_source(src: dict) -> dict:
+    """What identifies the data in a manifest: a built-in name or the file's name, the split and the subset.
+
+    Never the local path: a data owner publishing the set would publish their file system's layout. The
+    images themselves are identified by the manifest's ``original_sha256``.
+    """
+    data = str(src["data"])
+    builtin = data in BUILTINS
+    return {"name": data if builtin else Path(data).name, "builtin": builtin,
+            **{k: src.get(k) for k in ("split", "per_class", "subset_seed")}}
+
+
+def load_source(source: dict, root=None, download=False, flag: str = "--original-data") -> ImageDataset:
+    """Load a data set described by a source record (``data`` or a built-in ``name``, ``split``, ``per_class``,
+    ``subset_seed``); a manifest's file source has no location, so ``flag`` must give it."""
+    data = source.get("data") or (source.get("name") if source.get("builtin") else None)
+    if not data:
+        raise ConfigError(f"the published set names its data {source.get('name')!r} but not where it is "
+                          f"(manifests do not record local paths); pass {flag} PATH")
+    if (Path(data) / "manifest.json").is_file():
+        return read_published(data).data
+    return load_dataset(data, source.get("split") or "train", root=root, download=download,
                         per_class=source.get("per_class"), seed=source.get("subset_seed") or 0)
 
 
@@ -166,7 +183,7 @@ def cmd_protect(args) -> int:
         result = protect(data, cfg, device=args.device, work_dir=work, progress=not args.quiet)
     else:
         result = method.protect(data, device=args.device, work_dir=work, progress=not args.quiet, seed=args.seed or 0)
-    publish(result, data, out, formats=formats, source=_source_record(args), overwrite=args.overwrite,
+    publish(result, data, out, formats=formats, source=_published_source(_source_record(args)), overwrite=args.overwrite,
             theta0_apart=args.theta0_apart)
     if args.theta0_apart and result.theta0:
         _print(f"θ0 written apart from the set, to {args.theta0_apart} (the manifest holds its SHA-256)")
@@ -215,9 +232,12 @@ def cmd_train(args) -> int:
 def _default_test_source(src: dict) -> dict:
     """The test split of the training data's source (the published set's own source for a published set)."""
     if (Path(src["data"]) / "manifest.json").is_file():
-        src = read_published(src["data"]).manifest.get("source") or {}
-        if not src.get("data"):
-            raise ConfigError("this published set records no source; pass --test-data")
+        recorded = read_published(src["data"]).manifest.get("source") or {}
+        data = recorded.get("data") or (recorded.get("name") if recorded.get("builtin") else None)
+        if not data:
+            raise ConfigError("this published set does not record where its data is "
+                              f"({recorded.get('name') or 'no source'!r}); pass --test-data")
+        src = {"data": data}
     return {"data": src["data"], "split": "test", "per_class": None, "subset_seed": 0, "default": True}
 
 
@@ -235,8 +255,11 @@ def cmd_evaluate(args) -> int:
     cms = parse_countermeasures(args.countermeasure)  # fail on a bad spec before loading anything
     auth_cms = parse_countermeasures(args.authorized_countermeasure)
     pub = read_published(args.published)
-    src = pub.manifest.get("source") or {}
-    test_src = _source_record(args, "test_") if args.test_data else _default_test_source({"data": str(pub.path)})
+    src = _source_record(args, "original_") if args.original_data else pub.manifest.get("source") or {}
+    if args.test_data:
+        test_src = _source_record(args, "test_")
+    else:
+        test_src = _default_test_source(src if args.original_data else {"data": str(pub.path)})
     test = _load_test(test_src, args)
     clean = load_source(src, args.root, args.download) if args.baseline else None
     hackers = [HackerSpec.parse(h) for h in args.hackers.split(",") if h.strip()]
@@ -263,12 +286,12 @@ def cmd_verify(args) -> int:
     else:
         src = pub_manifest.get("source") or {}
     original = None
-    if src.get("data"):
+    if src.get("data") or src.get("name"):
         try:
             original = load_source(src, args.root, args.download)
         except UGEError as e:
             _print(f"warning: cannot load the originals ({e}); checking hashes only")
-    report = verify(args.published, original, theta0=args.theta0)
+    report = verify(args.published, original, theta0=args.theta0, rho=args.rho)
     for c in report.checks:
         _print(f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}")
     _print("verified: OK" if report.ok else "verified: FAILED")
@@ -381,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="the paper's threat model on a published set")
     e.add_argument("published")
     _add_data_args(e, required=False, prefix="test-")
+    _add_data_args(e, required=False, prefix="original-")
     _add_common(e)
     _add_recipe_args(e)
     e.set_defaults(test_split="test")
@@ -399,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("published")
     _add_data_args(v, required=False, prefix="original-")
     _add_common(v)
+    v.add_argument("--rho", type=float, help="the L∞ budget you expect on the [0,1] scale, e.g. 0.04: fail when the "
+                   "manifest states another, or the images exceed it")
     v.add_argument("--theta0", action="append", metavar="FILE",
                    help="θ0 of an authorized network published apart from the set (repeat for several, in order)")
     v.set_defaults(func=cmd_verify)

@@ -30,7 +30,7 @@ def run_demo(out: str | Path = "uge-demo", device="auto", progress: bool = True)
     train, test = load_splits("digits")
     result = protect(train, DEMO_CONFIG, device=device, progress=progress, work_dir=out / ".work")
     publish(result, train, out / "published", formats=("npz", "png"), overwrite=True,
-            source={"data": "digits", "split": "train"})
+            source={"name": "digits", "builtin": True, "split": "train"})
     verify(out / "published", train).raise_if_failed()
     records = evaluate_published(read_published(out / "published"), test, DEMO_HACKERS, clean=train,
                                  out_dir=out / "records", device=device, progress=progress)

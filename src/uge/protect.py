@@ -10,7 +10,6 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,56 +34,13 @@ from .losses import (
     undistill_loss,
 )
 from .models import Generator, create_model
+from .result import Protection, quantize
 from .training import Recipe, augment, record_trajectory, train
 from .utils import atomic_file, atomic_write_text, resolve_device
 from .weights import build_network, load_weights, save_weights
 
 log = logging.getLogger("uge")
-
-
-@dataclass
-class Protection:
-    """What a protection run produces; :func:`uge.publish.publish` writes it to disk.
-
-    UGE runs carry their :class:`ProtectConfig`; baseline protectors (:mod:`uge.protectors`) leave
-    ``config`` None, name themselves in ``method`` and record their parameters in ``params``. A protector
-    that chooses authorized networks (UGE, keyed) gives their specs, θ0 and the published recipe.
-    """
-
-    protected: ImageDataset  # the quantized (8-bit) protected images, same order and labels
-    config: ProtectConfig | None  # None for baseline protectors
-    theta0: list[dict[str, torch.Tensor]] = field(default_factory=list)  # θ0 of every authorized network
-    feature_space: str = "none"  # which feature space L_fd used (logged and published)
-    history: list[dict] = field(default_factory=list)  # mean losses per generator epoch (or per round)
-    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
-    method: str = "uge"  # the protector's registry name (uge.protectors)
-    params: dict = field(default_factory=dict)  # the protector's parameters, as plain values
-    rho: float | None = None  # L∞ budget on the [0, 1] scale (default: config.rho); None: not norm-bounded
-    authorized: list[AuthorizedSpec] = field(default_factory=list)  # default: config.authorized
-    recipe: Recipe | None = None  # the published recipe of the authorized networks (default: config.recipe)
-
-    def __post_init__(self):
-        if self.config is not None:
-            self.rho = self.config.rho if self.rho is None else self.rho
-            self.authorized = self.authorized or list(self.config.authorized)
-            self.recipe = self.recipe or self.config.recipe
-
-    @property
-    def norm_bounded(self) -> bool:
-        """Whether the images are within an L∞ ball of the originals (CUDA's filters are not)."""
-        return self.rho is not None
-
-
-def quantize(x_u: torch.Tensor, x_uint8: torch.Tensor, rho: float) -> torch.Tensor:
-    """Round protected images in [0, 1] to uint8 while keeping ‖q − x‖∞ ≤ ρ on the 8-bit scale.
-
-    Plain rounding could step one level past the budget (e.g. 255ρ = 10.2 allows 10 levels, not 11),
-    so the rounded value is clamped to ±floor(255ρ) levels around the clean pixel.
-    """
-    steps = int(np.floor(255 * rho + 1e-9))
-    q = torch.round(x_u * 255).to(torch.int16)
-    x = x_uint8.to(torch.int16)
-    return torch.clamp(torch.minimum(torch.maximum(q, x - steps), x + steps), 0, 255).to(torch.uint8)
+TITLE = "Ungeneralizable Examples (Ye & Wang, CVPR 2024)"
 
 
 class _Workdir:
@@ -490,7 +446,7 @@ def protect(data: ImageDataset, config: ProtectConfig, *, device="auto", work_di
     if not keep_work:
         shutil.rmtree(work.path, ignore_errors=True)
     space_name = objective.space.name if objective.space is not None else "none"
-    return Protection(protected, cfg, theta0, space_name, history, seconds)
+    return Protection(protected, cfg, theta0, space_name, history, seconds, title=TITLE)
 
 
 def _load(arch: str, data: ImageDataset, state: dict, device) -> nn.Module:

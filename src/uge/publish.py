@@ -2,8 +2,8 @@
 
 Layout of a published folder::
 
-    manifest.json            config, authorized networks, recipe, versions, hashes
-    checksums.sha256         SHA-256 of every other file (``sha256sum -c`` format)
+    manifest.json            config, budget, authorized networks, recipe, versions, hashes
+    checksums.sha256         SHA-256 of every other file, the manifest included (``sha256sum -c`` format)
     data.npz                 images (N, H, W, C) uint8, labels, classes      [format "npz"]
     images/<class>/<i>.png   the same images as lossless PNG, i = position   [format "png"]
     authorized/theta0_<k>.safetensors   θ0 of authorized network k (or, published apart, only its hash)
@@ -23,14 +23,14 @@ from PIL import Image
 
 from .data.dataset import ImageDataset
 from .errors import ConfigError, DataError, VerificationError
-from .protect import Protection
+from .result import Protection, rho_levels
 from .similarity import similarity
 from .training import Recipe
 from .utils import atomic_dir, sha256_file, versions, write_json
 from .weights import build_network, save_weights
 
 FORMAT = "uge-published"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest is listed in checksums.sha256 (1: it held the checksums file's hash)
 FORMATS = ("npz", "png")
 
 
@@ -86,32 +86,24 @@ def publish(result: Protection, original: ImageDataset, out: str | Path, *, form
             authorized.append({"arch": spec.arch, "seed": None if theta0_apart else spec.seed,
                                "theta0": None if theta0_apart else rel, "theta0_sha256": sha256_file(f),
                                "num_classes": data.num_classes, "in_channels": data.channels})
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        sums = "".join(f"{sha256_file(tmp / f)}  {f}\n" for f in files)
-        (tmp / "checksums.sha256").write_text(sums)
         write_json(tmp / "manifest.json", {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "method": result.method, "method_title": _title(result.method),
+            "method": result.method, "method_title": result.title or result.method,
             "formats": list(formats), "num_samples": len(data), "image_shape": list(data.images.shape[1:]),
             "classes": data.classes, "norm_bounded": result.norm_bounded, "rho": result.rho,
-            "rho_levels": int(np.floor(255 * result.rho + 1e-9)) if result.norm_bounded else None,
+            "rho_levels": rho_levels(result.rho) if result.norm_bounded else None,
             "similarity": similarity(data.images, original.images),
             "labels_sha256": array_sha256(data.labels), "original_sha256": array_sha256(original.images),
             "source": source or {}, "authorized": authorized, "recipe": result.recipe.to_dict() if result.recipe else None,
             "feature_space": result.feature_space, "config": cfg.to_dict() if cfg else None,
             "params": result.params or (cfg.to_dict() if cfg else {}), "history": result.history,
             "seconds": result.seconds, "versions": versions(),
-            "checksums_sha256": hashlib.sha256(sums.encode()).hexdigest(),
         })
+        # Last, over every file the manifest included: an edited budget or θ0 hash fails `verify`.
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        (tmp / "checksums.sha256").write_text("".join(f"{sha256_file(tmp / f)}  {f}\n" for f in files))
     return Path(out)
-
-
-def _title(method: str) -> str:
-    """The paper behind a protector name, for people reading the manifest."""
-    from .protectors import list_protectors, protector_class
-
-    return protector_class(method).title if method in list_protectors() else method
 
 
 @dataclass
@@ -257,8 +249,12 @@ def input_stage_difference(net, images: np.ndarray, original: np.ndarray, chunk:
 
 
 def verify(path: str | Path, original: ImageDataset | None = None,
-           theta0: list[str | Path] | None = None) -> VerifyReport:
+           theta0: list[str | Path] | None = None, rho: float | None = None) -> VerifyReport:
     """Check a published set: file hashes, format agreement, and (given the originals) budget and labels.
+
+    The checksums cover the manifest (format 2), so an edited budget fails the file hashes. ``rho``: the
+    budget the user expects (on the [0, 1] scale); the manifest's budget must be that many 8-bit levels
+    ("stated budget"), and the images are measured against the smaller of the two.
 
     Norm-bounded sets must hold ‖published − original‖∞ ≤ ρ on the saved 8-bit files ("budget"); sets that
     are not (CUDA) get a "similarity" check instead: their PSNR and SSIM to the originals, which must equal
@@ -277,12 +273,17 @@ def verify(path: str | Path, original: ImageDataset | None = None,
 
     sums_file = path / "checksums.sha256"
     sums = sums_file.read_text() if sums_file.is_file() else ""
-    report.add("checksums file", hashlib.sha256(sums.encode()).hexdigest() == manifest.get("checksums_sha256"),
-               "checksums.sha256 matches the manifest" if sums else "checksums.sha256 is missing")
     listed = {}
     for line in sums.splitlines():
         digest, _, name = line.partition("  ")
         listed[name] = digest
+    if manifest.get("format_version", 1) >= 2:
+        report.add("manifest", "manifest.json" in listed, "manifest.json is covered by checksums.sha256" if
+                   "manifest.json" in listed else "checksums.sha256 does not cover manifest.json")
+    else:  # format 1: the manifest held the checksums file's hash and nothing covered the manifest
+        report.add("checksums file", hashlib.sha256(sums.encode()).hexdigest() == manifest.get("checksums_sha256"),
+                   "checksums.sha256 matches the manifest (format 1: the manifest itself is not covered)"
+                   if sums else "checksums.sha256 is missing")
     bad = [n for n, d in listed.items() if not (path / n).is_file() or sha256_file(path / n) != d]
     present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
     extra = sorted(present - set(listed) - {"manifest.json", "checksums.sha256"})
@@ -292,6 +293,16 @@ def verify(path: str | Path, original: ImageDataset | None = None,
     report.add("no extra files", not extra, "none" if not extra else f"unexpected file(s), first: {extra[0]}")
     if bad:
         return report  # decoding tampered files proves nothing more
+    limit = manifest.get("rho_levels")
+    if rho is not None:
+        expected = rho_levels(rho)
+        stated = manifest.get("norm_bounded", True) and limit == expected
+        report.add("stated budget", stated,
+                   f"the manifest states ρ = {manifest.get('rho')} ({limit} levels), as expected ({expected} levels)"
+                   if stated else f"you expect ρ = {rho} ({expected} levels); the manifest states ρ = "
+                   f"{manifest.get('rho')} ({limit} levels)" if manifest.get("norm_bounded", True) else
+                   f"you expect ρ = {rho}; the set is not norm-bounded")
+        limit = expected if limit is None else min(limit, expected)
 
     pub = read_published(path)
     data = pub.data
@@ -336,8 +347,9 @@ def verify(path: str | Path, original: ImageDataset | None = None,
     levels = int(diff.max())
     report.linf = levels / 255
     if manifest.get("norm_bounded", True):  # manifests from before baselines existed are all bounded
-        report.add("budget", levels <= manifest["rho_levels"],
-                   f"L∞ = {levels}/255 = {levels / 255:.4f} (ρ = {manifest['rho']}, {manifest['rho_levels']} levels); "
+        report.add("budget", levels <= limit,
+                   f"L∞ = {levels}/255 = {levels / 255:.4f} (ρ = {manifest['rho']}, {manifest['rho_levels']} levels"
+                   + (f"; expected {rho_levels(rho)} levels" if rho is not None else "") + "); "
                    f"mean |δ| = {diff.mean():.2f}/255")
         return report
     # Not norm-bounded (CUDA): no budget to hold; the similarity the manifest claims must be the real one.

@@ -32,6 +32,7 @@ from ..evaluate import evaluate_set
 from ..protect import protect
 from ..protectors import build_protector
 from ..publish import publish, read_published, verify
+from ..result import rho_levels
 from ..utils import atomic_write_text, resolve_device, versions, write_json
 from ..weights import build_network
 from .config import BenchmarkConfig, Variant
@@ -178,7 +179,7 @@ def _record_perturbation(vdir: Path, clean: ImageDataset, used: ImageDataset, rh
     d = json.loads(f.read_text())
     if "perturbation" not in d:
         delta = used.images.astype(np.int16) - clean.images.astype(np.int16)
-        levels = None if rho is None else int(np.floor(255 * rho + 1e-9))
+        levels = None if rho is None else rho_levels(rho)
         d["perturbation"] = perturbation_shares(delta, clean.labels, levels)
         write_json(f, d)
 

@@ -1,6 +1,6 @@
 """Protector registry: ``register_protector``, ``build_protector``, ``list_protectors`` (like the model registry).
 
-A *protector* turns a clean :class:`~uge.data.ImageDataset` into a :class:`~uge.protect.Protection` that
+A *protector* turns a clean :class:`~uge.data.ImageDataset` into a :class:`~uge.result.Protection` that
 :func:`uge.publish.publish` writes and :func:`uge.publish.verify` checks. Every method — UGE and the
 unlearnable-example baselines of the paper's Table 3 — has the same call shape::
 
@@ -22,7 +22,7 @@ import torch
 
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
-from ..protect import Protection, quantize
+from ..result import Protection, quantize
 from ..utils import _type_ok
 
 _REGISTRY: dict[str, type[Protector]] = {}
@@ -118,7 +118,7 @@ def check_rho(rho) -> tuple[str, bool, str]:
 
 def add_noise(data: ImageDataset, delta: torch.Tensor, rho: float) -> ImageDataset:
     """``data`` + ``delta`` (float (N, C, H, W) on the [0, 1] scale), rounded to 8 bits within ±floor(255ρ)
-    levels of each clean pixel (:func:`uge.protect.quantize`), so the budget holds on the saved files."""
+    levels of each clean pixel (:func:`uge.result.quantize`), so the budget holds on the saved files."""
     images, _ = data.tensors("cpu")
     x_u = quantize(images.float() / 255 + delta.detach().cpu().float(), images, rho)
     return ImageDataset(x_u.permute(0, 2, 3, 1).numpy(), data.labels.copy(), list(data.classes))
@@ -136,4 +136,4 @@ def image_result(protector: Protector, data: ImageDataset, images: np.ndarray, *
     """A :class:`Protection` holding ``images`` (uint8 (N, H, W, C)) with ``data``'s labels and classes."""
     protected = ImageDataset(images, data.labels.copy(), list(data.classes))
     return Protection(protected, None, [], "none", history or [], seconds or {}, method=protector.name,
-                      params=protector.params(), rho=protector.rho)
+                      params=protector.params(), rho=protector.rho, title=protector.title)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.dataset import ImageDataset
-from ..protect import Protection
+from ..result import Protection
 from .base import Protector, image_result, register_protector
 
 

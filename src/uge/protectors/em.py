@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..data.dataset import ImageDataset
 from ..models import create_model, list_models
-from ..protect import Protection
+from ..result import Protection
 from ..training import Recipe, SupervisedTask, accuracy, train
 from ..utils import resolve_device
 from .base import Protector, add_noise, check_rho, noise_result, register_protector

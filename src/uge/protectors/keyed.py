@@ -25,7 +25,7 @@ from ..data.dataset import ImageDataset
 from ..errors import ConfigError
 from ..models import create_model, known_model
 from ..models.registry import BLIND, BLIND_DIRECTION
-from ..protect import Protection
+from ..result import Protection
 from ..training import Recipe
 from .base import Protector, check_rho, image_result, register_protector
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..data.dataset import ImageDataset
-from ..protect import Protection
+from ..result import Protection
 from .base import Protector, check_rho, noise_result, register_protector
 from .pgd import uniform_start
 

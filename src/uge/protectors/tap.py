@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
 from ..models import create_model, list_models
-from ..protect import Protection
+from ..result import Protection
 from ..training import Recipe, train
 from ..training import augment as crop_flip
 from ..utils import resolve_device

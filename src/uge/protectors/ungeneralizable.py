@@ -7,7 +7,8 @@ from typing import ClassVar
 from ..config import AuthorizedSpec, ProtectConfig
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
-from ..protect import Protection, protect
+from ..protect import TITLE, protect
+from ..result import Protection
 from ..utils import from_dict
 from .base import Protector, register_protector
 
@@ -23,7 +24,7 @@ class UGEProtector(Protector):
     """
 
     name = "uge"
-    title = "Ungeneralizable Examples (Ye & Wang, CVPR 2024)"
+    title = TITLE
     fixed: ClassVar[dict] = {}  # ProtectConfig fields this variant pins
 
     def __init__(self, **params):
@@ -64,7 +65,7 @@ class UGEProtector(Protector):
                 progress: bool = True, seed: int = 0) -> Protection:
         cfg = ProtectConfig.from_dict({**self.config.to_dict(), "seed": self.config.seed + seed})
         result = protect(data, cfg, device=device, work_dir=work_dir, progress=progress)
-        result.method, result.params = self.name, cfg.to_dict()
+        result.method, result.params, result.title = self.name, cfg.to_dict(), self.title
         return result
 
 
