@@ -277,14 +277,13 @@ def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDat
     torch.manual_seed(cfg.seed)
     gen = Generator(data.channels, cfg.rho, width=cfg.generator_width, center=cfg.generator_center).to(device)
     opt = torch.optim.Adam(gen.parameters(), lr=cfg.generator_lr)
-    history, start, rng = [], 0, np.random.default_rng(cfg.seed)
+    history, start = [], 0
     ckpt = work.file("generator.pt")
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         gen.load_state_dict(state["generator"])
         opt.load_state_dict(state["optimizer"])
         history, start = state["history"], state["epoch"]
-        rng = np.random.default_rng([cfg.seed, start])
         log.info("generator resumed after epoch %d of %d", start, cfg.generator_epochs)
     images, labels = data.tensors(device)
     n, bs = len(data), min(cfg.generator_batch_size, len(data))
@@ -296,6 +295,10 @@ def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDat
     bar = tqdm(range(start, cfg.generator_epochs), desc="generator", disable=None if progress else True, leave=False,
                initial=start, total=cfg.generator_epochs)
     for epoch in bar:
+        # Every epoch draws from its own seeds (numpy: batch order and checkpoints; torch: dropout, augmentation),
+        # so a run resumed from the checkpoint of the epoch before publishes the same bytes as one never stopped.
+        rng = np.random.default_rng([cfg.seed, epoch])
+        torch.manual_seed(cfg.seed + 1_000_003 * (epoch + 1))
         gen.train()
         sums: dict[str, torch.Tensor] = {}
         batch_order = rng.permutation(steps) if fixed else range(steps)
@@ -384,10 +387,11 @@ def _optimize_delta(objective: UGEObjective, cfg: ProtectConfig, data: ImageData
             continue
         if r > start_round:
             done, sums = 0, [dict() for _ in range(cfg.delta_steps)]
-        rng = np.random.default_rng([cfg.seed, done] if r == 0 else [cfg.seed, r, done])
-        torch.manual_seed(cfg.seed + done + 100_003 * r)
         for b in tqdm(range(done, len(starts)), desc="δ" if cfg.gm_rounds == 1 else f"δ, round {r + 1}",
                       disable=None if progress else True, leave=False, initial=done, total=len(starts)):
+            # Each batch draws from its own seeds: a resumed run repeats an uninterrupted one exactly.
+            rng = np.random.default_rng([cfg.seed, r, b])
+            torch.manual_seed(cfg.seed + b + 100_003 * r)
             sl = slice(starts[b], starts[b] + bs)
             x, y = images[sl].float().div_(255), labels[sl]
             calls = iter(sums)  # one loss call per step: add the step's terms to its history entry
