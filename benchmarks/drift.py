@@ -30,7 +30,7 @@ from uge.benchmark.runner import load_data
 from uge.config import AuthorizedSpec
 from uge.losses import measured_gradient_distance
 from uge.models import create_model
-from uge.publish import authorized_network, read_published
+from uge.published import authorized_network, read_published
 from uge.training import accuracy, record_trajectory
 from uge.utils import write_json
 from uge.weights import build_network

@@ -18,7 +18,7 @@ import numpy as np
 from uge.benchmark import parse_config
 from uge.benchmark.runner import load_data
 from uge.diagnostics import perturbation_shares
-from uge.publish import read_published
+from uge.published import read_published
 
 
 def main(run_dir: str, data: str | None = None):

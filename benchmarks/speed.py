@@ -39,7 +39,7 @@ from uge.features import build_feature_space
 from uge.losses import (clean_gradient, gradient_distance_reference, gradient_matching_input_grad, gradient_matching_loss,
                         matched_parameters)
 from uge.models import Generator, create_model
-from uge.protect import UGEObjective
+from uge.protectors.uge import UGEObjective
 from uge.training import Recipe, train
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks (vendor sheets)

@@ -16,7 +16,7 @@ from uge.benchmark import load_config, parse_config, read_records, run_benchmark
 from uge.cli import main
 from uge.errors import ConfigError
 from uge.losses import least_similar_class
-from uge.publish import read_published
+from uge.published import read_published
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -212,6 +212,18 @@ def test_report_is_built_from_records_alone(tmp_path):
     assert r"\begin{tabular}" in (out / "table.tex").read_text()
     for fig in ("accuracy.png", "rho.png"):  # two budgets -> the Fig. 3 curve
         assert (out / fig).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_without_matplotlib_writes_the_tables(tmp_path, monkeypatch):
+    """matplotlib is an optional extra (uge[report]): without it the tables are written and figures skipped."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    out = write_report(_fake_run(tmp_path))
+    assert "| UGE | normal | 88.50 (-1.50) | 30.00 (-50.00) |" in (out / "table.md").read_text()
+    assert "Figures:" not in (out / "report.md").read_text()
+    assert not list(out.glob("*.png"))
 
 
 def test_report_of_a_real_run_matches_its_records(tiny_run, tmp_path):

@@ -17,7 +17,7 @@ import torch
 from uge.cli import main
 from uge.data import load_dataset, save_npz
 from uge.models import create_model
-from uge.publish import read_published
+from uge.published import read_published
 from uge.weights import build_network, load_weights
 
 evaluate_mod = importlib.import_module("uge.evaluate")
@@ -303,7 +303,7 @@ def test_error_existing_out_without_overwrite(protected, capsys, monkeypatch):
     def no_protect(*a, **k):
         raise AssertionError("protect ran although --out exists")
 
-    monkeypatch.setattr(importlib.import_module("uge.cli"), "protect", no_protect)
+    monkeypatch.setattr(importlib.import_module("uge.protectors.uge"), "protect", no_protect)
     _expect_usage_error(["protect", *TINY_PROTECT, "--out", str(protected[2])], capsys, "already exists")
     assert (protected[2] / "manifest.json").read_text() == before
 
@@ -312,7 +312,7 @@ def test_error_bad_format_is_reported_before_any_training(workdir, capsys, monke
     def no_protect(*a, **k):
         raise AssertionError("protect ran although --format is invalid")
 
-    monkeypatch.setattr(importlib.import_module("uge.cli"), "protect", no_protect)
+    monkeypatch.setattr(importlib.import_module("uge.protectors.uge"), "protect", no_protect)
     _expect_usage_error(["protect", *TINY_PROTECT[:-5], "--format", "jpeg", "--quiet", "--device", "cpu",
                          "--out", "never"], capsys, "format")
 
@@ -327,7 +327,7 @@ def test_interrupt_exits_130_with_a_resume_hint(workdir, capsys, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(importlib.import_module("uge.cli"), "protect", interrupted)
+    monkeypatch.setattr(importlib.import_module("uge.protectors.uge"), "protect", interrupted)
     rc = main(["protect", *TINY_PROTECT, "--out", "never"])
     assert rc == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
@@ -379,6 +379,18 @@ def test_installed_command_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().startswith("uge: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_import_and_help_do_not_load_torch():
+    """A fast start: `import uge` and the whole parser (every subcommand's flags) come from the config layer."""
+    code = ("import sys, uge; from uge.cli import build_parser; build_parser().format_help(); "
+            "uge.ProtectConfig(); assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    # the lazy names resolve to the functions, also after their modules were imported (no name is a module's)
+    code = "import uge, uge.published, uge.protectors.uge; print(uge.protect.__module__, uge.publish.__module__)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert r.stdout.split() == ["uge.protectors.uge", "uge.published"], r.stderr
 
 
 def test_python_dash_m_help_lists_the_commands():

@@ -12,9 +12,20 @@ import torch.nn.functional as F
 from conftest import random_dataset, tiny_config
 
 from uge.cli import main
-from uge.countermeasures import (BatchAugment, Countermeasure, InputTransform, countermeasure_slug,
-                                 format_countermeasures, get_countermeasure, list_countermeasures,
-                                 make_batch_augment, parse_countermeasures, perturb_init, transform_data, wrap_task)
+from uge.countermeasures import (
+    BatchAugment,
+    Countermeasure,
+    InputTransform,
+    countermeasure_slug,
+    format_countermeasures,
+    get_countermeasure,
+    list_countermeasures,
+    make_batch_augment,
+    parse_countermeasures,
+    perturb_init,
+    transform_data,
+    wrap_task,
+)
 from uge.data import ImageDataset
 from uge.errors import ConfigError
 from uge.evaluate import HackerSpec, evaluate_set, format_table
@@ -492,8 +503,8 @@ def test_evaluate_set_records_and_file_names_carry_the_countermeasures(digits_sm
 @pytest.fixture(scope="module")
 def published(tmp_path_factory, digits_splits):
     """A published set without perturbation (written by the real publish code, no generator training)."""
-    from uge.protect import Protection
-    from uge.publish import publish
+    from uge.published import publish
+    from uge.result import Protection
 
     data = digits_splits[0].per_class(10)
     cfg = tiny_config()

@@ -6,14 +6,19 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from torch.func import replace_all_batch_norm_modules_
 
-from uge.losses import (clean_gradient, gradient_distance, gradient_distance_reference, gradient_matching_input_grad,
-                        gradient_matching_loss, matched_parameters)
+from uge.losses import (
+    clean_gradient,
+    gradient_distance,
+    gradient_distance_reference,
+    gradient_matching_input_grad,
+    gradient_matching_loss,
+    matched_parameters,
+)
 from uge.models import create_model
-from uge.protect import CleanGradientCache, UGEObjective
-
-from conftest import tiny_config
+from uge.protectors.uge import CleanGradientCache, UGEObjective
 
 
 def _grads(seed=0):

@@ -20,7 +20,7 @@ from uge.errors import ConfigError
 from uge.models import create_model
 from uge.protectors import build_protector
 from uge.protectors.keyed import keyed_levels, tiled_patterns
-from uge.publish import input_stage_difference, publish, read_published, verify
+from uge.published import input_stage_difference, publish, read_published, verify
 from uge.training import Recipe, train
 
 

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from uge.config import AuthorizedSpec
 from uge.errors import ConfigError
 from uge.models import Generator, create_model
-from uge.protect import Protection, generate, protect, quantize
-from uge.publish import publish, read_published, verify
+from uge.protectors.uge import Protection, generate, protect, quantize
+from uge.published import publish, read_published, verify
 
-# ``uge.protect`` as an attribute is the function (uge/__init__.py re-exports it), so patch the module object.
-protect_mod = importlib.import_module("uge.protect")
+# the module object of UGE (patched by the tests below)
+protect_mod = importlib.import_module("uge.protectors.uge")
 
 
 @pytest.fixture(autouse=True)

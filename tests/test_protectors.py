@@ -16,10 +16,10 @@ from conftest import TINY_RECIPE, random_dataset, rehash
 
 from uge.errors import ConfigError
 from uge.models import create_model
-from uge.protect import Protection
 from uge.protectors import Protector, build_protector, list_protectors, protector_class
 from uge.protectors.pgd import pgd, uniform_start
-from uge.publish import publish, read_published, verify
+from uge.published import publish, read_published, verify
+from uge.result import Protection
 from uge.similarity import PSNR_CAP, psnr, similarity, ssim
 from uge.training import Recipe, predict, train
 

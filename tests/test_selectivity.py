@@ -22,12 +22,12 @@ from uge.benchmark.report import noise_of_one_number, selectivity_rows
 from uge.config import AuthorizedSpec
 from uge.errors import ConfigError
 from uge.models import Generator, create_model
-from uge.protect import _objective, _Workdir, protect
-from uge.publish import read_published
+from uge.protectors.uge import _objective, _Workdir, protect
+from uge.published import read_published
 from uge.training import Recipe, train
 from uge.weights import load_weights
 
-protect_mod = importlib.import_module("uge.protect")  # the module (uge.protect is also the function)
+protect_mod = importlib.import_module("uge.protectors.uge")
 
 
 def _states_equal(a: dict, b: dict) -> bool:

@@ -11,15 +11,34 @@ The Python API mirrors the ``uge`` command line::
 """
 __version__ = "0.1.0"
 
-from .config import AuthorizedSpec, ProtectConfig  # noqa: E402
-from .data import ImageDataset, load_dataset, load_splits, save_npz  # noqa: E402
-from .errors import ConfigError, DataError, UGEError, VerificationError  # noqa: E402
-from .evaluate import HackerSpec, evaluate_published, evaluate_set, format_table  # noqa: E402
-from .models import Generator, create_model, list_models  # noqa: E402
-from .protect import Protection, protect  # noqa: E402
-from .protectors import build_protector, list_protectors  # noqa: E402
-from .publish import Published, publish, read_published, verify  # noqa: E402
-from .training import AdversarialTask, DistillTask, Recipe, SupervisedTask, accuracy, train  # noqa: E402
+# Public names, imported on first use (PEP 562): ``import uge`` and ``uge --help`` do not load torch.
+_WHERE = {
+    "AuthorizedSpec": "config", "ProtectConfig": "config", "Recipe": "config",
+    "ImageDataset": "data", "load_dataset": "data", "load_splits": "data", "save_npz": "data",
+    "ConfigError": "errors", "DataError": "errors", "UGEError": "errors", "VerificationError": "errors",
+    "HackerSpec": "config", "evaluate_published": "evaluate", "evaluate_set": "evaluate", "format_table": "evaluate",
+    "Generator": "models", "create_model": "models", "list_models": "models",
+    "Protection": "result", "protect": "protectors.uge",
+    "build_protector": "protectors", "list_protectors": "protectors",
+    "Published": "published", "publish": "published", "read_published": "published", "verify": "published",
+    "AdversarialTask": "training", "DistillTask": "training", "SupervisedTask": "training", "accuracy": "training",
+    "train": "training",
+}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'uge' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value  # once: later lookups do not come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __all__ = [
     "AdversarialTask", "AuthorizedSpec", "ConfigError", "DataError", "DistillTask", "Generator", "HackerSpec",

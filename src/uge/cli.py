@@ -7,21 +7,27 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .config import CHOICES, AuthorizedSpec, ProtectConfig
-from .countermeasures import (SYNTAX, countermeasure_slug, describe_countermeasures, format_countermeasures,
-                              list_countermeasures, make_batch_augment, parse_countermeasures, transform_data,
-                              wrap_task)
-from .data import ImageDataset, load_dataset, load_splits
-from .data.loaders import BUILTINS
+from .config import (
+    CHOICES,
+    COUNTERMEASURE_SYNTAX,
+    FORMATS,
+    HACKER_SYNTAX,
+    AuthorizedSpec,
+    HackerSpec,
+    ProtectConfig,
+    Recipe,
+)
 from .errors import ConfigError, UGEError
-from .evaluate import HACKER_SYNTAX, HackerSpec, evaluate_published, format_table
-from .protect import protect
-from .publish import FORMATS, read_published, verify
-from .training import DistillTask, Recipe, SupervisedTask, accuracy, train
 from .utils import resolve_device, write_json
-from .weights import build_network, save_weights
+
+if TYPE_CHECKING:
+    from .data import ImageDataset
+
+# The parser is built from the config layer only; each command imports the numerical stack (torch) it needs,
+# so `uge --help` and a mistyped flag answer at once.
 
 log = logging.getLogger("uge")
 DEFAULT_HACKERS = "cnn:normal,cnn:distill,resnetc20:normal,resnetc20:distill"
@@ -66,6 +72,8 @@ class _CountermeasureAction(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         if values.strip() == "list":
+            from .countermeasures import describe_countermeasures
+
             print(describe_countermeasures())
             parser.exit(0)
         setattr(namespace, self.dest, values)
@@ -73,8 +81,8 @@ class _CountermeasureAction(argparse.Action):
 
 def _add_countermeasure_arg(p: argparse.ArgumentParser, flag: str = "--countermeasure", who: str = "the hackers"):
     p.add_argument(flag, metavar="SPEC", action=_CountermeasureAction,
-                   help=f"countermeasures of {who}: {SYNTAX}; known: {', '.join(list_countermeasures())} "
-                        f"('{flag} list' shows their parameters and defaults)")
+                   help=f"countermeasures of {who}: {COUNTERMEASURE_SYNTAX} ('{flag} list' shows every "
+                        "countermeasure with its parameters and defaults)")
 
 
 def _source_record(args, prefix: str = "") -> dict:
@@ -89,6 +97,8 @@ def _published_source(src: dict) -> dict:
     Never the local path: a data owner publishing the set would publish their file system's layout. The
     images themselves are identified by the manifest's ``original_sha256``.
     """
+    from .data.loaders import BUILTINS
+
     data = str(src["data"])
     builtin = data in BUILTINS
     return {"name": data if builtin else Path(data).name, "builtin": builtin,
@@ -98,6 +108,9 @@ def _published_source(src: dict) -> dict:
 def load_source(source: dict, root=None, download=False, flag: str = "--original-data") -> ImageDataset:
     """Load a data set described by a source record (``data`` or a built-in ``name``, ``split``, ``per_class``,
     ``subset_seed``); a manifest's file source has no location, so ``flag`` must give it."""
+    from .data import load_dataset
+    from .published import read_published
+
     data = source.get("data") or (source.get("name") if source.get("builtin") else None)
     if not data:
         raise ConfigError(f"the published set names its data {source.get('name')!r} but not where it is "
@@ -153,7 +166,8 @@ def _method_params(items: list[str] | None) -> dict:
 
 def cmd_protect(args) -> int:
     from .protectors import build_protector
-    from .publish import publish
+    from .protectors.uge import protect
+    from .published import publish
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     if not formats or set(formats) - set(FORMATS):  # fail before any training
@@ -197,6 +211,16 @@ def cmd_protect(args) -> int:
 # ---------------------------------------------------------------- train
 
 def cmd_train(args) -> int:
+    from .countermeasures import (
+        format_countermeasures,
+        make_batch_augment,
+        parse_countermeasures,
+        transform_data,
+        wrap_task,
+    )
+    from .training import DistillTask, SupervisedTask, accuracy, train
+    from .weights import build_network, save_weights
+
     cms = parse_countermeasures(args.countermeasure)  # fail on a bad spec before loading anything
     src = _source_record(args)
     data = load_source(src, args.root, args.download)
@@ -231,6 +255,8 @@ def cmd_train(args) -> int:
 
 def _default_test_source(src: dict) -> dict:
     """The test split of the training data's source (the published set's own source for a published set)."""
+    from .published import read_published
+
     if (Path(src["data"]) / "manifest.json").is_file():
         recorded = read_published(src["data"]).manifest.get("source") or {}
         data = recorded.get("data") or (recorded.get("name") if recorded.get("builtin") else None)
@@ -243,6 +269,8 @@ def _default_test_source(src: dict) -> dict:
 
 def _load_test(test_src: dict, args) -> ImageDataset:
     """The test set; a defaulted one must be a real test split of the source, never its training images."""
+    from .data import load_splits
+
     if test_src.get("default"):
         test = load_splits(test_src["data"], root=args.root, download=args.download)[1]
         return test.per_class(args.test_per_class, args.test_subset_seed) if args.test_per_class else test
@@ -252,6 +280,10 @@ def _load_test(test_src: dict, args) -> ImageDataset:
 # ---------------------------------------------------------------- evaluate
 
 def cmd_evaluate(args) -> int:
+    from .countermeasures import countermeasure_slug, parse_countermeasures
+    from .evaluate import evaluate_published, format_table
+    from .published import read_published
+
     cms = parse_countermeasures(args.countermeasure)  # fail on a bad spec before loading anything
     auth_cms = parse_countermeasures(args.authorized_countermeasure)
     pub = read_published(args.published)
@@ -280,6 +312,8 @@ def cmd_evaluate(args) -> int:
 # ---------------------------------------------------------------- verify
 
 def cmd_verify(args) -> int:
+    from .published import read_published, verify
+
     pub_manifest = read_published(args.published).manifest
     if args.original_data:
         src = _source_record(args, "original_")

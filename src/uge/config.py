@@ -1,15 +1,134 @@
-"""Configuration dataclasses of the protector, readable from and written to JSON."""
+"""Configuration dataclasses — the training recipe and the protector's settings — readable from and written to JSON.
+
+Plain Python (no torch): the command line builds its parser from these without loading the numerical stack.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
-from .training import Recipe
 from .utils import from_dict
 
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class Recipe:
+    """How a network is trained. Published with θ0 as the authorized recipe.
+
+    ``schedule``: lr warms up linearly over the first ``warmup`` fraction of steps, then decays to 0
+    ("linear", "cosine") or stays ("constant"). ``crop``: random-crop with zero padding of 1/8 of the
+    image size; ``flip``: random horizontal flip.
+    """
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup: float = 0.1
+    schedule: str = "linear"
+    crop: bool = True
+    flip: bool = True
+    temperature: float = 4.0  # distillation softmax temperature
+
+    def __post_init__(self):
+        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 2, "lr": self.lr > 0,
+                  "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
+                  "warmup": 0 <= self.warmup < 1, "schedule": self.schedule in SCHEDULES,
+                  "temperature": self.temperature > 0}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"invalid recipe value(s) for {', '.join(bad)}: "
+                              f"{ {k: getattr(self, k) for k in bad} } (schedules: {', '.join(SCHEDULES)})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        return from_dict(cls, d, "recipe")
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Learning rate at optimizer step ``step`` of ``total``."""
+        warm = int(self.warmup * total)
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        if self.schedule == "constant":
+            return self.lr
+        frac = (step - warm) / max(1, total - warm)
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * frac))
+        return self.lr * (1 - frac)
+
+
+HACKER_MODES = ("normal", "distill")  # trained on the labels, or distilled from the authorized network
+HACKER_SYNTAX = "ARCH[:MODE[:SEED]] or ARCH:MODE:theta0+SIGMA[:SEED], e.g. cnn:distill or resnet18:normal:theta0+0.1"
+
+
+@dataclass(frozen=True)
+class HackerSpec:
+    """A hacker network: an architecture, a training mode ("normal" or "distill") and its initialization.
+
+    By default the init is random from ``seed``. With ``init_noise`` = σ (not None) the hacker knows the
+    authorized architecture and θ0 approximately: it starts from the θ0 of the (first) authorized network
+    of the same architecture plus relative Gaussian noise of size σ drawn with ``seed``
+    (:func:`uge.countermeasures.perturb_init`), and trains with the authorized recipe, so σ = 0 repeats
+    the authorized network exactly. Sweeping σ measures how close an init must be to count as authorized.
+    """
+
+    arch: str
+    mode: str = "normal"
+    seed: int = 1
+    init_noise: float | None = None
+
+    def __post_init__(self):
+        if self.mode not in HACKER_MODES:
+            raise ConfigError(f"unknown hacker mode {self.mode!r} in {self}; modes: {', '.join(HACKER_MODES)}")
+        if self.init_noise is not None and not self.init_noise >= 0:
+            raise ConfigError(f"the θ0 noise of hacker {self.arch} must be >= 0, got {self.init_noise}")
+
+    @classmethod
+    def parse(cls, text: str) -> "HackerSpec":
+        """Parse ``ARCH[:MODE[:SEED]]`` (e.g. ``resnet18:distill:3``) or ``ARCH:MODE:theta0+SIGMA[:SEED]``
+        (e.g. ``cnn:normal:theta0+0.05``: θ0 plus noise σ = 0.05 drawn with seed SEED, default 1)."""
+        parts = text.strip().split(":")
+        noisy = len(parts) > 2 and parts[2].startswith("theta0")
+        if not parts[0] or len(parts) > (4 if noisy else 3):
+            raise ConfigError(f"bad hacker spec {text!r}; expected {HACKER_SYNTAX}")
+        mode = parts[1] if len(parts) > 1 else "normal"
+        try:
+            if noisy:
+                sigma = parts[2][len("theta0"):]
+                if sigma and not sigma.startswith("+"):
+                    raise ValueError
+                return cls(parts[0], mode, int(parts[3]) if len(parts) > 3 else 1, float(sigma[1:] or 0))
+            return cls(parts[0], mode, int(parts[2]) if len(parts) > 2 else 1)
+        except ConfigError:
+            raise
+        except ValueError:
+            raise ConfigError(f"bad seed or θ0 noise in hacker spec {text!r}; expected {HACKER_SYNTAX}") from None
+
+    @property
+    def spec(self) -> str:
+        """The text :meth:`parse` reads back into this spec."""
+        if self.init_noise is None:
+            return f"{self.arch}:{self.mode}:{self.seed}"
+        return f"{self.arch}:{self.mode}:theta0+{self.init_noise!r}:{self.seed}"
+
+    @property
+    def key(self) -> str:
+        noise = "" if self.init_noise is None else f"_theta0+{self.init_noise!r}"
+        return f"{self.arch}_{self.mode}{noise}_s{self.seed}"
+
+
+COUNTERMEASURE_SYNTAX = "NAME[:key=value[,key=value]] joined by '+', e.g. jpeg:quality=10+cutout:size=8"
+FORMATS = ("npz", "png")  # the file formats a published set can hold
 LOSSES = ("gm", "fd", "ud")
 FEATURE_SPACES = ("encoder", "clip")
 CHOICES = {  # option -> its values; the first is the paper's reading (as this project implemented it first)

@@ -8,8 +8,8 @@ from pathlib import Path
 from .config import AuthorizedSpec, ProtectConfig
 from .data import load_splits
 from .evaluate import HackerSpec, evaluate_published, format_table
-from .protect import protect
-from .publish import publish, read_published, verify
+from .protectors.uge import protect
+from .published import publish, read_published, verify
 from .training import Recipe
 
 # Sized for 2 CPU cores: small networks, few epochs; 8x8 digits must not be flipped.

@@ -12,11 +12,11 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
+from .config import HACKER_MODES, HACKER_SYNTAX, HackerSpec  # noqa: F401  (re-exported)
 from .countermeasures import (
     Countermeasure,
     adapt_model,
@@ -32,73 +32,15 @@ from .data.dataset import ImageDataset
 from .errors import ConfigError
 from .models import create_model
 from .models.registry import Classifier
-from .publish import Published, given_theta0
+from .published import Published, given_theta0
 from .training import DistillTask, Recipe, SupervisedTask, accuracy, train
 from .utils import resolve_device, slug, versions, write_json
 from .weights import load_into, save_weights
 
 log = logging.getLogger("uge")
-TASKS = {"normal": lambda teacher, recipe: SupervisedTask(),
+TASKS = {"normal": lambda teacher, recipe: SupervisedTask(),  # one per HACKER_MODES entry
          "distill": lambda teacher, recipe: DistillTask(teacher, recipe.temperature)}
-
-
-HACKER_SYNTAX = "ARCH[:MODE[:SEED]] or ARCH:MODE:theta0+SIGMA[:SEED], e.g. cnn:distill or resnet18:normal:theta0+0.1"
-
-
-@dataclass(frozen=True)
-class HackerSpec:
-    """A hacker network: an architecture, a training mode ("normal" or "distill") and its initialization.
-
-    By default the init is random from ``seed``. With ``init_noise`` = σ (not None) the hacker knows the
-    authorized architecture and θ0 approximately: it starts from the θ0 of the (first) authorized network
-    of the same architecture plus relative Gaussian noise of size σ drawn with ``seed``
-    (:func:`uge.countermeasures.perturb_init`), and trains with the authorized recipe, so σ = 0 repeats
-    the authorized network exactly. Sweeping σ measures how close an init must be to count as authorized.
-    """
-
-    arch: str
-    mode: str = "normal"
-    seed: int = 1
-    init_noise: float | None = None
-
-    def __post_init__(self):
-        if self.mode not in TASKS:
-            raise ConfigError(f"unknown hacker mode {self.mode!r} in {self}; modes: {', '.join(TASKS)}")
-        if self.init_noise is not None and not self.init_noise >= 0:
-            raise ConfigError(f"the θ0 noise of hacker {self.arch} must be >= 0, got {self.init_noise}")
-
-    @classmethod
-    def parse(cls, text: str) -> "HackerSpec":
-        """Parse ``ARCH[:MODE[:SEED]]`` (e.g. ``resnet18:distill:3``) or ``ARCH:MODE:theta0+SIGMA[:SEED]``
-        (e.g. ``cnn:normal:theta0+0.05``: θ0 plus noise σ = 0.05 drawn with seed SEED, default 1)."""
-        parts = text.strip().split(":")
-        noisy = len(parts) > 2 and parts[2].startswith("theta0")
-        if not parts[0] or len(parts) > (4 if noisy else 3):
-            raise ConfigError(f"bad hacker spec {text!r}; expected {HACKER_SYNTAX}")
-        mode = parts[1] if len(parts) > 1 else "normal"
-        try:
-            if noisy:
-                sigma = parts[2][len("theta0"):]
-                if sigma and not sigma.startswith("+"):
-                    raise ValueError
-                return cls(parts[0], mode, int(parts[3]) if len(parts) > 3 else 1, float(sigma[1:] or 0))
-            return cls(parts[0], mode, int(parts[2]) if len(parts) > 2 else 1)
-        except ConfigError:
-            raise
-        except ValueError:
-            raise ConfigError(f"bad seed or θ0 noise in hacker spec {text!r}; expected {HACKER_SYNTAX}") from None
-
-    @property
-    def spec(self) -> str:
-        """The text :meth:`parse` reads back into this spec."""
-        if self.init_noise is None:
-            return f"{self.arch}:{self.mode}:{self.seed}"
-        return f"{self.arch}:{self.mode}:theta0+{self.init_noise!r}:{self.seed}"
-
-    @property
-    def key(self) -> str:
-        noise = "" if self.init_noise is None else f"_theta0+{self.init_noise!r}"
-        return f"{self.arch}_{self.mode}{noise}_s{self.seed}"
+assert tuple(TASKS) == HACKER_MODES
 
 
 class _Setting:

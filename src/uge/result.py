@@ -1,6 +1,6 @@
 """What every protector produces, and the one conversion of the budget to 8-bit levels.
 
-A neutral module: the protectors (:mod:`uge.protectors`, UGE among them), :mod:`uge.publish` and the
+A neutral module: the protectors (:mod:`uge.protectors`, UGE among them), :mod:`uge.published` and the
 benchmark runner share it without importing one another.
 """
 from __future__ import annotations
@@ -23,12 +23,12 @@ def rho_levels(rho: float) -> int:
 
     The small tolerance keeps a ρ typed as ``k / 255`` at k levels despite floating-point rounding.
     """
-    return int(math.floor(255 * rho + 1e-9))
+    return math.floor(255 * rho + 1e-9)
 
 
 @dataclass
 class Protection:
-    """What a protection run produces; :func:`uge.publish.publish` writes it to disk.
+    """What a protection run produces; :func:`uge.published.publish` writes it to disk.
 
     UGE runs carry their :class:`ProtectConfig`; baseline protectors (:mod:`uge.protectors`) leave
     ``config`` None, name themselves in ``method`` and record their parameters in ``params``. A protector

@@ -6,9 +6,7 @@ trajectory recording all run through :func:`train`.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,63 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import SCHEDULES, Recipe  # noqa: F401  (Recipe lives in the config layer; re-exported)
 from .data.dataset import ImageDataset
 from .errors import ConfigError
 from .losses import kd_loss
-from .utils import from_dict, resolve_device
-
-SCHEDULES = ("linear", "cosine", "constant")
-
-
-@dataclass
-class Recipe:
-    """How a network is trained. Published with θ0 as the authorized recipe.
-
-    ``schedule``: lr warms up linearly over the first ``warmup`` fraction of steps, then decays to 0
-    ("linear", "cosine") or stays ("constant"). ``crop``: random-crop with zero padding of 1/8 of the
-    image size; ``flip``: random horizontal flip.
-    """
-
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    warmup: float = 0.1
-    schedule: str = "linear"
-    crop: bool = True
-    flip: bool = True
-    temperature: float = 4.0  # distillation softmax temperature
-
-    def __post_init__(self):
-        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 2, "lr": self.lr > 0,
-                  "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
-                  "warmup": 0 <= self.warmup < 1, "schedule": self.schedule in SCHEDULES,
-                  "temperature": self.temperature > 0}
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"invalid recipe value(s) for {', '.join(bad)}: "
-                              f"{ {k: getattr(self, k) for k in bad} } (schedules: {', '.join(SCHEDULES)})")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Recipe":
-        return from_dict(cls, d, "recipe")
-
-    def lr_at(self, step: int, total: int) -> float:
-        """Learning rate at optimizer step ``step`` of ``total``."""
-        warm = int(self.warmup * total)
-        if step < warm:
-            return self.lr * (step + 1) / warm
-        if self.schedule == "constant":
-            return self.lr
-        frac = (step - warm) / max(1, total - warm)
-        if self.schedule == "cosine":
-            return self.lr * 0.5 * (1 + math.cos(math.pi * frac))
-        return self.lr * (1 - frac)
+from .utils import resolve_device
 
 
 class SupervisedTask:

@@ -11,10 +11,12 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("uge")
 
@@ -26,6 +28,8 @@ def slug(text: str) -> str:
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' → CUDA when available, else CPU; 'cuda' without a GPU is a ConfigError."""
+    import torch  # here, not at the top: the config layer and the command line's parser stay torch-free
+
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -144,6 +148,7 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def versions() -> dict[str, str]:
     """Versions of the packages that determine results, for manifests and records."""
     import numpy
+    import torch
     import torchvision
 
     from . import __version__

@@ -7,7 +7,9 @@ number beside its change from the same network trained on the clean data.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -18,6 +20,8 @@ from ..errors import ConfigError
 from ..models.registry import BLIND
 from .config import Variant
 from .runner import read_records
+
+log = logging.getLogger("uge")
 
 
 def _column(r: dict, n_auth: int, hacker_archs: dict) -> str:
@@ -404,8 +408,8 @@ def _save_curve(plt, fig, ax, path: Path, xlabel: str) -> bool:
     return True
 
 
-def accuracy_figure(path: Path, columns, rows) -> None:
-    """Grouped bars: test accuracy of every network (group) for every (variant, mode) row (bar)."""
+def accuracy_figure(path: Path, columns, rows) -> bool:
+    """Grouped bars: test accuracy of every network (group) for every (variant, mode) row (bar); always drawn."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(columns) + 2), 4))
     width = 0.8 / max(1, len(rows))
@@ -420,6 +424,7 @@ def accuracy_figure(path: Path, columns, rows) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def rho_figure(path: Path, columns, rows) -> bool:
@@ -579,24 +584,21 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     (out / "table.md").write_text(table + "\n")
     (out / "table.tex").write_text(latex_table(columns, rows) + "\n")
     write_csv(out / "table.csv", columns, rows, paper)
-    accuracy_figure(out / "accuracy.png", columns, rows)
-    figures = ["accuracy.png"]
-    if rho_figure(out / "rho.png", columns, rows):
-        figures.append("rho.png")
-    if init_noise_figure(out / "init_noise.png", records):
-        figures.append("init_noise.png")
-    if recipe_figure(out / "recipe.png", *sweep):
-        figures.append("recipe.png")
-    if curves_figure(out / "curves.png", records):
-        figures.append("curves.png")
-    if diagnostics_figure(out / "diagnostics.png", run_dir):
-        figures.append("diagnostics.png")
-    order = [Variant(v["name"]).slug for v in cfg.get("variant", [])]
-    if samples_figure(out / "samples.png", run_dir, order=order):
-        figures.append("samples.png")
-    optional = {"rho.png", "init_noise.png", "recipe.png", "samples.png", "curves.png", "diagnostics.png"}
-    for stale in optional - set(figures):  # from an older report
-        (out / stale).unlink(missing_ok=True)
+    figures = []
+    if importlib.util.find_spec("matplotlib") is None:  # an optional extra: the tables do not need it
+        log.warning("figures skipped: matplotlib is not installed (pip install 'uge[report]')")
+    else:
+        order = [Variant(v["name"]).slug for v in cfg.get("variant", [])]
+        drawn = {"accuracy.png": accuracy_figure(out / "accuracy.png", columns, rows),
+                 "rho.png": rho_figure(out / "rho.png", columns, rows),
+                 "init_noise.png": init_noise_figure(out / "init_noise.png", records),
+                 "recipe.png": recipe_figure(out / "recipe.png", *sweep),
+                 "curves.png": curves_figure(out / "curves.png", records),
+                 "diagnostics.png": diagnostics_figure(out / "diagnostics.png", run_dir),
+                 "samples.png": samples_figure(out / "samples.png", run_dir, order=order)}
+        figures = [f for f, ok in drawn.items() if ok]
+        for stale in set(drawn) - set(figures):  # from an older report
+            (out / stale).unlink(missing_ok=True)
     parts = [f"# {cfg.get('name', run_dir.name)}", cfg.get("description", ""),
              ("Clean test accuracy (%) of each network trained on each variant of the training set; in brackets "
               "the change from the same network trained on the clean data."), table]
@@ -624,6 +626,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     prot = protection_table(run_dir)
     if prot:
         parts += ["Protection runs (wall seconds per stage; losses of the last generator epoch):", prot]
-    parts.append("Figures: " + ", ".join(f"![{f}]({f})" for f in figures))
+    if figures:
+        parts.append("Figures: " + ", ".join(f"![{f}]({f})" for f in figures))
     (out / "report.md").write_text("\n\n".join(p for p in parts if p) + "\n")
     return out

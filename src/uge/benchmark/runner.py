@@ -29,9 +29,9 @@ from ..data import ImageDataset, load_dataset, load_splits
 from ..diagnostics import perturbation_shares
 from ..errors import ConfigError
 from ..evaluate import evaluate_set
-from ..protect import protect
+from ..protectors.uge import protect
 from ..protectors import build_protector
-from ..publish import publish, read_published, verify
+from ..published import publish, read_published, verify
 from ..result import rho_levels
 from ..utils import atomic_write_text, resolve_device, versions, write_json
 from ..weights import build_network

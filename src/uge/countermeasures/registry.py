@@ -24,11 +24,12 @@ from typing import Callable, ClassVar
 import numpy as np
 import torch
 
+from ..config import COUNTERMEASURE_SYNTAX
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
 
 KINDS = ("input", "batch", "task", "model")
-SYNTAX = "NAME[:key=value[,key=value]] joined by '+', e.g. jpeg:quality=10+cutout:size=8"
+SYNTAX = COUNTERMEASURE_SYNTAX
 
 _REGISTRY: dict[str, type[Countermeasure]] = {}
 

@@ -18,7 +18,7 @@ cuda       class-wise convolution filters (Sadasivan et al., CVPR 2023)         
     result = build_protector("em", arch="cnn").protect(train, seed=0)
     uge.publish(result, train, "em-set")
 """
-from . import cuda, em, keyed, noise, rem, tap, ungeneralizable  # noqa: F401  (register the protectors)
+from . import cuda, em, keyed, noise, rem, tap, uge  # noqa: F401  (register the protectors)
 from .base import Protector, build_protector, list_protectors, protector_class, register_protector
 
 __all__ = ["Protector", "build_protector", "list_protectors", "protector_class", "register_protector"]

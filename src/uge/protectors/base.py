@@ -1,7 +1,7 @@
 """Protector registry: ``register_protector``, ``build_protector``, ``list_protectors`` (like the model registry).
 
 A *protector* turns a clean :class:`~uge.data.ImageDataset` into a :class:`~uge.result.Protection` that
-:func:`uge.publish.publish` writes and :func:`uge.publish.verify` checks. Every method — UGE and the
+:func:`uge.published.publish` writes and :func:`uge.published.verify` checks. Every method — UGE and the
 unlearnable-example baselines of the paper's Table 3 — has the same call shape::
 
     p = build_protector("em", pgd_steps=10)          # parameters as plain values (config files, CLI)

@@ -21,17 +21,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .config import FORMATS, Recipe
 from .data.dataset import ImageDataset
 from .errors import ConfigError, DataError, VerificationError
 from .result import Protection, rho_levels
 from .similarity import similarity
-from .training import Recipe
 from .utils import atomic_dir, sha256_file, versions, write_json
 from .weights import build_network, save_weights
 
 FORMAT = "uge-published"
 FORMAT_VERSION = 2  # 2: the manifest is listed in checksums.sha256 (1: it held the checksums file's hash)
-FORMATS = ("npz", "png")
 
 
 def array_sha256(a: np.ndarray) -> str:

@@ -24,11 +24,11 @@ from uge.config import AuthorizedSpec
 from uge.data import ImageDataset
 from uge.errors import ConfigError, DataError, VerificationError
 from uge.models import create_model
-from uge.protect import Protection
+from uge.published import Published, publish, read_manifest, read_published, verify
+from uge.result import Protection
 from uge.utils import sha256_file
-from uge.publish import Published, publish, read_manifest, read_published, verify
 
-publish_mod = importlib.import_module("uge.publish")  # ``uge.publish`` as an attribute is the function
+publish_mod = importlib.import_module("uge.published")
 RHO = 0.04  # 10 levels (255 * 0.04 = 10.2)
 LEVELS = 10
 
