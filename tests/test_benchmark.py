@@ -12,6 +12,7 @@ import torch
 
 import uge.benchmark.runner as runner_mod
 import uge.evaluate as evaluate_mod
+import uge.protectors.uge as uge_mod
 from uge.benchmark import load_config, parse_config, read_records, run_benchmark, write_report
 from uge.cli import main
 from uge.errors import ConfigError
@@ -61,7 +62,7 @@ def test_shipped_configs_are_valid(path):
     ({"variant": []}, "at least one"),
     ({"variant": [{"name": "A", "protector": "emm"}]}, "unknown protector"),
     ({"variant": [{"name": "A", "protector": "em", "pgd_stepz": 3}]}, "pgd_stepz"),
-    ({"variant": [{"name": "A", "protector": "cuda", "federated": [[0, 1], [2, 3]]}]}, "uge only"),
+    ({"variant": [{"name": "A", "protector": "cuda", "federated": [[0, 1], [2, 3]]}]}, "needs a protector configured by the"),
     ({"variant": [{"name": "A"}, {"name": "a"}]}, "distinct"),
     ({"variant": [{"name": "A", "losses": ["gm", "xx"]}]}, "losses"),
     ({"variant": [{"name": "A", "federated": [[0, 1], [1, 2]]}]}, "disjoint"),
@@ -131,7 +132,7 @@ def test_federated_servers_publish_their_own_classes(tiny_run):
 def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     cfg = parse_config(tiny(variant=TINY["variant"][:2]))
     calls = {"train": 0, "protect": 0}
-    real_train, real_protect = evaluate_mod.train, runner_mod.protect
+    real_train, real_protect = evaluate_mod.train, uge_mod.protect
 
     def counting_train(*a, **k):
         calls["train"] += 1
@@ -144,7 +145,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
         return real_protect(*a, **k)
 
     monkeypatch.setattr(evaluate_mod, "train", counting_train)
-    monkeypatch.setattr(runner_mod, "protect", counting_protect)
+    monkeypatch.setattr(uge_mod, "protect", counting_protect)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run_benchmark(cfg, out, progress=False)

@@ -165,22 +165,23 @@ def _method_params(items: list[str] | None) -> dict:
 
 
 def cmd_protect(args) -> int:
-    from .protectors import build_protector
-    from .protectors.uge import protect
+    from .protectors import build_protector, protector_class
     from .published import publish
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     if not formats or set(formats) - set(FORMATS):  # fail before any training
         raise ConfigError(f"--format must be a comma list of {', '.join(FORMATS)}, got {args.format!r}")
-    if args.method == "uge":
+    # every method is built by name through the registry, so a bad parameter fails before any work
+    configurable = protector_class(args.method).configurable
+    if configurable:  # UGE: its options are the flags (or --config), its seed the config's
         if args.param:
-            raise ConfigError("--param is for the baseline methods; UGE takes its options as flags or --config")
+            raise ConfigError(f"--param is for the baseline methods; {args.method} takes its options as flags "
+                              "or --config")
         cfg = _protect_config(args)
+        method = build_protector(args.method, **cfg.to_dict())
         what = ("authorized: " + ", ".join(f"{a.arch}:{a.theta0 or a.seed}" for a in cfg.authorized)
                 + f", losses: {'+'.join(cfg.losses)}")
-    else:  # a baseline protector (uge.protectors), built first so a bad parameter fails before any work
-        from .protectors import protector_class
-
+    else:
         params = _method_params(args.param)
         if "recipe" in protector_class(args.method).parameter_names() and "recipe" not in params:
             params["recipe"] = _recipe(args).to_dict()  # keyed: the recipe flags are the published recipe
@@ -193,10 +194,8 @@ def cmd_protect(args) -> int:
     work = Path(args.work_dir) if args.work_dir else out.with_name(f".{out.name}.work")
     _print(f"protecting {len(data)} images of {data.num_classes} classes, {what}")
     start = time.perf_counter()
-    if args.method == "uge":
-        result = protect(data, cfg, device=args.device, work_dir=work, progress=not args.quiet)
-    else:
-        result = method.protect(data, device=args.device, work_dir=work, progress=not args.quiet, seed=args.seed or 0)
+    result = method.protect(data, device=args.device, work_dir=work, progress=not args.quiet,
+                            seed=0 if configurable else args.seed or 0)
     publish(result, data, out, formats=formats, source=_published_source(_source_record(args)), overwrite=args.overwrite,
             theta0_apart=args.theta0_apart)
     if args.theta0_apart and result.theta0:

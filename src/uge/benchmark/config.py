@@ -15,7 +15,7 @@ from ..countermeasures import format_countermeasures, parse_countermeasures
 from ..errors import ConfigError
 from ..evaluate import HACKER_SYNTAX, HackerSpec
 from ..models.registry import known_model, list_models
-from ..protectors import build_protector, list_protectors
+from ..protectors import build_protector, list_protectors, protector_class
 from ..training import Recipe
 from ..utils import from_dict, slug
 
@@ -91,7 +91,8 @@ class BenchmarkConfig:
 
     def protect_config(self, variant: Variant) -> ProtectConfig:
         """The full protect config of a variant (the clean variant uses it for its authorized networks)."""
-        own = variant.overrides if variant.protector in ("uge", "clean") else {}  # baselines: their own params
+        configurable = variant.protector == "clean" or protector_class(variant.protector).configurable
+        own = variant.overrides if configurable else {}  # baselines: their own params
         d = {**copy.deepcopy(self.protect), **copy.deepcopy(own)}
         d["authorized"] = [vars(AuthorizedSpec.parse(a)) if isinstance(a, str) else a for a in d.get(
             "authorized", ["resnet18:0"])]
@@ -212,9 +213,10 @@ def _check(cfg: BenchmarkConfig) -> None:
         if v.protector not in protectors:
             raise ConfigError(f"variant {v.name!r}: unknown protector {v.protector!r}; available: "
                               f"{', '.join(protectors)}")
-        if v.protector not in ("clean", "uge"):
+        if v.protector != "clean" and not protector_class(v.protector).configurable:
             if v.federated:
-                raise ConfigError(f"variant {v.name!r}: federated protection is implemented for uge only")
+                raise ConfigError(f"variant {v.name!r}: federated protection needs a protector configured by the "
+                                  f"[protect] table (uge), not {v.protector!r}")
             build_protector(v.protector, **v.overrides)  # validates the baseline's parameters
         archs |= {h.arch for h in v.hackers or []}
         if v.protector == "clean" and (v.overrides.keys() - {"authorized"} or v.federated):

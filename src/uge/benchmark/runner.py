@@ -29,8 +29,7 @@ from ..data import ImageDataset, load_dataset, load_splits
 from ..diagnostics import perturbation_shares
 from ..errors import ConfigError
 from ..evaluate import evaluate_set
-from ..protectors.uge import protect
-from ..protectors import build_protector
+from ..protectors import build_protector, protector_class
 from ..published import publish, read_published, verify
 from ..result import rho_levels
 from ..utils import atomic_write_text, resolve_device, versions, write_json
@@ -127,20 +126,14 @@ def _publish_checked(protect_fn, part: ImageDataset, pub_dir: Path, source: dict
 
 def _protect_variant(cfg: BenchmarkConfig, v: Variant, pc, prot, train: ImageDataset, vdir: Path, device,
                      progress: bool) -> tuple[ImageDataset, list[tuple] | None]:
-    """Protect (or reuse) a variant's published set(s); return what was published, in the original order,
-    and the authorized networks a baseline protector published (keyed), None where it published none.
+    """Protect (or reuse) a variant's published set(s) with its protector ``prot``; return what was published,
+    in the original order, and the authorized networks a baseline protector published (keyed), None where it
+    published none (a configurable protector's are ``pc``'s, built by the caller).
 
-    ``pc``: the variant's ProtectConfig (UGE); ``prot``: its baseline protector (None for UGE).
+    A federated variant is the protector called on each server's class subset, the union evaluated.
     """
     source = {"benchmark": cfg.name, "variant": v.name}
-    if prot is not None:  # a baseline protector: one published set, its own parameters
-        pub, stats = _publish_checked(lambda part: prot.protect(part, device=device, work_dir=vdir / ".work-0",
-                                                               progress=progress, seed=cfg.seed),
-                                      train, vdir / "published", source, v.name)
-        write_json(vdir / "protect.json", {"variant": v.name, "protector": v.protector, "parts": [stats]})
-        published = [(a["arch"], pub.authorized_network(k), f"theta0:published{k}")
-                     for k, a in enumerate(pub.manifest["authorized"])]
-        return pub.data, published or None
+    seed = 0 if prot.configurable else cfg.seed  # a configurable protector's seed is its config's
     groups = v.federated or [list(range(train.num_classes))]
     if max(c for g in groups for c in g) >= train.num_classes:
         raise ConfigError(f"variant {v.name!r}: federated class index out of range for {train.num_classes} classes")
@@ -151,16 +144,22 @@ def _protect_variant(cfg: BenchmarkConfig, v: Variant, pc, prot, train: ImageDat
         idx = np.flatnonzero(np.isin(train.labels, group))
         pub_dir = vdir / ("published" if v.federated is None else f"published-{i}")
         what = v.name + (f", server {i} (classes {group})" if v.federated else "")
-        pub, st = _publish_checked(lambda part, i=i: protect(part, pc, device=device, work_dir=vdir / f".work-{i}",
-                                                             progress=progress),
-                                   train.subset(idx), pub_dir, {**source, "classes": group}, what)
+        part_source = {**source, "classes": group} if v.federated or prot.configurable else source
+        pub, st = _publish_checked(lambda part, i=i: prot.protect(part, device=device, work_dir=vdir / f".work-{i}",
+                                                                  progress=progress, seed=seed),
+                                   train.subset(idx), pub_dir, part_source, what)
         images[idx] = pub.data.images
         covered[idx] = True
         stats.append({"classes": group, **st})
     if not covered.all():  # classes no server holds stay clean, as they would in the published union
         log.warning("[%s] %d images belong to no federated group and stay clean", v.name, int((~covered).sum()))
-    write_json(vdir / "protect.json", {"variant": v.name, "protector": "uge", "config": pc.to_dict(), "parts": stats})
-    return ImageDataset(images, train.labels.copy(), list(train.classes)), None
+    config = {"config": pc.to_dict()} if prot.configurable else {}
+    stats = stats if prot.configurable else [{k: s for k, s in st.items() if k != "classes"} for st in stats]
+    write_json(vdir / "protect.json", {"variant": v.name, "protector": v.protector, **config, "parts": stats})
+    if prot.configurable or not pub.manifest["authorized"]:
+        return ImageDataset(images, train.labels.copy(), list(train.classes)), None
+    return pub.data, [(a["arch"], pub.authorized_network(k), f"theta0:published{k}")
+                      for k, a in enumerate(pub.manifest["authorized"])]
 
 
 def _save_samples(vdir: Path, clean: ImageDataset, used: ImageDataset, rho: float | None, protected: bool) -> None:
@@ -198,8 +197,8 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
         vdir = run_dir / "variants" / v.slug
         vdir.mkdir(parents=True, exist_ok=True)
         pc = cfg.protect_config(v)  # its authorized networks are the ones evaluated, for every protector
-        prot = None if v.protector in ("clean", "uge") else build_protector(v.protector, **_params(cfg, v))
-        rho = None if v.protector == "clean" else (prot.rho if prot is not None else pc.rho)
+        prot = None if v.protector == "clean" else build_protector(v.protector, **_params(cfg, v, pc))
+        rho = None if prot is None else prot.rho
         start = time.perf_counter()
         used, published = (train, None) if v.protector == "clean" else _protect_variant(
             cfg, v, pc, prot, train, vdir, device, progress)
@@ -212,7 +211,7 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
                                    for a in pc.authorized]
         hackers = cfg.hackers if v.hackers is None else v.hackers
         extra = {"variant": v.name, "protector": v.protector, "rho": rho,
-                 "losses": list(pc.losses) if v.protector == "uge" else None, "federated": v.federated,
+                 "losses": list(pc.losses) if prot is not None and prot.configurable else None, "federated": v.federated,
                  "benchmark": cfg.name}
         same = {"data_label": v.slug, "out_dir": run_dir / "records" / v.slug, "device": device, "seed": cfg.seed,
                 "progress": progress, "extra": extra}
@@ -232,12 +231,13 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
     return records
 
 
-def _params(cfg: BenchmarkConfig, v: Variant) -> dict:
-    """A baseline protector's parameters; one that publishes an authorized recipe (keyed) gets the bench's."""
-    from ..protectors import protector_class
-
-    names = protector_class(v.protector).parameter_names()
-    return {**({"recipe": cfg.recipe.to_dict()} if "recipe" in names else {}), **v.overrides}
+def _params(cfg: BenchmarkConfig, v: Variant, pc) -> dict:
+    """A protector's parameters: a configurable one's (UGE) are the variant's full ProtectConfig ``pc``; a baseline's
+    its own, and one that publishes an authorized recipe (keyed) gets the bench's."""
+    cls = protector_class(v.protector)
+    if cls.configurable:
+        return pc.to_dict()
+    return {**({"recipe": cfg.recipe.to_dict()} if "recipe" in cls.parameter_names() else {}), **v.overrides}
 
 
 def _machine(device) -> str:

@@ -38,6 +38,9 @@ class Protector:
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
     norm_bounded: ClassVar[bool] = True
+    # True: the parameters are a ProtectConfig, so the command line's UGE flags and a benchmark's [protect]
+    # table apply, the seed is the config's own, and a federated run calls it on class subsets (UGE)
+    configurable: ClassVar[bool] = False
     rho: float | None
 
     def __post_init__(self):  # dataclass subclasses: validate types, then ranges

@@ -513,6 +513,7 @@ class UGEProtector(Protector):
 
     name = "uge"
     title = TITLE
+    configurable = True
     fixed: ClassVar[dict] = {}  # ProtectConfig fields this variant pins
 
     def __init__(self, **params):
@@ -567,6 +568,7 @@ class FDProtector(UGEProtector):
 
     name = "fd"
     title = "UGE's feature-distance loss L_fd alone (Ye & Wang, CVPR 2024, Table 3)"
+    configurable = False  # a Table 3 baseline: its own parameters (--param), the bench's seed
     fixed: ClassVar[dict] = {"losses": ["fd"]}
 
     @classmethod
