@@ -19,7 +19,7 @@ LAYERS = [  # lowest first; a part is a module (``result``) or a subpackage (``p
     {"data", "similarity"},
     {"models", "weights", "losses", "features"},
     {"training", "diagnostics"},
-    {"result"},
+    {"result", "records"},
     {"countermeasures", "protectors", "published", "protect", "publish"},  # the last two: before issue 12
     {"evaluate"},
     {"benchmark", "demo"},

@@ -175,7 +175,7 @@ def test_rerun_with_another_config_is_refused(tiny_run):
 def _record(variant, protector, role, arch, mode, acc, index=0, init=None, rho=None):
     return {"variant": variant, "protector": protector, "role": role, "arch": arch, "mode": mode, "index": index,
             "init": init or ("theta0:seed0" if role == "authorized" else "seed:1"), "test_acc": acc, "rho": rho,
-            "data": variant.lower()}
+            "data": variant.lower(), "n_train": 100, "n_test": 50, "recipe": {}, "seconds": 1.0, "train_acc": 99.0}
 
 
 def _fake_run(tmp_path) -> Path:

@@ -9,7 +9,6 @@ runs with different countermeasures share an output folder without overwriting e
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from functools import cached_property
@@ -34,7 +33,8 @@ from .models import create_model
 from .models.registry import Classifier
 from .published import Published, given_theta0
 from .training import DistillTask, Recipe, SupervisedTask, accuracy, train
-from .utils import resolve_device, slug, versions, write_json
+from .records import AuthorizedNet, Record, read_record, write_record
+from .utils import resolve_device, sha256_file, slug, versions
 from .weights import load_into, save_weights
 
 log = logging.getLogger("uge")
@@ -75,7 +75,7 @@ class _Setting:
 
 def _done(rec_file: Path, recipe: Recipe, countermeasures: str | None) -> dict:
     """The record of a finished network; a record made with other settings is refused, never reused."""
-    rec = json.loads(rec_file.read_text())
+    rec = read_record(rec_file).to_dict()
     stored = rec.get("recipe", {})
     diff = [f"{k}={stored[k]!r} (now {v!r})" for k, v in recipe.to_dict().items() if k in stored and stored[k] != v]
     if rec.get("countermeasures") != countermeasures:
@@ -87,7 +87,7 @@ def _done(rec_file: Path, recipe: Recipe, countermeasures: str | None) -> dict:
     return rec
 
 
-def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: list[tuple],
+def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: list[AuthorizedNet],
                  hackers: list[HackerSpec], recipe: Recipe, *, data_label: str, out_dir: str | Path | None = None,
                  device="auto", seed: int = 0, progress: bool = True, extra: dict | None = None,
                  recipes: dict[str, Recipe] | None = None,
@@ -98,9 +98,9 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
     """Train the authorized networks (from their θ0) and the hackers on ``train_set``; test on ``test_set``.
 
     Args:
-        authorized: (arch, network at θ0) or (arch, network, init label) tuples; the networks given are
-            left at θ0 (a copy is trained), so one list serves several calls. The first one, once trained,
-            is the distillation teacher.
+        authorized: :class:`~uge.records.AuthorizedNet` (arch, network at θ0, init label); the networks
+            given are left at θ0 (a copy is trained), so one list serves several calls. The first one, once
+            trained, is the distillation teacher.
         hackers: hacker networks; one with ``init_noise`` starts from the θ0 of the first authorized
             network of its architecture plus noise and trains with ``recipe``.
         recipe: the authorized networks' recipe (to train them with another recipe than the published one,
@@ -122,8 +122,10 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
         repeat: a repeat of the whole grid (the caller varies ``seed`` and the hackers' seeds); stored in each
             record and, when not 0, appended to its file name (``__rep1``), so repeats share a folder.
     Returns:
-        one record per trained network; each stores its ``countermeasures`` text (None for none).
+        one record per trained network (:class:`~uge.records.Record` fields as a dict, as written); each
+        stores its ``countermeasures`` text (None for none).
     """
+    authorized = [AuthorizedNet(*a) for a in authorized]
     device = resolve_device(device)
     train_set.check_compatible(test_set)
     hacker_cms = parse_countermeasures(countermeasures)  # fail on a bad spec or name before any training
@@ -133,10 +135,10 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
     theta0 = {}  # arch -> (θ0 network, init label) for the hackers that start near an authorized θ0
     for h in hackers:
         if h.init_noise is not None and h.arch not in theta0:
-            match = [(m, init[0] if init else "theta0") for name, m, *init in authorized if name == h.arch]
+            match = [(a.net, a.init) for a in authorized if a.arch == h.arch]
             if not match:
                 raise ConfigError(f"hacker {h.spec} starts from an authorized θ0, but no authorized network is a "
-                                  f"{h.arch}; authorized: {', '.join(a[0] for a in authorized) or 'none'}")
+                                  f"{h.arch}; authorized: {', '.join(a.arch for a in authorized) or 'none'}")
             theta0[h.arch] = match[0]
     out = Path(out_dir) if out_dir is not None else None
     tag = (f"__recipe-{slug(recipe_label)}" if recipe_label else "") + (f"__rep{repeat}" if repeat else "")
@@ -144,9 +146,9 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
               "device": str(device), "versions": versions(), **(extra or {}),
               **({"recipe_label": recipe_label} if recipe_label else {}), **({"repeat": repeat} if repeat else {})}
     auth = _Setting(auth_cms, train_set, test_set)
-    theta0_nets = [net for _, net, *_ in authorized]  # what a model countermeasure (copy-input) may copy
+    theta0_nets = [a.net for a in authorized]  # what a model countermeasure (copy-input) may copy
     records, teacher = [], None
-    for k, (name, theta0_net, *init) in enumerate(authorized):
+    for k, (name, theta0_net, init) in enumerate(authorized):
         for s in dict.fromkeys([seed, *authorized_seeds]):
             fresh = s != seed
             rec_file = (out / f"{data_label}_authorized{k}_{name}{f'__seed{s}' if fresh else ''}{auth.suffix}{tag}.json"
@@ -163,11 +165,12 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
             else:
                 desc = f"{data_label}: authorized {name}" + (f" (seed {s})" if fresh else "")
                 model, res = auth.fit(model, recipe, SupervisedTask(), device, s, progress, desc, curve=True)
-                rec = {**common, "role": "authorized", "index": k, "arch": name, "mode": "normal",
-                       "init": init[0] if init else "theta0", **({"fresh": True} if fresh else {}), **res}
+                record = Record(**common, role="authorized", index=k, arch=name, mode="normal", init=init,
+                                fresh=fresh, **res)
+                rec = record.to_dict()
                 if rec_file:
                     save_weights(weights, model.state_dict())
-                    write_json(rec_file, rec)
+                    write_record(rec_file, record)
                 log.info("%s  authorized %-12s seed %d  test acc %.2f%%", data_label, name, s, rec["test_acc"])
             records.append(rec)
             if teacher is None:  # the distillation teacher: the first authorized network, trained with ``seed``
@@ -189,10 +192,11 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
         model = adapt_model(hack.cms, model, theta0_nets)
         _, res = hack.fit(model, h_recipe, TASKS[h.mode](teacher, h_recipe), device, seed, progress,
                           f"{data_label}: {h.arch} {h.mode}")
-        rec = {**common, "recipe": h_recipe.to_dict(), "role": "hacker", "arch": h.arch, "mode": h.mode,
-               **init, **res}
+        record = Record(**{**common, "recipe": h_recipe.to_dict()}, role="hacker", arch=h.arch, mode=h.mode,
+                        **init, **res)
+        rec = record.to_dict()
         if rec_file:
-            write_json(rec_file, rec)
+            write_record(rec_file, record)
         records.append(rec)
         log.info("%s  hacker %-12s %-7s test acc %.2f%%", data_label, h.arch, h.mode, res["test_acc"])
     return records
@@ -214,11 +218,12 @@ def evaluate_published(pub: Published, test_set: ImageDataset, hackers: list[Hac
     were published apart from the set, in the order of the manifest's authorized networks.
     """
     recipe = recipe or pub.recipe
-    extra = {"published": str(pub.path), "checksums_sha256": pub.manifest.get("checksums_sha256")}
+    sums = pub.path / "checksums.sha256"  # identifies every file of the set, the manifest included (format 2)
+    extra = {"published": str(pub.path), "checksums_sha256": sha256_file(sums) if sums.is_file() else None}
     records = []
     sets = ([("clean", clean)] if clean is not None else []) + [("protected", pub.data)]
     for label, data in sets:
-        authorized = [(f"{a['arch']}", pub.authorized_network(k, given_theta0(theta0, k)))
+        authorized = [AuthorizedNet(a["arch"], pub.authorized_network(k, given_theta0(theta0, k)))
                       for k, a in enumerate(pub.manifest["authorized"])]
         records += evaluate_set(data, test_set, authorized, hackers, recipe, data_label=label, out_dir=out_dir,
                                 device=device, seed=seed, progress=progress, extra=extra,

@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from ..evaluate import evaluate_set
 from ..protectors import build_protector, protector_class
 from ..published import publish, read_published, verify
+from ..records import AuthorizedNet, read_record
 from ..result import rho_levels
 from ..utils import atomic_write_text, resolve_device, versions, write_json
 from ..weights import build_network
@@ -158,7 +159,7 @@ def _protect_variant(cfg: BenchmarkConfig, v: Variant, pc, prot, train: ImageDat
     write_json(vdir / "protect.json", {"variant": v.name, "protector": v.protector, **config, "parts": stats})
     if prot.configurable or not pub.manifest["authorized"]:
         return ImageDataset(images, train.labels.copy(), list(train.classes)), None
-    return pub.data, [(a["arch"], pub.authorized_network(k), f"theta0:published{k}")
+    return pub.data, [AuthorizedNet(a["arch"], pub.authorized_network(k), f"theta0:published{k}")
                       for k, a in enumerate(pub.manifest["authorized"])]
 
 
@@ -206,9 +207,9 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
         if v.protector != "clean":
             _record_perturbation(vdir, train, used, rho)
         # the authorized networks a protector published (keyed), else the config's, for every protector
-        authorized = published or [(a.arch, build_network(a.arch, train.num_classes, train.channels, a.seed,
-                                                          a.theta0), f"theta0:{a.theta0 or f'seed{a.seed}'}")
-                                   for a in pc.authorized]
+        authorized = published or [AuthorizedNet(a.arch, build_network(a.arch, train.num_classes, train.channels,
+                                                                       a.seed, a.theta0),
+                                                 f"theta0:{a.theta0 or f'seed{a.seed}'}") for a in pc.authorized]
         hackers = cfg.hackers if v.hackers is None else v.hackers
         extra = {"variant": v.name, "protector": v.protector, "rho": rho,
                  "losses": list(pc.losses) if prot is not None and prot.configurable else None, "federated": v.federated,
@@ -253,5 +254,5 @@ def read_records(run_dir: str | Path) -> list[dict]:
     cfg_file = run_dir / "config.json"
     if cfg_file.exists():
         order = {v["name"]: i for i, v in enumerate(json.loads(cfg_file.read_text()).get("variant", []))}
-    records = [json.loads(f.read_text()) for f in sorted((run_dir / "records").glob("*/*.json"))]
+    records = [read_record(f).to_dict() for f in sorted((run_dir / "records").glob("*/*.json"))]
     return sorted(records, key=lambda r: order.get(r.get("variant"), len(order)))
