@@ -17,7 +17,7 @@ from conftest import TINY_RECIPE, random_dataset, rehash
 from uge.errors import ConfigError
 from uge.models import create_model
 from uge.protectors import Protector, build_protector, list_protectors, protector_class
-from uge.protectors.pgd import pgd, uniform_start
+from uge.pgd import pgd, uniform_start
 from uge.published import publish, read_published, verify
 from uge.result import Protection
 from uge.similarity import PSNR_CAP, psnr, similarity, ssim

@@ -18,6 +18,7 @@ from .config import SCHEDULES, Recipe  # noqa: F401  (Recipe lives in the config
 from .data.dataset import ImageDataset
 from .errors import ConfigError
 from .losses import kd_loss
+from .pgd import pgd
 from .utils import resolve_device
 
 
@@ -101,11 +102,7 @@ class AdversarialTask:
         try:
             delta = (torch.rand_like(x) * 2 - 1) * self.eps
             delta = (x + delta).clamp(0, 1) - x
-            for _ in range(self.steps):
-                delta.requires_grad_(True)
-                (grad,) = torch.autograd.grad(loss_at(x + delta), delta)
-                delta = (delta.detach() + self.step * grad.sign()).clamp(-self.eps, self.eps)
-                delta = (x + delta).clamp(0, 1) - x
+            delta = pgd(loss_at, x, delta, self.eps, self.steps, self.step, minimize=False)
         finally:
             model.train(was_training)
         return (x + delta).detach()

@@ -18,7 +18,7 @@ from ..result import Protection
 from ..training import Recipe, SupervisedTask, accuracy, train
 from ..utils import resolve_device
 from .base import Protector, add_noise, check_rho, noise_result, register_protector
-from .pgd import pgd, uniform_start
+from ..pgd import pgd, uniform_start
 
 
 @register_protector

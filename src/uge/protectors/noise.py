@@ -9,7 +9,7 @@ import torch
 from ..data.dataset import ImageDataset
 from ..result import Protection
 from .base import Protector, check_rho, noise_result, register_protector
-from .pgd import uniform_start
+from ..pgd import uniform_start
 
 
 @register_protector

@@ -19,7 +19,7 @@ from ..training import Recipe, train
 from ..training import augment as crop_flip
 from ..utils import resolve_device
 from .base import Protector, check_rho, noise_result, register_protector
-from .pgd import pgd, uniform_start
+from ..pgd import pgd, uniform_start
 
 
 @register_protector

@@ -42,7 +42,7 @@ from ..training import augment, record_trajectory, train
 from ..utils import atomic_file, atomic_write_text, from_dict, resolve_device
 from ..weights import build_network, load_weights, save_weights
 from .base import Protector, register_protector
-from .pgd import pgd, uniform_start
+from ..pgd import pgd, uniform_start
 
 log = logging.getLogger("uge")
 TITLE = "Ungeneralizable Examples (Ye & Wang, CVPR 2024)"

@@ -1,9 +1,9 @@
-"""Projected gradient descent in an L∞ ball: the noise loop of EM, TAP and REM.
+"""Projected gradient descent in an L∞ ball: the one PGD loop of the package.
 
-All three *minimize* a loss over the perturbation (error-minimizing / targeted / robust error-minimizing
-noise) with signed gradient steps, projecting back onto the ball and the valid pixel range after every
-step (Madry et al.). REM's inner maximization is the training loop's own attack
-(:class:`uge.training.AdversarialTask`), the same one its source network trains against.
+The protectors EM, TAP, REM and UGE's δ parametrization *minimize* a loss over the perturbation (error-
+minimizing / targeted / robust error-minimizing noise); adversarial training (:class:`uge.training.
+AdversarialTask`, also REM's inner maximization and the ``adv`` countermeasure) *maximizes* one. Both take
+signed gradient steps, projecting back onto the ball and the valid pixel range after every step (Madry et al.).
 """
 from __future__ import annotations
 
