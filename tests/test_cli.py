@@ -122,6 +122,14 @@ def test_verify_with_the_expected_budget(protected, capsys):
     assert "FAIL  budget" in out  # the 10-level images exceed the 5 levels the user expects
 
 
+def test_budget_flags_take_levels_too(protected, capsys):
+    capsys.readouterr()
+    assert main(["verify", str(protected[2]), "--rho", "10/255", "--quiet"]) == 0  # 10/255 = 0.04's 10 levels
+    with pytest.raises(SystemExit) as e:
+        main(["verify", str(protected[2]), "--rho", "10/256"])
+    assert e.value.code == 2 and "8-bit levels (10/255)" in capsys.readouterr().err
+
+
 def test_a_file_source_is_published_by_name_not_by_path(workdir, tmp_path, capsys):
     """The manifest names the data file, never where it sat; verify and evaluate then take its path."""
     data = tmp_path / "owner" / "private" / "my-digits.npz"

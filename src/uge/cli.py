@@ -19,6 +19,7 @@ from .config import (
     HackerSpec,
     ProtectConfig,
     Recipe,
+    parse_budget,
 )
 from .errors import ConfigError, UGEError
 from .utils import resolve_device, write_json
@@ -83,6 +84,14 @@ def _add_countermeasure_arg(p: argparse.ArgumentParser, flag: str = "--counterme
     p.add_argument(flag, metavar="SPEC", action=_CountermeasureAction,
                    help=f"countermeasures of {who}: {COUNTERMEASURE_SYNTAX} ('{flag} list' shows every "
                         "countermeasure with its parameters and defaults)")
+
+
+def _budget(text: str) -> float:
+    """argparse type of a budget flag: 0.04 or 10/255 (a bad one is a usage error, exit 2)."""
+    try:
+        return parse_budget(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _source_record(args, prefix: str = "") -> dict:
@@ -159,8 +168,8 @@ def _method_params(items: list[str] | None) -> dict:
             raise ConfigError(f"--param takes KEY=VALUE, got {item!r}")
         try:
             params[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key.strip()] = value
+        except json.JSONDecodeError:  # a budget in levels ("8/255") or a plain string
+            params[key.strip()] = parse_budget(value) if value.strip().endswith("/255") else value
     return params
 
 
@@ -384,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", help="a JSON protect config (flags override it)")
     q.add_argument("--authorized", action="append",
                    help="ARCH, ARCH:SEED or ARCH:THETA0.safetensors; repeat for several authorized networks")
-    q.add_argument("--rho", type=float, help="L∞ budget on the [0,1] scale (default 0.04)")
+    q.add_argument("--rho", type=_budget, help="L∞ budget: 0.04 on the [0,1] scale or 10/255 in 8-bit levels "
+                   "(default 0.04)")
     q.add_argument("--trajectory-epochs", type=int, help="T (default 4)")
     q.add_argument("--losses", help="comma list of gm,fd,ud (default all three)")
     for name, typ in (("generator-epochs", int), ("generator-batch-size", int), ("generator-width", int),
@@ -456,8 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("published")
     _add_data_args(v, required=False, prefix="original-")
     _add_common(v)
-    v.add_argument("--rho", type=float, help="the L∞ budget you expect on the [0,1] scale, e.g. 0.04: fail when the "
-                   "manifest states another, or the images exceed it")
+    v.add_argument("--rho", type=_budget, help="the L∞ budget you expect (0.04, or 10/255 in 8-bit levels): fail "
+                   "when the manifest states another, or the images exceed it")
     v.add_argument("--theta0", action="append", metavar="FILE",
                    help="θ0 of an authorized network published apart from the set (repeat for several, in order)")
     v.set_defaults(func=cmd_verify)

@@ -127,6 +127,22 @@ class HackerSpec:
         return f"{self.arch}_{self.mode}{noise}_s{self.seed}"
 
 
+def parse_budget(text: str | float) -> float:
+    """An L∞ budget as a user types it, on the [0, 1] pixel scale: ``0.04`` or ``10/255`` (8-bit levels)."""
+    s = str(text).strip()
+    num, slash, den = s.partition("/")
+    try:
+        if slash and den.strip() != "255":
+            raise ValueError
+        value = float(num) / 255 if slash else float(s)
+    except ValueError:
+        raise ConfigError(f"a budget is a number on the [0, 1] scale (0.04) or 8-bit levels (10/255), "
+                          f"got {text!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"a budget must be finite, got {text!r}")
+    return value
+
+
 COUNTERMEASURE_SYNTAX = "NAME[:key=value[,key=value]] joined by '+', e.g. jpeg:quality=10+cutout:size=8"
 FORMATS = ("npz", "png")  # the file formats a published set can hold
 LOSSES = ("gm", "fd", "ud")

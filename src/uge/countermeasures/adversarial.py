@@ -16,9 +16,10 @@ class Adversarial(TaskWrapper):
     name = "adv"
     summary = "PGD L-inf adversarial training (eps and step in 8-bit levels, i.e. /255)."
     params: ClassVar[dict[str, Param]] = {
-        "eps": Param(float, 8.0, 0, 64, low_open=True, help="L-inf radius in 8-bit levels"),
+        "eps": Param(float, 8.0, 0, 64, low_open=True, help="L-inf radius in 8-bit levels (8 or 8/255)", levels=True),
         "steps": Param(int, 5, 1, 100, help="PGD steps per training step"),
-        "step": Param(float, None, 0, 64, low_open=True, help="PGD step size in levels; auto = 2.5*eps/steps"),
+        "step": Param(float, None, 0, 64, low_open=True, help="PGD step size in levels; auto = 2.5*eps/steps",
+                      levels=True),
     }
 
     def resolve(self, values: dict) -> dict:

@@ -49,6 +49,7 @@ class Param:
     low_open: bool = False
     odd: bool = False
     help: str = ""
+    levels: bool = False  # a budget in 8-bit levels: "8" and "8/255" are the same value (printed as 8)
 
     def allowed(self) -> str:
         """The allowed values in words, e.g. ``an int in 10..95``."""
@@ -63,7 +64,12 @@ class Param:
     def convert(self, owner: str, key: str, value) -> int | float:
         """Check ``value`` (a string from the command line, or a number) and return it as ``type``."""
         try:
-            if isinstance(value, str):
+            if isinstance(value, str) and self.levels and "/" in value:  # "8/255" -> 8 levels
+                num, _, den = value.partition("/")
+                if den.strip() != "255":
+                    raise ValueError
+                v = self.type(num.strip())
+            elif isinstance(value, str):
                 v = self.type(value.strip())
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or (
                     self.type is int and value != int(value)):
