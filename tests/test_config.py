@@ -1,6 +1,7 @@
 """The config layer: one budget unit everywhere a user types it, in two spellings (issue 12)."""
 import pytest
 
+
 @pytest.mark.parametrize("text, value", [("0.04", 0.04), ("10/255", 10 / 255), (" 8 / 255 ", 8 / 255), (0.5, 0.5)])
 def test_a_budget_is_typed_as_a_fraction_or_in_levels(text, value):
     from uge.config import parse_budget
