@@ -19,12 +19,12 @@ def test_an_unknown_name_is_an_attribute_error():
 
 
 def test_imports_only_point_down_the_layers():
-    """benchmarks/import_graph.py's layers: no module imports one from a higher layer, no cycle between parts."""
+    """scripts/import_graph.py's layers: no module imports one from a higher layer, no cycle between parts."""
     import importlib.util
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("import_graph", root / "benchmarks" / "import_graph.py")
+    spec = importlib.util.spec_from_file_location("import_graph", root / "scripts" / "import_graph.py")
     graph = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(graph)
     assert graph.report(root / "src") == ([], [])

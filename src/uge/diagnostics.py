@@ -3,7 +3,7 @@
 A perturbation that is mostly one pattern for every image (or one per class) is close to a fixed shift,
 which a network can learn around (universal) or take as a label shortcut (class-wise); sample-wise noise is
 what the paper's generator is meant to produce. Used by the benchmark runner (``protect.json``), the
-generator's per-epoch diagnostics and ``benchmarks/perturbation_stats.py``.
+generator's per-epoch diagnostics and ``scripts/perturbation_stats.py``.
 """
 from __future__ import annotations
 

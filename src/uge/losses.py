@@ -229,7 +229,7 @@ def gradient_matching_input_grad(model: nn.Module, x_u: torch.Tensor, y: torch.T
     (``torch.func.jvp``) of the input gradient along v, instead of a backward pass through the graph of a
     backward pass. ``model`` must not track BatchNorm running statistics (prepare a copy with
     ``torch.func.replace_all_batch_norm_modules_``; in train mode it normalizes with batch statistics
-    either way). ``benchmarks/speed.py`` times both; the generator step uses double backward, which it
+    either way). ``scripts/speed.py`` times both; the generator step uses double backward, which it
     measured faster (see results/speed-*).
     """
     from torch.func import functional_call, grad, jvp

@@ -25,7 +25,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 MEAN, STD = 0.5, 0.25
 BLIND = "blind-"
 # The colour direction a blind network cannot see: the smallest principal component of natural images'
-# pixel colours (CIFAR-10: (0.43, -0.82, 0.38), 1.5 % of the colour variance; benchmarks/colour_pca.py),
+# pixel colours (CIFAR-10: (0.43, -0.82, 0.38), 1.5 % of the colour variance; scripts/colour_pca.py),
 # rounded to small integers so that a perturbation along it lands exactly on the 8-bit grid (README, "Keyed
 # protection").
 BLIND_DIRECTION = (1, -2, 1)

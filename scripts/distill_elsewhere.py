@@ -8,7 +8,7 @@ are *not* in the bench's subset (no protection, no labels: query access only) an
 beside the teacher's. If it matches the bench's distilled student on the protected set, no perturbation of
 the training images can stop distillation from a teacher that sees them clean.
 
-    python benchmarks/distill_elsewhere.py configs/selectivity-cpu.toml \
+    python scripts/distill_elsewhere.py configs/selectivity-cpu.toml \
         results/selectivity-cpu/records/keyed-4-4-cells-along-1-2-1/keyed-4-4-cells-along-1-2-1_authorized0_blind-resnetc20.safetensors \
         --arch blind-resnetc20 --out results/keyed-probe/distill_elsewhere.json
 """
@@ -58,7 +58,7 @@ def main() -> None:
     student = create_model(a.student, full.num_classes, full.channels, seed=a.student_seed)
     train(student, queries, cfg.recipe, task=DistillTask(teacher, cfg.recipe.temperature), device=cfg.device,
           seed=a.student_seed, progress=False, desc="distil")
-    res = {"command": "python benchmarks/distill_elsewhere.py " + " ".join(
+    res = {"command": "python scripts/distill_elsewhere.py " + " ".join(
         [a.config, a.teacher, "--arch", a.arch, "--student", a.student, "--out", a.out]),
         "teacher": a.teacher, "teacher_arch": a.arch, "teacher_test_acc": accuracy(teacher, test),
         "student": a.student, "student_init_seed": a.student_seed, "recipe": cfg.recipe.to_dict(),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end CPU run on a class-balanced CIFAR-10 subset: protect -> verify -> evaluate.
-# Usage: bash benchmarks/cifar10_cpu.sh [DATA] [OUT]   (defaults: ../shared/datasets/cifar10-jpeg.tar.gz, results/cifar10-cpu)
+# Usage: bash scripts/cifar10_cpu.sh [DATA] [OUT]   (defaults: ../shared/datasets/cifar10-jpeg.tar.gz, results/cifar10-cpu)
 # Writes the published set to $WORK (not committed), and the records, table and step timings to OUT.
 set -euo pipefail
 DATA=${1:-../shared/datasets/cifar10-jpeg.tar.gz}

@@ -1,6 +1,6 @@
 """Regenerate every report under results/ with two source trees and compare them file by file (issue 12).
 
-Usage: python benchmarks/reports_unchanged.py OLD_SRC [NEW_SRC] [--results DIR]
+Usage: python scripts/reports_unchanged.py OLD_SRC [NEW_SRC] [--results DIR]
 
 For every run folder with a config.json and records, `uge report` is run from the committed records with
 PYTHONPATH=OLD_SRC and with PYTHONPATH=NEW_SRC (default: src) into temporary folders; the tables

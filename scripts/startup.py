@@ -1,6 +1,6 @@
 """How long `import uge` and `uge --help` take, for one or more source trees in one run (issue 12).
 
-Usage: python benchmarks/startup.py [--repeats N] [--out FILE.json] SRC_DIR [SRC_DIR ...]
+Usage: python scripts/startup.py [--repeats N] [--out FILE.json] SRC_DIR [SRC_DIR ...]
 
 Each command runs in a fresh interpreter with PYTHONPATH=SRC_DIR, N times per tree, the trees interleaved so
 that a change in the machine's load hits every tree alike; the median wall time is reported (and `import

@@ -1,6 +1,6 @@
 """Does the protection hurt hackers on digits with 40 generator epochs? L_fd alone vs all three losses.
 
-Run: python benchmarks/digits_ablation.py > results/digits-ablation/output.txt   (2 CPU cores, about 4 minutes)
+Run: python scripts/digits_ablation.py > results/digits-ablation/output.txt   (2 CPU cores, about 4 minutes)
 """
 import time, torch, uge
 from uge.demo import DEMO_CONFIG, DEMO_RECIPE

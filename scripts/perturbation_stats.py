@@ -5,7 +5,7 @@ and the share of δ's energy that is one *universal* pattern (the per-pixel mean
 pattern per class. A perturbation that is mostly universal or class-wise is close to a fixed shift that a
 network can learn to ignore; sample-wise noise is what the paper's generator is meant to produce.
 
-    python benchmarks/perturbation_stats.py results/table1-cpu DATA   ->  RUN_DIR/perturbation_stats.json
+    python scripts/perturbation_stats.py results/table1-cpu DATA   ->  RUN_DIR/perturbation_stats.json
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 5's CPU measurements (2 cores): benchmarks/speed.py at CPU sizes, then the protection step on
+# Issue 5's CPU measurements (2 cores): scripts/speed.py at CPU sizes, then the protection step on
 # 5,000 CIFAR-10 images (class-balanced subset; authorized ResNetC-20, 10-epoch recipe, T = 4,
 # 5 generator epochs of width 16, ResNetC-20 encoder trained 5 epochs), timed end to end.
-# Usage: bash benchmarks/speed_cpu.sh [DATA] [OUT]   (defaults: ../shared/datasets/cifar10-jpeg.tar.gz, results/speed-cpu)
+# Usage: bash scripts/speed_cpu.sh [DATA] [OUT]   (defaults: ../shared/datasets/cifar10-jpeg.tar.gz, results/speed-cpu)
 set -euo pipefail
 DATA=${1:-../shared/datasets/cifar10-jpeg.tar.gz}
 OUT=${2:-results/speed-cpu}
@@ -10,7 +10,7 @@ UGE=${UGE:-uge}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 echo "machine: $(nproc) CPU cores, $(uname -m), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load before: $(cut -d' ' -f1-3 /proc/loadavg)" > "$OUT/machine.txt"
-python3 benchmarks/speed.py --device cpu --data "$DATA" --images 2000 --out "$OUT/speed.json" 2>&1 | grep -v "^L_fd uses" | tee "$OUT/speed.txt"
+python3 scripts/speed.py --device cpu --data "$DATA" --images 2000 --out "$OUT/speed.json" 2>&1 | grep -v "^L_fd uses" | tee "$OUT/speed.txt"
 t0=$(date +%s.%N)
 $UGE protect --data "$DATA" --per-class 500 --out "$WORK/published" --device cpu --quiet --format npz \
   --authorized resnetc20:0 --epochs 10 --batch-size 128 --trajectory-epochs 4 \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end GPU run on the full CIFAR-10 JPEG training set (50,000 images): protect -> verify -> evaluate.
 # Sized to fit one 10-minute command on one H100/H200. Usage:
-#   bash benchmarks/cifar10_gpu.sh [DATA] [OUT]   (defaults: ../shared/datasets/cifar10-jpeg.tar.gz, results/cifar10-gpu)
+#   bash scripts/cifar10_gpu.sh [DATA] [OUT]   (defaults: ../shared/datasets/cifar10-jpeg.tar.gz, results/cifar10-gpu)
 set -euo pipefail
 DATA=${1:-../shared/datasets/cifar10-jpeg.tar.gz}
 OUT=${2:-results/cifar10-gpu}

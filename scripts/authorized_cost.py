@@ -6,7 +6,7 @@ data, the blind one on clean data, the blind one on the keyed set. Prints each g
 seeds and the differences between group means with their standard errors, and writes them to
 ``<last run>/authorized_cost.json``.
 
-    python benchmarks/authorized_cost.py results/selectivity-cpu results/keyed-seeds-cpu
+    python scripts/authorized_cost.py results/selectivity-cpu results/keyed-seeds-cpu
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def main(*run_dirs: str) -> None:
     lines += [f"| {k} | {v['difference']:+.2f} | {v['standard_error']:.2f} |" for k, v in diffs.items()]
     print("\n".join(lines))
     write_json(Path(run_dirs[-1]) / "authorized_cost.json", {
-        "command": "python benchmarks/authorized_cost.py " + " ".join(run_dirs), "groups": stats,
+        "command": "python scripts/authorized_cost.py " + " ".join(run_dirs), "groups": stats,
         "differences": diffs, "table": "\n".join(lines)})
 
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The prepared device check of issues 3 and 5, for a session lent one H100/H200 (one command, < 10 min):
-#   1. benchmarks/speed.py at full size (ResNet-18, 50,000 CIFAR-10 images, protect of the full set);
+#   1. scripts/speed.py at full size (ResNet-18, 50,000 CIFAR-10 images, protect of the full set);
 #   2. the fast Table 1 grid, `uge benchmark configs/table1-fast.toml`, timed end to end.
 # Everything lands in $OUT/gpu-check.tar.gz (records, report, logs, timings).
 # On the device machine (data carried as .data/, see results/README.md):
-#   bash benchmarks/gpu_check.sh .data/cifar10-jpeg.tar.gz
+#   bash scripts/gpu_check.sh .data/cifar10-jpeg.tar.gz
 # On a CPU, at tiny sizes, to test the script itself:
-#   TINY=1 OUT=/tmp/out bash benchmarks/gpu_check.sh
+#   TINY=1 OUT=/tmp/out bash scripts/gpu_check.sh
 set -euo pipefail
 DATA=${1:-../shared/datasets/cifar10-jpeg.tar.gz}
 OUT=${OUT:-results/gpu-check}
@@ -24,7 +24,7 @@ else
   SPEED="--device cuda --arch resnet18 --batch 128 --train-batch 512 --data $DATA --images 50000 --width 32 --protect-images 50000"
 fi
 t0=$(date +%s)
-python3 benchmarks/speed.py $SPEED --out "$RES/speed.json" 2>&1 | tee "$RES/speed.txt"
+python3 scripts/speed.py $SPEED --out "$RES/speed.json" 2>&1 | tee "$RES/speed.txt"
 t1=$(date +%s)
 $UGE benchmark "$CONFIG" --data "$DATA" --out "$RES/table1-fast" --device $DEVICE --quiet 2>&1 | tee "$RES/table1-fast.txt"
 t2=$(date +%s)

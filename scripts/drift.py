@@ -13,7 +13,7 @@ architecture from another init on D_u: a hacker), keeps every epoch's checkpoint
 - ``apart``: ‖θt(D_u) − θt(D)‖ / ‖θt(D) − θ0‖ (matched parameters), how far the two runs are apart;
 - the test accuracy of the three networks after each epoch.
 
-    python benchmarks/drift.py configs/selectivity-cpu.toml results/selectivity-cpu uge-class-wise-l_gm \
+    python scripts/drift.py configs/selectivity-cpu.toml results/selectivity-cpu uge-class-wise-l_gm \
         --seed 1 --out results/selectivity-cpu/drift/uge-class-wise-l_gm.json
 """
 from __future__ import annotations
@@ -121,7 +121,7 @@ def main() -> None:
         row["apart"] = apart(runs["protected_run"][0][t], runs["clean_run"][0][t], theta0, names)
         rows.append(row)
         print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
-    write_json(a.out, {"command": "python benchmarks/drift.py " + " ".join(
+    write_json(a.out, {"command": "python scripts/drift.py " + " ".join(
         [a.config, a.run_dir, a.variant, "--seed", str(a.seed), "--images", str(a.images), "--out", a.out]),
         "variant": a.variant, "arch": arch, "training_seed": a.seed, "hacker_init_seed": a.hacker_seed,
         "images": a.images, "seconds": time.perf_counter() - t0, "epochs": rows})

@@ -4,8 +4,8 @@ Prints, per stage: time per call, throughput (images/s), the naive reference's t
 the fraction of the FLOP floor (FLOPs counted by torch.utils.flop_counter for one call, divided by the
 device's peak: the vendor bf16 dense peak for known GPUs, otherwise a measured large matmul).
 
-    python benchmarks/speed.py                                   # CPU-sized defaults (ResNetC-20, 2,000 images)
-    python benchmarks/speed.py --device cuda --arch resnet18 --data .data/cifar10-jpeg.tar.gz --images 50000 \\
+    python scripts/speed.py                                   # CPU-sized defaults (ResNetC-20, 2,000 images)
+    python scripts/speed.py --device cuda --arch resnet18 --data .data/cifar10-jpeg.tar.gz --images 50000 \\
         --protect-images 50000 --out results/speed-gpu.json
 
 Stages:

@@ -1,6 +1,6 @@
 """The import graph of the ``uge`` package, checked against its layers (issue 12).
 
-Usage: python benchmarks/import_graph.py [SRC_DIR ...]   (default: src; give an older checkout's src to compare)
+Usage: python scripts/import_graph.py [SRC_DIR ...]   (default: src; give an older checkout's src to compare)
 
 Lists every import between the package's modules (module level and inside functions), then the imports that
 point *up* the layers below (a module importing one from a higher layer) and any import cycle between

@@ -4,7 +4,7 @@ The keyed protector hides δ along one colour direction; the one with the least 
 blind to it the least. Prints the covariance's eigenvalues and eigenvectors (8-bit units) and the variance
 along candidate directions, and writes them to ``--out``.
 
-    python benchmarks/colour_pca.py --out results/keyed-probe/colour_pca.json
+    python scripts/colour_pca.py --out results/keyed-probe/colour_pca.json
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def main() -> None:
     for name, c in CANDIDATES.items():
         u = np.asarray(c, float) / np.linalg.norm(c)
         cand[name] = {"variance": float(u @ cov @ u), "share": float(u @ cov @ u) / total, "luma_per_unit": float(LUMA @ c)}
-    out = {"command": f"python benchmarks/colour_pca.py --config {args.config} --out {args.out}",
+    out = {"command": f"python scripts/colour_pca.py --config {args.config} --out {args.out}",
            "n_images": len(train), "total_variance": total, "eigenvalues": values.tolist(),
            "eigenvectors": vectors.T.tolist(), "candidates": cand}
     print(json.dumps(out, indent=2))

@@ -4,7 +4,7 @@ Trains hacker networks on keyed-protected copies of the selectivity bench's trai
 setting) and prints their clean test accuracy beside the clean baseline; one seed each, so read the
 numbers against the bench's noise (σ ≈ 1.3 points).
 
-    python benchmarks/keyed_probe.py --out results/keyed-probe/probe.json [--archs lenet,cnn] [--blocks 1,2,4]
+    python scripts/keyed_probe.py --out results/keyed-probe/probe.json [--archs lenet,cnn] [--blocks 1,2,4]
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def main() -> None:
                    "epochs": recipe.epochs, "n_train": len(data), "torch_threads": torch.get_num_threads()}
             print(json.dumps(row), flush=True)
             rows.append(row)
-            write_json(out, {"command": "python benchmarks/keyed_probe.py " + " ".join(
+            write_json(out, {"command": "python scripts/keyed_probe.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False, True))
                 + (" --clean" if args.clean else ""), "rows": rows})
 

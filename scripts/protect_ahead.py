@@ -5,7 +5,7 @@ variants can run beside the evaluations of earlier ones: this script publishes (
 named variants into the run folder, exactly as the runner would, and the runner then reuses them. Start it
 after the runner, on variants the runner will not reach before they are done (they share a work folder).
 
-    python benchmarks/protect_ahead.py configs/selectivity-cpu.toml results/selectivity-cpu "UGE (paper reading)" ...
+    python scripts/protect_ahead.py configs/selectivity-cpu.toml results/selectivity-cpu "UGE (paper reading)" ...
 """
 from __future__ import annotations
 
