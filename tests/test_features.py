@@ -155,6 +155,14 @@ def test_encoder_grayscale_and_builder_train_fn():
         build_feature_space("encoder", classes=["a", "b", "c"], train_set=ds, model=Classifier(TinyBody(in_channels=1), 1))
 
 
+def test_the_config_layer_names_exactly_the_registered_feature_spaces():
+    """ProtectConfig validates feature_space without torch (a fast start), so it keeps the names; they must be
+    the registry's."""
+    from uge import config
+
+    assert set(config.FEATURE_SPACES) == set(FEATURE_SPACES)
+
+
 def test_unknown_kind_is_config_error():
     assert {"clip", "encoder"} <= set(FEATURE_SPACES)
     with pytest.raises(ConfigError, match="clip, encoder"):
