@@ -349,6 +349,26 @@ def test_selectivity_and_noise_from_hand_written_records():
     assert row["selectivity"] == 18 and row["worst_hacker"] == -20
 
 
+def test_a_sets_own_noise_decides_whether_its_selectivity_is_a_result(tmp_path):
+    """A selectivity beyond the clean 2σ but within 2σ of the protected set's own spread is noise."""
+    from uge.benchmark.report import selectivity_table, set_noise
+
+    recs = [_rec("Clean", "authorized", "r", "normal", 60.0), _rec("Clean", "authorized", "r", "normal", 60.0,
+                                                                      fresh=True),
+            _rec("Clean", "hacker", "cnn", "normal", 50.0), _rec("Clean", "authorized", "r", "normal", 60.5, repeat=1),
+            _rec("Clean", "hacker", "cnn", "normal", 50.5, repeat=1),
+            _rec("P", "authorized", "r", "normal", 40.0), _rec("P", "authorized", "r", "normal", 40.0, fresh=True),
+            _rec("P", "hacker", "cnn", "normal", 25.0)]  # selectivity +5: beyond the clean 2σ (0.5)
+    row = next(line for line in selectivity_table(recs).splitlines() if line.startswith("| P |"))
+    assert "+5.00 |" in row and "(noise)" not in row
+    (tmp_path / "noise").mkdir()
+    (tmp_path / "noise" / "p.json").write_text(json.dumps({"variant": "p", "stdev": 12.1}))
+    own = set_noise(tmp_path, [{"name": "Clean"}, {"name": "P"}])
+    assert own == {"P": 12.1}
+    row = next(line for line in selectivity_table(recs, own_noise=own).splitlines() if line.startswith("| P |"))
+    assert "+5.00 (noise) [this set's σ 12.1]" in row
+
+
 def test_bench_config_validates_repeats_and_authorized_seeds():
     with pytest.raises(ConfigError, match="repeats"):
         parse_config(tiny(variant=[{"name": "C", "protector": "clean", "repeats": 0}]))

@@ -331,12 +331,29 @@ def selectivity_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
     return hackers, rows
 
 
-def selectivity_table(records: list[dict], goal_auth: float = -3.0, goal_hacker: float = -15.0) -> str:
-    """Markdown: the selectivity bench's table, with the noise of one number and the issue's goal."""
+def set_noise(run_dir: Path, variants: list[dict]) -> dict[str, float]:
+    """Variant name -> the measured standard deviation of one accuracy on that variant's protected set
+    (``RUN/noise/<variant slug>.json`` written by scripts/poisoned_noise.py)."""
+    names = {Variant(v["name"]).slug: v["name"] for v in variants}
+    out = {}
+    for f in sorted((run_dir / "noise").glob("*.json")):
+        d = json.loads(f.read_text())
+        if d.get("variant") in names and d.get("stdev") is not None:
+            out[names[d["variant"]]] = float(d["stdev"])
+    return out
+
+
+def selectivity_table(records: list[dict], goal_auth: float = -3.0, goal_hacker: float = -15.0,
+                      own_noise: dict[str, float] | None = None) -> str:
+    """Markdown: the selectivity bench's table, with the noise of one number and the issue's goal.
+
+    ``own_noise``: variant name -> σ of one accuracy measured on that variant's protected set (see
+    :func:`set_noise`); such a row's selectivity is judged against the larger of the two σ."""
     hackers, rows = selectivity_rows(records)
     if not rows:
         return ""
     sigma, pairs = noise_of_one_number(records)
+    own_noise = own_noise or {}
     f = lambda x: "–" if x is None else f"{x:+.2f}"  # noqa: E731
     blind = any(row["standard"] is not None for row in rows)  # keyed rows: a column against the standard arch
     head = ["data", "authorized (replay seed)", "authorized (fresh seeds)",
@@ -345,11 +362,13 @@ def selectivity_table(records: list[dict], goal_auth: float = -3.0, goal_hacker:
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for row in rows:
         auth = row["fresh"] if row["fresh"] is not None else row["replay"]
-        beyond = sigma is None or (row["selectivity"] is not None and abs(row["selectivity"]) > 2 * sigma)
+        s = max(sigma or 0.0, own_noise.get(row["variant"], 0.0)) or None
+        beyond = s is None or (row["selectivity"] is not None and abs(row["selectivity"]) > 2 * s)
         judged = row["standard"] if row["standard"] is not None else auth  # keyed: against the standard arch
         met = (judged is not None and row["worst_hacker"] is not None and judged >= goal_auth
                and row["worst_hacker"] <= goal_hacker and beyond)
-        sel = f(row["selectivity"]) + ("" if beyond else " (noise)")
+        own = own_noise.get(row["variant"])
+        sel = f(row["selectivity"]) + ("" if beyond else " (noise)") + (f" [this set's σ {own:.1f}]" if own else "")
         lines.append("| " + " | ".join([row["variant"], f(row["replay"]), f(row["fresh"]),
                                         *([f(row["standard"])] if blind else []),
                                         *[f(row["hackers"].get(c)) for c in hackers], f(row["mean_hacker"]), sel,
@@ -357,6 +376,10 @@ def selectivity_table(records: list[dict], goal_auth: float = -3.0, goal_hacker:
     noise = ("no repeats of the clean variant: the noise is unknown" if sigma is None else
              f"noise of one accuracy σ = {sigma:.2f} points (from {pairs} clean networks trained twice); "
              f"a change or selectivity smaller than 2σ = {2 * sigma:.2f} is no result")
+    if own_noise:
+        noise += ("; on a protected set one accuracy can vary far more: where it was measured (RUN/noise/, "
+                  "scripts/poisoned_noise.py: the authorized network from θ0 with other training seeds and the same "
+                  "architecture from other inits), the selectivity is judged against that set's σ, shown in brackets")
     return (f"Selectivity: change in clean test accuracy (points) from the same network trained on the clean "
             f"data; selectivity = authorized change (fresh training seeds) − mean hacker change. Goal: authorized "
             f"≥ {goal_auth:g} with a fresh seed, every hacker ≤ {goal_hacker:g}, beyond 2σ. {noise}."
@@ -602,7 +625,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     parts = [f"# {cfg.get('name', run_dir.name)}", cfg.get("description", ""),
              ("Clean test accuracy (%) of each network trained on each variant of the training set; in brackets "
               "the change from the same network trained on the clean data."), table]
-    sel = selectivity_table(records)
+    sel = selectivity_table(records, own_noise=set_noise(run_dir, cfg.get("variant", [])))
     if sel and (any(r.get("fresh") or r.get("repeat") for r in records)):
         parts.append(sel)
     diag = diagnostics_table(run_dir)
