@@ -13,6 +13,7 @@ from . import __version__
 from .config import (
     CHOICES,
     COUNTERMEASURE_SYNTAX,
+    FEATURE_SPACES,
     FORMATS,
     HACKER_SYNTAX,
     AuthorizedSpec,
@@ -95,32 +96,18 @@ def _budget(text: str) -> float:
 
 
 def _source_record(args, prefix: str = "") -> dict:
-    """Where the data is read from on this machine (for loading; a manifest gets :func:`_published_source`)."""
+    """Where the data is read from on this machine (for loading; a manifest gets :func:`uge.published.source_record`)."""
     return {"data": getattr(args, f"{prefix}data"), "split": getattr(args, f"{prefix}split"),
             "per_class": getattr(args, f"{prefix}per_class"), "subset_seed": getattr(args, f"{prefix}subset_seed")}
-
-
-def _published_source(src: dict) -> dict:
-    """What identifies the data in a manifest: a built-in name or the file's name, the split and the subset.
-
-    Never the local path: a data owner publishing the set would publish their file system's layout. The
-    images themselves are identified by the manifest's ``original_sha256``.
-    """
-    from .data.loaders import BUILTINS
-
-    data = str(src["data"])
-    builtin = data in BUILTINS
-    return {"name": data if builtin else Path(data).name, "builtin": builtin,
-            **{k: src.get(k) for k in ("split", "per_class", "subset_seed")}}
 
 
 def load_source(source: dict, root=None, download=False, flag: str = "--original-data") -> ImageDataset:
     """Load a data set described by a source record (``data`` or a built-in ``name``, ``split``, ``per_class``,
     ``subset_seed``); a manifest's file source has no location, so ``flag`` must give it."""
     from .data import load_dataset
-    from .published import read_published
+    from .published import read_published, source_location
 
-    data = source.get("data") or (source.get("name") if source.get("builtin") else None)
+    data = source_location(source)
     if not data:
         raise ConfigError(f"the published set names its data {source.get('name')!r} but not where it is "
                           f"(manifests do not record local paths); pass {flag} PATH")
@@ -175,7 +162,7 @@ def _method_params(items: list[str] | None) -> dict:
 
 def cmd_protect(args) -> int:
     from .protectors import build_protector, protector_class
-    from .published import publish
+    from .published import publish, source_record
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     if not formats or set(formats) - set(FORMATS):  # fail before any training
@@ -205,8 +192,8 @@ def cmd_protect(args) -> int:
     start = time.perf_counter()
     result = method.protect(data, device=args.device, work_dir=work, progress=not args.quiet,
                             seed=0 if configurable else args.seed or 0)
-    publish(result, data, out, formats=formats, source=_published_source(_source_record(args)), overwrite=args.overwrite,
-            theta0_apart=args.theta0_apart)
+    publish(result, data, out, formats=formats, overwrite=args.overwrite, theta0_apart=args.theta0_apart,
+            source=source_record(args.data, args.split, args.per_class, args.subset_seed))
     if args.theta0_apart and result.theta0:
         _print(f"θ0 written apart from the set, to {args.theta0_apart} (the manifest holds its SHA-256)")
     _print(f"published {out} ({', '.join(formats)}) in {time.perf_counter() - start:.1f} s"
@@ -263,11 +250,11 @@ def cmd_train(args) -> int:
 
 def _default_test_source(src: dict) -> dict:
     """The test split of the training data's source (the published set's own source for a published set)."""
-    from .published import read_published
+    from .published import read_published, source_location
 
     if (Path(src["data"]) / "manifest.json").is_file():
         recorded = read_published(src["data"]).manifest.get("source") or {}
-        data = recorded.get("data") or (recorded.get("name") if recorded.get("builtin") else None)
+        data = source_location(recorded)
         if not data:
             raise ConfigError("this published set does not record where its data is "
                               f"({recorded.get('name') or 'no source'!r}); pass --test-data")
@@ -411,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gm-warmup-epochs", type=int, help="generator epochs trained without L_gm first (default 0)")
     q.add_argument("--generator-center", action="store_true",
                    help="subtract the batch mean of the generator's perturbation (no universal pattern)")
-    q.add_argument("--feature-space", choices=["encoder", "clip"])
+    q.add_argument("--feature-space", choices=FEATURE_SPACES)
     q.add_argument("--clip-model", help="OpenCLIP model name (default ViT-B-32)")
     q.add_argument("--clip-checkpoint", help="local OpenCLIP checkpoint file")
     q.add_argument("--encoder-arch", help="network of the offline feature space (default resnetc20)")

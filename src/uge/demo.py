@@ -9,7 +9,7 @@ from .config import AuthorizedSpec, ProtectConfig
 from .data import load_splits
 from .evaluate import HackerSpec, evaluate_published, format_table
 from .protectors.uge import protect
-from .published import publish, read_published, verify
+from .published import publish, read_published, source_record, verify
 from .training import Recipe
 
 # Sized for 2 CPU cores: small networks, few epochs; 8x8 digits must not be flipped.
@@ -30,7 +30,7 @@ def run_demo(out: str | Path = "uge-demo", device="auto", progress: bool = True)
     train, test = load_splits("digits")
     result = protect(train, DEMO_CONFIG, device=device, progress=progress, work_dir=out / ".work")
     publish(result, train, out / "published", formats=("npz", "png"), overwrite=True,
-            source={"name": "digits", "builtin": True, "split": "train"})
+            source=source_record("digits"))
     verify(out / "published", train).raise_if_failed()
     records = evaluate_published(read_published(out / "published"), test, DEMO_HACKERS, clean=train,
                                  out_dir=out / "records", device=device, progress=progress)

@@ -23,6 +23,7 @@ from PIL import Image
 
 from .config import FORMATS, Recipe
 from .data.dataset import ImageDataset
+from .data.loaders import BUILTINS
 from .errors import ConfigError, DataError, VerificationError
 from .result import Protection, rho_levels
 from .similarity import similarity
@@ -39,6 +40,25 @@ def array_sha256(a: np.ndarray) -> str:
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
     h.update(a.tobytes())
     return h.hexdigest()
+
+
+def source_record(data: str, split: str | None = "train", per_class: int | None = None,
+                  subset_seed: int | None = 0) -> dict:
+    """What identifies the data in a manifest: a built-in name or the file's name, the split and the subset.
+
+    Never the local path: a data owner publishing the set would publish their file system's layout. The
+    images themselves are identified by the manifest's ``original_sha256``.
+    """
+    data = str(data)
+    builtin = data in BUILTINS
+    return {"name": data if builtin else Path(data).name, "builtin": builtin, "split": split,
+            "per_class": per_class, "subset_seed": subset_seed}
+
+
+def source_location(source: dict) -> str | None:
+    """Where a source record's data can be loaded from without asking: its local ``data`` (a record made on
+    this machine, or a manifest of format 1), or a built-in name; None for a manifest's file source."""
+    return source.get("data") or (source.get("name") if source.get("builtin") else None)
 
 
 def _png_path(label: int, classes: list[str], index: int) -> str:

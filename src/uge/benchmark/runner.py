@@ -145,17 +145,17 @@ def _protect_variant(cfg: BenchmarkConfig, v: Variant, pc, prot, train: ImageDat
         idx = np.flatnonzero(np.isin(train.labels, group))
         pub_dir = vdir / ("published" if v.federated is None else f"published-{i}")
         what = v.name + (f", server {i} (classes {group})" if v.federated else "")
-        part_source = {**source, "classes": group} if v.federated or prot.configurable else source
+        # a configurable protector's parts name their classes (federated runs have several); a baseline's one part not
+        classes = {"classes": group} if prot.configurable else {}
         pub, st = _publish_checked(lambda part, i=i: prot.protect(part, device=device, work_dir=vdir / f".work-{i}",
                                                                   progress=progress, seed=seed),
-                                   train.subset(idx), pub_dir, part_source, what)
+                                   train.subset(idx), pub_dir, {**source, **classes}, what)
         images[idx] = pub.data.images
         covered[idx] = True
-        stats.append({"classes": group, **st})
+        stats.append({**classes, **st})
     if not covered.all():  # classes no server holds stay clean, as they would in the published union
         log.warning("[%s] %d images belong to no federated group and stay clean", v.name, int((~covered).sum()))
     config = {"config": pc.to_dict()} if prot.configurable else {}
-    stats = stats if prot.configurable else [{k: s for k, s in st.items() if k != "classes"} for st in stats]
     write_json(vdir / "protect.json", {"variant": v.name, "protector": v.protector, **config, "parts": stats})
     if prot.configurable or not pub.manifest["authorized"]:
         return ImageDataset(images, train.labels.copy(), list(train.classes)), None
