@@ -153,6 +153,19 @@ def test_tar_matches_directory(tmp_path, cache, arcname, suffix):
         np.testing.assert_array_equal(a.labels, b.labels)
 
 
+@pytest.mark.parametrize("arcname", ["", "cifar100"])
+def test_tar_class_named_like_a_split(tmp_path, cache, arcname):
+    """CIFAR-100 has a class "train": inside the test split it is a class, not another split."""
+    make_tree(tmp_path / "d" / "train", classes=("apple", "train"), per_class=3, seed=1)
+    make_tree(tmp_path / "d" / "test", classes=("apple", "train"), per_class=2, seed=2)
+    dest = make_tar(tmp_path / "d", tmp_path / "c100.tar.gz", arcname)
+    for split, n in (("train", 3), ("test", 2)):
+        a = load_dataset(tmp_path / "d", split, cache_dir=cache)
+        b = load_dataset(dest, split, cache_dir=cache)
+        assert b.classes == ["apple", "train"] and np.bincount(b.labels).tolist() == [n, n]
+        np.testing.assert_array_equal(a.images, b.images)
+
+
 @pytest.mark.parametrize("arcname", ["", "top"])
 def test_tar_without_split_folders(tmp_path, cache, arcname):
     make_tree(tmp_path / "d", per_class=2)

@@ -387,8 +387,9 @@ def _read_tar(path: Path, split: str) -> ImageDataset:
                     dirs.add(folder[:k])
                 if not m.isfile() or os.path.splitext(parts[-1])[1].lower() not in suffixes:
                     continue
-                if any(p in _SPLIT_NAMES and p != split for p in folder[:2]):
-                    continue  # another split: never used, don't hold its bytes
+                named = next((p for p in folder[:2] if p in _SPLIT_NAMES), split)
+                if named != split:  # another split: never used, don't hold its bytes. Only the first split-named
+                    continue        # folder counts: CIFAR-100 has a class "train" inside its test split
                 f = tf.extractfile(m)
                 files.append((parts, f.read() if f is not None else b""))
     except (OSError, tarfile.TarError, EOFError) as e:
