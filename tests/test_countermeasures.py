@@ -31,6 +31,7 @@ from uge.errors import ConfigError
 from uge.evaluate import HackerSpec, evaluate_set, format_table
 from uge.models import create_model
 from uge.training import AdversarialTask, DistillTask, Recipe, SupervisedTask, train
+from uge.weights import save_weights
 
 # One valid, cheap spec per registered countermeasure; a new countermeasure must add one here.
 EXAMPLES = {
@@ -424,6 +425,7 @@ def test_perturb_init_sigma_zero_is_theta0_and_distance_grows_with_sigma():
     ("cnn:distill:theta0+0.1:3", HackerSpec("cnn", "distill", 3, 0.1)),
     ("cnn:normal:theta0", HackerSpec("cnn", "normal", 1, 0.0)),
     ("lenet:distill:2", HackerSpec("lenet", "distill", 2)),
+    ("resnetc20:normal:@runs/pre-s1.safetensors", HackerSpec("resnetc20", "normal", theta0="runs/pre-s1.safetensors")),
 ])
 def test_hacker_spec_with_theta0_noise_parses_and_round_trips(text, spec):
     assert HackerSpec.parse(text) == spec
@@ -456,6 +458,18 @@ def test_theta0_hacker_with_sigma_zero_repeats_the_authorized_network(digits_sma
     with pytest.raises(ConfigError, match="no authorized network is a lenet"):
         evaluate_set(digits_small, test, _authorized(), [HackerSpec("lenet", init_noise=0.1)], TINY,
                      data_label="protected", device="cpu", progress=False)
+
+
+def test_hacker_from_a_file_starts_there(digits_small, digits_splits, tmp_path):
+    """A hacker with its own (e.g. pretrained) weights: from the authorized θ0's file it repeats that network."""
+    test = digits_splits[1].per_class(5)
+    save_weights(tmp_path / "theta0.safetensors", _authorized()[0][1].state_dict())
+    spec = HackerSpec.parse(f"cnn:normal:@{tmp_path / 'theta0.safetensors'}")
+    auth, same, other = evaluate_set(digits_small, test, _authorized(), [spec, HackerSpec("cnn")], TINY,
+                                     data_label="protected", device="cpu", progress=False)
+    assert same["init"] == "file:theta0.safetensors" and same["test_acc"] == auth["test_acc"]
+    assert same["train_acc"] == auth["train_acc"] and other["train_acc"] != auth["train_acc"]
+    assert spec.key == "cnn_normal_at-theta0"
 
 
 def test_evaluate_set_leaves_the_theta0_networks_untouched_for_the_next_grid(digits_small, digits_splits):

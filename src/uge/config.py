@@ -68,7 +68,8 @@ class Recipe:
 
 
 HACKER_MODES = ("normal", "distill")  # trained on the labels, or distilled from the authorized network
-HACKER_SYNTAX = "ARCH[:MODE[:SEED]] or ARCH:MODE:theta0+SIGMA[:SEED], e.g. cnn:distill or resnet18:normal:theta0+0.1"
+HACKER_SYNTAX = ("ARCH[:MODE[:SEED]], ARCH:MODE:theta0+SIGMA[:SEED] or ARCH:MODE:@FILE.safetensors, e.g. cnn:distill, "
+                 "resnet18:normal:theta0+0.1 or resnetc20:normal:@pretrained.safetensors")
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,15 @@ class HackerSpec:
     of the same architecture plus relative Gaussian noise of size σ drawn with ``seed``
     (:func:`uge.countermeasures.perturb_init`), and trains with the authorized recipe, so σ = 0 repeats
     the authorized network exactly. Sweeping σ measures how close an init must be to count as authorized.
+    With ``theta0`` (a safetensors file) the hacker starts from those weights instead: a hacker with its own
+    pretrained network.
     """
 
     arch: str
     mode: str = "normal"
     seed: int = 1
     init_noise: float | None = None
+    theta0: str | None = None
 
     def __post_init__(self):
         if self.mode not in HACKER_MODES:
@@ -96,8 +100,11 @@ class HackerSpec:
     @classmethod
     def parse(cls, text: str) -> "HackerSpec":
         """Parse ``ARCH[:MODE[:SEED]]`` (e.g. ``resnet18:distill:3``) or ``ARCH:MODE:theta0+SIGMA[:SEED]``
-        (e.g. ``cnn:normal:theta0+0.05``: θ0 plus noise σ = 0.05 drawn with seed SEED, default 1)."""
+        (e.g. ``cnn:normal:theta0+0.05``: θ0 plus noise σ = 0.05 drawn with seed SEED, default 1), or
+        ``ARCH:MODE:@FILE`` (the init read from a safetensors file)."""
         parts = text.strip().split(":")
+        if len(parts) == 3 and parts[2].startswith("@") and parts[0] and len(parts[2]) > 1:
+            return cls(parts[0], parts[1], theta0=parts[2][1:])
         noisy = len(parts) > 2 and parts[2].startswith("theta0")
         if not parts[0] or len(parts) > (4 if noisy else 3):
             raise ConfigError(f"bad hacker spec {text!r}; expected {HACKER_SYNTAX}")
@@ -117,12 +124,17 @@ class HackerSpec:
     @property
     def spec(self) -> str:
         """The text :meth:`parse` reads back into this spec."""
+        if self.theta0 is not None:
+            return f"{self.arch}:{self.mode}:@{self.theta0}"
         if self.init_noise is None:
             return f"{self.arch}:{self.mode}:{self.seed}"
         return f"{self.arch}:{self.mode}:theta0+{self.init_noise!r}:{self.seed}"
 
     @property
     def key(self) -> str:
+        if self.theta0 is not None:
+            stem = "".join(c if c.isalnum() or c in "-." else "-" for c in self.theta0.rsplit("/", 1)[-1])
+            return f"{self.arch}_{self.mode}_at-{stem.removesuffix('.safetensors')}"
         noise = "" if self.init_noise is None else f"_theta0+{self.init_noise!r}"
         return f"{self.arch}_{self.mode}{noise}_s{self.seed}"
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
 
 from .config import HACKER_MODES, HACKER_SYNTAX, HackerSpec  # noqa: F401  (re-exported)
 from .countermeasures import (
@@ -29,13 +29,12 @@ from .countermeasures import (
 )
 from .data.dataset import ImageDataset
 from .errors import ConfigError
-from .models import create_model
 from .models.registry import Classifier
 from .published import Published, given_theta0
-from .training import DistillTask, Recipe, SupervisedTask, accuracy, train
 from .records import AuthorizedNet, Record, read_record, write_record
+from .training import DistillTask, Recipe, SupervisedTask, accuracy, train
 from .utils import resolve_device, sha256_file, slug, versions
-from .weights import load_into, save_weights
+from .weights import build_network, load_into, save_weights
 
 log = logging.getLogger("uge")
 TASKS = {"normal": lambda teacher, recipe: SupervisedTask(),  # one per HACKER_MODES entry
@@ -130,8 +129,8 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
     train_set.check_compatible(test_set)
     hacker_cms = parse_countermeasures(countermeasures)  # fail on a bad spec or name before any training
     auth_cms = parse_countermeasures(authorized_countermeasures)
-    for h in hackers:
-        create_model(h.arch, train_set.num_classes, train_set.channels)
+    for h in hackers:  # a bad architecture or init file fails here, before any training
+        build_network(h.arch, train_set.num_classes, train_set.channels, weights=h.theta0)
     theta0 = {}  # arch -> (θ0 network, init label) for the hackers that start near an authorized θ0
     for h in hackers:
         if h.init_noise is not None and h.arch not in theta0:
@@ -182,8 +181,8 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
         if rec_file and rec_file.exists():
             records.append(_done(rec_file, h_recipe, hack.text))
             continue
-        model = create_model(h.arch, train_set.num_classes, train_set.channels, seed=h.seed)
-        init = {"init": f"seed:{h.seed}"}
+        model = build_network(h.arch, train_set.num_classes, train_set.channels, seed=h.seed, weights=h.theta0)
+        init = {"init": f"seed:{h.seed}" if h.theta0 is None else f"file:{Path(h.theta0).name}"}
         if h.init_noise is not None:
             net, label = theta0[h.arch]
             model.load_state_dict(net.state_dict())
