@@ -16,6 +16,10 @@ trained from one θ0 on the same set with different training seeds:
 
     python scripts/stability.py configs/selectivity-cpu.toml results/selectivity-cpu clean \
         --out results/selectivity-cpu/stability/clean.json
+
+With ``--against clean`` each network of VARIANT is paired with the clean run of the same training seed
+instead: does the authorized run on the protected set end in the basin of its run on the clean set (what
+gradient matching aims for)?
 """
 from __future__ import annotations
 
@@ -58,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("config")
     ap.add_argument("run")
     ap.add_argument("variant", help="the variant's folder name under RUN/records (e.g. clean)")
+    ap.add_argument("--against", metavar="VARIANT", help="pair each network with the one of the same training "
+                    "seed in this variant (e.g. clean: is the run on D_u in the basin of the run on D?)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
 
@@ -66,13 +72,19 @@ def main(argv=None) -> int:
     spec = cfg.protect_config(cfg.variants[0]).authorized[0]
     theta0 = build_network(spec.arch, train_set.num_classes, train_set.channels, seed=spec.seed,
                            weights=spec.theta0).state_dict()
-    files = sorted((Path(a.run) / "records" / a.variant).glob("*_authorized0_*.safetensors"))
-    if len(files) < 2:
-        raise SystemExit(f"{a.run}/records/{a.variant}: fewer than two saved authorized networks")
+    saved = lambda v: sorted((Path(a.run) / "records" / v).glob("*_authorized0_*.safetensors"))  # noqa: E731
+    files = saved(a.variant)
+    if a.against:  # same training seed and repeat: the file names agree after the variant's prefix
+        theirs = {f.name.removeprefix(a.against): f for f in saved(a.against)}
+        todo = [(theirs[f.name.removeprefix(a.variant)], f) for f in files if f.name.removeprefix(a.variant) in theirs]
+    else:
+        todo = list(itertools.combinations(files, 2))
+    if not todo:
+        raise SystemExit(f"{a.run}/records/{a.variant}: no pair of saved authorized networks to compare")
     images = train_set.tensors("cpu")[0]
     names = [n for n, p in build_network(spec.arch, train_set.num_classes, train_set.channels).named_parameters()]
     pairs = []
-    for fa, fb in itertools.combinations(files, 2):
+    for fa, fb in todo:
         sa, sb = load_weights(fa), load_weights(fb)
         accs = []
         for alpha in ALPHAS:
@@ -86,7 +98,7 @@ def main(argv=None) -> int:
                       "barrier": round((accs[0] + accs[-1]) / 2 - min(accs), 2), "apart": round(float(dist / moved), 3)})
         print(f"{fa.stem} vs {fb.stem}: acc along the line {accs}, barrier {pairs[-1]['barrier']:.2f} points, "
               f"apart {pairs[-1]['apart']:.3f}")
-    write_json(a.out, {"config": a.config, "run": a.run, "variant": a.variant,
+    write_json(a.out, {"config": a.config, "run": a.run, "variant": a.variant, "against": a.against,
                        "theta0": spec.theta0 or f"seed:{spec.seed}", "alphas": list(ALPHAS), "pairs": pairs,
                        "command": "python scripts/stability.py " + " ".join(argv or __import__("sys").argv[1:])})
     return 0
