@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 from pathlib import Path
 
 import torch
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     spec = cfg.protect_config(cfg.variants[0]).authorized[0]
     theta0 = build_network(spec.arch, train_set.num_classes, train_set.channels, seed=spec.seed,
                            weights=spec.theta0).state_dict()
-    saved = lambda v: sorted((Path(a.run) / "records" / v).glob("*_authorized0_*.safetensors"))  # noqa: E731
+    saved = lambda v: sorted((Path(a.run) / "records" / v).glob("*_authorized0_*.safetensors"))
     files = saved(a.variant)
     if a.against:  # same training seed and repeat: the file names agree after the variant's prefix
         theirs = {f.name.removeprefix(a.against): f for f in saved(a.against)}
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     if not todo:
         raise SystemExit(f"{a.run}/records/{a.variant}: no pair of saved authorized networks to compare")
     images = train_set.tensors("cpu")[0]
-    names = [n for n, p in build_network(spec.arch, train_set.num_classes, train_set.channels).named_parameters()]
+    names = [n for n, _ in build_network(spec.arch, train_set.num_classes, train_set.channels).named_parameters()]
     pairs = []
     for fa, fb in todo:
         sa, sb = load_weights(fa), load_weights(fb)
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
               f"apart {pairs[-1]['apart']:.3f}")
     write_json(a.out, {"config": a.config, "run": a.run, "variant": a.variant, "against": a.against,
                        "theta0": spec.theta0 or f"seed:{spec.seed}", "alphas": list(ALPHAS), "pairs": pairs,
-                       "command": "python scripts/stability.py " + " ".join(argv or __import__("sys").argv[1:])})
+                       "command": "python scripts/stability.py " + " ".join(argv or sys.argv[1:])})
     return 0
 
 
