@@ -23,6 +23,7 @@ from uge.config import HackerSpec
 from uge.evaluate import evaluate_set
 from uge.published import read_published
 from uge.records import AuthorizedNet
+from uge.utils import write_json
 
 
 def main() -> int:
@@ -49,8 +50,7 @@ def main() -> int:
                "authorized_from_theta0": auth, "other_init": other,
                "mean": statistics.mean(allv), "stdev": statistics.stdev(allv) if len(allv) > 1 else None,
                "range": max(allv) - min(allv)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out, summary)
     print(json.dumps(summary, indent=2))
     return 0
 

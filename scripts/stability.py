@@ -71,8 +71,9 @@ def main(argv=None) -> int:
     cfg = load_config(a.config)
     train_set, test_set = load_data(cfg)
     spec = cfg.protect_config(cfg.variants[0]).authorized[0]
-    theta0 = build_network(spec.arch, train_set.num_classes, train_set.channels, seed=spec.seed,
-                           weights=spec.theta0).state_dict()
+    model = build_network(spec.arch, train_set.num_classes, train_set.channels, seed=spec.seed, weights=spec.theta0)
+    theta0 = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_parameters()]
     saved = lambda v: sorted((Path(a.run) / "records" / v).glob("*_authorized0_*.safetensors"))
     files = saved(a.variant)
     if a.against:  # same training seed and repeat: the file names agree after the variant's prefix
@@ -83,14 +84,12 @@ def main(argv=None) -> int:
     if not todo:
         raise SystemExit(f"{a.run}/records/{a.variant}: no pair of saved authorized networks to compare")
     images = train_set.tensors("cpu")[0]
-    names = [n for n, _ in build_network(spec.arch, train_set.num_classes, train_set.channels).named_parameters()]
     pairs = []
     for fa, fb in todo:
         sa, sb = load_weights(fa), load_weights(fb)
         accs = []
         for alpha in ALPHAS:
-            model = build_network(spec.arch, train_set.num_classes, train_set.channels)
-            model.load_state_dict(interpolate(sa, sb, alpha))
+            model.load_state_dict(interpolate(sa, sb, alpha))  # every buffer too: BatchNorm is re-estimated
             reestimate_batchnorm(model, images)  # at the ends too, so that every point is measured alike
             accs.append(round(accuracy(model.eval(), test_set), 2))
         dist = sum((sa[k] - sb[k]).pow(2).sum() for k in names).sqrt()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
-from .utils import from_dict
+from .utils import from_dict, slug
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -133,8 +133,7 @@ class HackerSpec:
     @property
     def key(self) -> str:
         if self.theta0 is not None:
-            stem = "".join(c if c.isalnum() or c in "-." else "-" for c in self.theta0.rsplit("/", 1)[-1])
-            return f"{self.arch}_{self.mode}_at-{stem.removesuffix('.safetensors')}"
+            return f"{self.arch}_{self.mode}_at-{slug(Path(self.theta0).name.removesuffix('.safetensors'))}"
         noise = "" if self.init_noise is None else f"_theta0+{self.init_noise!r}"
         return f"{self.arch}_{self.mode}{noise}_s{self.seed}"
 
