@@ -93,7 +93,8 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
                  countermeasures: str | list[Countermeasure] | None = None,
                  authorized_countermeasures: str | list[Countermeasure] | None = None,
                  recipe_label: str | None = None, authorized_seeds: Sequence[int] = (),
-                 repeat: int = 0) -> list[dict]:
+                 repeat: int = 0, authorized_data: ImageDataset | None = None,
+                 authorized_label: str = "unsealed") -> list[dict]:
     """Train the authorized networks (from their θ0) and the hackers on ``train_set``; test on ``test_set``.
 
     Args:
@@ -120,6 +121,10 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
             published recipe. Their records have ``"fresh": true`` and file names ending ``__seed<S>``.
         repeat: a repeat of the whole grid (the caller varies ``seed`` and the hackers' seeds); stored in each
             record and, when not 0, appended to its file name (``__rep1``), so repeats share a folder.
+        authorized_data: the set the authorized networks train on instead of ``train_set`` (the same images
+            in the same order before protection: the unsealed originals of a sealed set, ``uge evaluate
+            --key``); their records are labelled ``authorized_label`` instead of ``data_label``. The hackers
+            still train on ``train_set``.
     Returns:
         one record per trained network (:class:`~uge.records.Record` fields as a dict, as written); each
         stores its ``countermeasures`` text (None for none).
@@ -127,6 +132,9 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
     authorized = [AuthorizedNet(*a) for a in authorized]
     device = resolve_device(device)
     train_set.check_compatible(test_set)
+    if authorized_data is not None:
+        authorized_data.check_compatible(test_set)
+    auth_label = data_label if authorized_data is None else authorized_label
     hacker_cms = parse_countermeasures(countermeasures)  # fail on a bad spec or name before any training
     auth_cms = parse_countermeasures(authorized_countermeasures)
     for h in hackers:  # a bad architecture or init file fails here, before any training
@@ -144,13 +152,14 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
     common = {"data": data_label, "n_train": len(train_set), "n_test": len(test_set), "recipe": recipe.to_dict(),
               "device": str(device), "versions": versions(), **(extra or {}),
               **({"recipe_label": recipe_label} if recipe_label else {}), **({"repeat": repeat} if repeat else {})}
-    auth = _Setting(auth_cms, train_set, test_set)
+    auth = _Setting(auth_cms, train_set if authorized_data is None else authorized_data, test_set)
+    auth_common = {**common, "data": auth_label, "n_train": len(auth._train)}
     theta0_nets = [a.net for a in authorized]  # what a model countermeasure (copy-input) may copy
     records, teacher = [], None
     for k, (name, theta0_net, init) in enumerate(authorized):
         for s in dict.fromkeys([seed, *authorized_seeds]):
             fresh = s != seed
-            rec_file = (out / f"{data_label}_authorized{k}_{name}{f'__seed{s}' if fresh else ''}{auth.suffix}{tag}.json"
+            rec_file = (out / f"{auth_label}_authorized{k}_{name}{f'__seed{s}' if fresh else ''}{auth.suffix}{tag}.json"
                         if out else None)
             weights = rec_file.with_suffix(".safetensors") if rec_file else None
             # train a copy: the caller's θ0 network is reused (one grid per setting)
@@ -162,21 +171,24 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
                 if weights.exists():
                     load_into(model, weights).to(device).eval()
             else:
-                desc = f"{data_label}: authorized {name}" + (f" (seed {s})" if fresh else "")
+                desc = f"{auth_label}: authorized {name}" + (f" (seed {s})" if fresh else "")
                 model, res = auth.fit(model, recipe, SupervisedTask(), device, s, progress, desc, curve=True)
-                record = Record(**common, role="authorized", index=k, arch=name, mode="normal", init=init,
+                record = Record(**auth_common, role="authorized", index=k, arch=name, mode="normal", init=init,
                                 fresh=fresh, **res)
                 rec = record.to_dict()
                 if rec_file:
                     save_weights(weights, model.state_dict())
                     write_record(rec_file, record)
-                log.info("%s  authorized %-12s seed %d  test acc %.2f%%", data_label, name, s, rec["test_acc"])
+                log.info("%s  authorized %-12s seed %d  test acc %.2f%%", auth_label, name, s, rec["test_acc"])
             records.append(rec)
             if teacher is None:  # the distillation teacher: the first authorized network, trained with ``seed``
                 teacher = model
     hack = _Setting(hacker_cms, train_set, test_set)
     for h in hackers:
-        rec_file = out / f"{data_label}_hacker_{h.key}{hack.suffix}{tag}.json" if out else None
+        # a hacker that uses the authorized network (its teacher or its θ0) names the data that network learnt
+        taught = f"__by-{slug(auth_label)}" if auth_label != data_label and (h.mode == "distill" or
+                                                                             h.init_noise is not None) else ""
+        rec_file = out / f"{data_label}_hacker_{h.key}{hack.suffix}{taught}{tag}.json" if out else None
         h_recipe = recipe if h.init_noise is not None else (recipes or {}).get(h.arch, recipe)
         if rec_file and rec_file.exists():
             records.append(_done(rec_file, h_recipe, hack.text))
@@ -206,7 +218,8 @@ def evaluate_published(pub: Published, test_set: ImageDataset, hackers: list[Hac
                        out_dir: str | Path | None = None, device="auto", seed: int = 0,
                        progress: bool = True, countermeasures: str | list[Countermeasure] | None = None,
                        authorized_countermeasures: str | list[Countermeasure] | None = None,
-                       theta0: list | None = None) -> list[dict]:
+                       theta0: list | None = None, authorized: list[AuthorizedNet] | None = None,
+                       unsealed: ImageDataset | None = None) -> list[dict]:
     """The paper's evaluation of a published set, optionally beside the same grid on the clean originals.
 
     The authorized networks start from the published θ0 and train with the published recipe unless
@@ -215,6 +228,11 @@ def evaluate_published(pub: Published, test_set: ImageDataset, hackers: list[Hac
     ``countermeasures`` apply to the hackers and ``authorized_countermeasures`` to the authorized networks
     (see :func:`evaluate_set`), on the clean and the protected set alike. ``theta0``: files of θ0s that
     were published apart from the set, in the order of the manifest's authorized networks.
+
+    A sealed set's key holder (``uge evaluate --key``) passes ``authorized``, networks of their choice at
+    their own initialization, and ``unsealed``, the originals restored with the key
+    (:func:`uge.published.open_sealed`): the authorized networks then train on the originals (records
+    ``"unsealed"``) while the hackers train on the published images as always.
     """
     recipe = recipe or pub.recipe
     sums = pub.path / "checksums.sha256"  # identifies every file of the set, the manifest included (format 2)
@@ -222,29 +240,35 @@ def evaluate_published(pub: Published, test_set: ImageDataset, hackers: list[Hac
     records = []
     sets = ([("clean", clean)] if clean is not None else []) + [("protected", pub.data)]
     for label, data in sets:
-        authorized = [AuthorizedNet(a["arch"], pub.authorized_network(k, given_theta0(theta0, k)))
-                      for k, a in enumerate(pub.manifest["authorized"])]
-        records += evaluate_set(data, test_set, authorized, hackers, recipe, data_label=label, out_dir=out_dir,
+        nets = authorized if authorized is not None else [
+            AuthorizedNet(a["arch"], pub.authorized_network(k, given_theta0(theta0, k)))
+            for k, a in enumerate(pub.manifest["authorized"])]
+        records += evaluate_set(data, test_set, nets, hackers, recipe, data_label=label, out_dir=out_dir,
                                 device=device, seed=seed, progress=progress, extra=extra,
-                                countermeasures=countermeasures, authorized_countermeasures=authorized_countermeasures)
+                                countermeasures=countermeasures, authorized_countermeasures=authorized_countermeasures,
+                                authorized_data=unsealed if label == "protected" else None)
     return records
 
 
 def format_table(records: list[dict]) -> str:
-    """A markdown table: one row per network, test accuracy on clean and protected data, and the change."""
+    """A markdown table: one row per network, test accuracy on clean and protected data, and the change
+    (authorized networks trained on a sealed set's unsealed originals, ``uge evaluate --key``, in their own
+    column)."""
     rows: dict[tuple, dict] = {}
     for r in records:
         key = (r["role"], r["arch"], r["mode"], r["init"], r.get("countermeasures") or "")
         rows.setdefault(key, {})[r["data"]] = r["test_acc"]
-    labels = [lab for lab in ("clean", "protected") if any(lab in v for v in rows.values())]
+    labels = [lab for lab in ("clean", "unsealed", "protected") if any(lab in v for v in rows.values())]
+    change = "clean" in labels and "protected" in labels
     with_cm = any(k[4] for k in rows)  # the countermeasure column only when one was used
     head = "| network | mode | init | " + ("countermeasures | " if with_cm else "")
-    head += " | ".join(f"{lab} acc %" for lab in labels) + (" | change |" if len(labels) == 2 else " |")
+    head += " | ".join(f"{lab} acc %" for lab in labels) + (" | change |" if change else " |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (role, arch, mode, init, cm), accs in rows.items():
         cells = [f"{accs[lab]:.2f}" if lab in accs else "–" for lab in labels]
-        if len(labels) == 2:
-            cells.append(f"{accs['protected'] - accs['clean']:+.2f}" if len(accs) == 2 else "–")
+        if change:
+            cells.append(f"{accs['protected'] - accs['clean']:+.2f}" if "clean" in accs and "protected" in accs
+                         else "–")
         name = f"{arch} (authorized)" if role == "authorized" else arch
         cm_cell = f"{cm or '–'} | " if with_cm else ""
         lines.append(f"| {name} | {mode} | {init} | {cm_cell}" + " | ".join(cells) + " |")
