@@ -21,6 +21,8 @@ Sources
         class folders (``cifar10/train/<class>/...``), is looked through. Class names are the sorted
         folder names; images are read in file-name order; every format PIL reads is accepted.
         Images are RGB unless every image is grayscale (PIL mode ``"L"``), then C=1.
+    ``path/to/unsealed``
+        A folder written by ``uge unseal`` (``data.npz`` beside ``unsealed.json``): read as that ``.npz``.
     ``path/to/tree.tar`` (also ``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``)
         The same tree inside a tar archive, read in place (nothing is extracted to disk).
 
@@ -146,6 +148,8 @@ def _resolve(source: str | os.PathLike) -> Loader:
         raise DataError(f"no such data set: {str(source)!r} is neither a built-in name "
                         f"({', '.join(sorted(BUILTINS))}) nor an existing file or folder")
     if path.is_dir():
+        if (path / "unsealed.json").is_file() and (path / "data.npz").is_file():  # `uge unseal`'s output
+            return lambda source, split, **kw: _load_npz(Path(source).expanduser() / "data.npz", split, **kw)
         return _load_directory
     name = path.name.lower()
     for suffix in sorted(_PATH_LOADERS, key=len, reverse=True):
