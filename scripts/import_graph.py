@@ -15,7 +15,7 @@ from pathlib import Path
 
 LAYERS = [  # lowest first; a part is a module (``result``) or a subpackage (``protectors``)
     {"errors", "utils"},
-    {"config"},
+    {"config", "seeds"},
     {"data", "similarity", "sealing"},
     {"models", "weights", "losses", "features", "pgd"},
     {"training", "diagnostics"},

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from uge.benchmark import load_config
-from uge.benchmark.runner import _params, _protect_variant, load_data
+from uge.benchmark.runner import _protect_variant, load_data
 from uge.protectors import build_protector
 from uge.utils import resolve_device
 
@@ -30,9 +30,9 @@ def main(config: str, run_dir: str, *names: str) -> None:
             continue
         vdir = Path(run_dir) / "variants" / v.slug
         vdir.mkdir(parents=True, exist_ok=True)
-        prot = None if v.protector == "uge" else build_protector(v.protector, **_params(cfg, v))
+        prot = build_protector(v.protector, **cfg.params(v))
         start = time.perf_counter()
-        _protect_variant(cfg, v, cfg.protect_config(v), prot, train, vdir, device, progress=False)
+        _protect_variant(cfg, v, prot, train, vdir, device, progress=False)
         logging.info("[%s] protected ahead in %.1f s", v.name, time.perf_counter() - start)
 
 

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
 
     cfg = load_config(a.config)
     train_set, test_set = load_data(cfg)
-    spec = cfg.protect_config(cfg.variants[0]).authorized[0]
+    spec = cfg.authorized(cfg.variants[0])[0]
     model = build_network(spec.arch, train_set.num_classes, train_set.channels, seed=spec.seed, weights=spec.theta0)
     theta0 = {k: v.clone() for k, v in model.state_dict().items()}
     names = [n for n, _ in model.named_parameters()]

@@ -16,6 +16,7 @@ import uge.protectors.uge as uge_mod
 from uge.benchmark import load_config, parse_config, read_records, run_benchmark, write_report
 from uge.cli import main
 from uge.errors import ConfigError
+from uge.protectors import build_protector
 from uge.losses import least_similar_class
 from uge.published import read_published
 
@@ -46,7 +47,9 @@ def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
     assert cfg.variants and (cfg.hackers or cfg.authorized_recipes or cfg.authorized_seeds)
     for v in cfg.variants:
-        cfg.protect_config(v)
+        assert cfg.authorized(v)
+        if v.protector != "clean":
+            build_protector(v.protector, **cfg.params(v))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -62,7 +65,9 @@ def test_shipped_configs_are_valid(path):
     ({"variant": []}, "at least one"),
     ({"variant": [{"name": "A", "protector": "emm"}]}, "unknown protector"),
     ({"variant": [{"name": "A", "protector": "em", "pgd_stepz": 3}]}, "pgd_stepz"),
-    ({"variant": [{"name": "A", "protector": "cuda", "federated": [[0, 1], [2, 3]]}]}, "needs a protector configured by the"),
+    ({"protect": {"generator_epochz": 3}}, "unknown key.*generator_epochz"),
+    ({"variant": [{"name": "A", "protector": "em", "generator_epochs": 3}]}, "generator_epochs.*allowed: rho"),
+    ({"variant": [{"name": "A", "protector": "em", "federated": [[0, 1], [1, 2]]}]}, "disjoint"),
     ({"variant": [{"name": "A"}, {"name": "a"}]}, "distinct"),
     ({"variant": [{"name": "A", "losses": ["gm", "xx"]}]}, "losses"),
     ({"variant": [{"name": "A", "federated": [[0, 1], [1, 2]]}]}, "disjoint"),
@@ -132,7 +137,7 @@ def test_federated_servers_publish_their_own_classes(tiny_run):
 def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     cfg = parse_config(tiny(variant=TINY["variant"][:2]))
     calls = {"train": 0, "protect": 0}
-    real_train, real_protect = evaluate_mod.train, uge_mod.protect
+    real_train, real_protect = evaluate_mod.train, uge_mod._run
 
     def counting_train(*a, **k):
         calls["train"] += 1
@@ -145,7 +150,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
         return real_protect(*a, **k)
 
     monkeypatch.setattr(evaluate_mod, "train", counting_train)
-    monkeypatch.setattr(uge_mod, "protect", counting_protect)
+    monkeypatch.setattr(uge_mod, "_run", counting_protect)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run_benchmark(cfg, out, progress=False)
@@ -299,7 +304,9 @@ def test_baseline_protectors_run_in_a_grid(tmp_path):
     records = run_benchmark(cfg, tmp_path / "run", progress=False)
     assert len(records) == 8
     stats = json.loads((tmp_path / "run" / "variants" / "cuda" / "protect.json").read_text())["parts"][0]
-    assert stats["method"] == "cuda" and stats["similarity"]["psnr"] > 0 and "PSNR" in stats["budget"]
+    assert stats["similarity"]["psnr"] > 0 and "PSNR" in stats["budget"]
+    manifest = json.loads((tmp_path / "run" / "variants" / "cuda" / stats["manifest"]).read_text())
+    assert manifest["method"] == "cuda" and "params" not in stats  # the parameters once, in the manifest
     rand = read_published(tmp_path / "run" / "variants" / "random" / "published")
     assert rand.manifest["method"] == "random" and rand.manifest["rho_levels"] == 8
     assert {r["rho"] for r in records if r["variant"] == "CUDA"} == {None}

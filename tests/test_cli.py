@@ -73,7 +73,7 @@ def test_protect_publishes_with_the_flags_recorded(protected, workdir):
     m = read_published(pub).manifest
     assert m["formats"] == ["npz", "png"] and m["num_samples"] == 100
     assert m["source"] == {"name": "digits", "builtin": True, "split": "train", "per_class": 10, "subset_seed": 0}
-    cfg = m["config"]
+    cfg = m["params"]
     assert cfg["authorized"] == [{"arch": "cnn", "seed": 0, "theta0": None}]
     assert {k: cfg["recipe"][k] for k in ("epochs", "batch_size", "flip", "crop")} == \
         {"epochs": 2, "batch_size": 32, "flip": False, "crop": True}
@@ -335,7 +335,7 @@ def test_interrupt_exits_130_with_a_resume_hint(workdir, capsys, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(importlib.import_module("uge.protectors.uge"), "protect", interrupted)
+    monkeypatch.setattr(importlib.import_module("uge.protectors.uge"), "_run", interrupted)
     rc = main(["protect", *TINY_PROTECT, "--out", "never"])
     assert rc == 130
     assert "rerun the same command to resume" in capsys.readouterr().err

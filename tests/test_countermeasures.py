@@ -522,7 +522,8 @@ def published(tmp_path_factory, digits_splits):
 
     data = digits_splits[0].per_class(10)
     cfg = tiny_config()
-    result = Protection(protected=data, config=cfg, theta0=[create_model("cnn", 10, 1, seed=0).state_dict()])
+    result = Protection(protected=data, method="uge", params={}, rho=cfg.rho, authorized=list(cfg.authorized),
+                        theta0=[create_model("cnn", 10, 1, seed=0).state_dict()], recipe=cfg.recipe)
     return publish(result, data, tmp_path_factory.mktemp("cm") / "pub",
                    source={"data": "digits", "split": "train", "per_class": 10, "subset_seed": 0})
 

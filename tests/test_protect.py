@@ -169,7 +169,9 @@ def test_a_few_generator_epochs_change_many_pixels_within_budget(digits_small):
 
 def test_tiny_protect_run_records_theta0_history_and_cleans_up(tiny_run, digits_small):
     result, cfg, work = tiny_run
-    assert result.config is cfg
+    assert result.method == "uge" and result.seed == cfg.seed and result.rho == cfg.rho
+    assert result.params == {k: v for k, v in cfg.to_dict().items() if k != "seed"}
+    assert result.authorized == cfg.authorized and result.recipe == cfg.recipe
     assert len(result.theta0) == 1
     assert _equal_states(result.theta0[0], create_model("cnn", 10, 1, seed=0).state_dict())
     assert [h["epoch"] for h in result.history] == [1]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_RECIPE, random_dataset, rehash
 
+from uge.data import ImageDataset
 from uge.errors import ConfigError
 from uge.models import create_model
 from uge.protectors import Protector, build_protector, list_protectors, protector_class
@@ -129,13 +130,14 @@ def test_manifest_records_method_params_and_authorized_networks(name, runs):
     m = read_published(folder).manifest
     assert m["params"] == json.loads(json.dumps(result.params))
     if name in ("uge", "fd"):
-        assert len(m["authorized"]) == 1 and m["config"]["losses"] == (["fd"] if name == "fd" else ["gm", "fd", "ud"])
+        assert len(m["authorized"]) == 1 and m["params"]["losses"] == (["fd"] if name == "fd" else ["gm", "fd", "ud"])
     elif name == "keyed":  # a baseline that chooses its authorized network: blind θ0 and the published recipe
-        assert [a["arch"] for a in m["authorized"]] == ["blind-lenet"] and m["config"] is None
+        assert [a["arch"] for a in m["authorized"]] == ["blind-lenet"]
         assert read_published(folder).recipe == Recipe(epochs=1)
     else:
-        assert m["authorized"] == [] and m["config"] is None and m["recipe"] is None
+        assert m["authorized"] == [] and m["recipe"] is None
         assert read_published(folder).recipe == Recipe()  # evaluation falls back to the default recipe
+    assert "config" not in m and "seed" not in m["params"] and m["seeds"]["seed"] == 0
 
 
 @pytest.mark.parametrize("name", list_protectors())
@@ -176,12 +178,13 @@ def test_fd_pins_its_losses():
         build_protector("fd", losses=["gm"])
 
 
-def test_uge_accepts_protect_config_values_and_adds_the_run_seed(digits_small, runs):
-    p = build_protector("uge", **{**UGE_TINY, "seed": 3})
-    assert p.config.seed == 3 and p.config.authorized[0].arch == "cnn"
-    assert runs["uge"][0].params["seed"] == 0
-    assert build_protector("uge", **UGE_TINY).protect(digits_small, device="cpu", progress=False,
-                                                      seed=2).params["seed"] == 2
+def test_uge_takes_protect_config_values_and_the_run_seed_from_protect(digits_small, runs):
+    p = build_protector("uge", **UGE_TINY)
+    assert p.config.authorized[0].arch == "cnn" and "seed" not in p.params()
+    with pytest.raises(ConfigError, match="seed"):  # one meaning of seed: protect()'s, as for every method
+        build_protector("uge", **{**UGE_TINY, "seed": 3})
+    assert runs["uge"][0].seed == 0
+    assert p.protect(digits_small, device="cpu", progress=False, seed=2).seed == 2
 
 
 def test_tap_rejects_a_shift_that_keeps_the_labels():
@@ -387,3 +390,41 @@ def test_cli_protects_with_a_baseline_method(tmp_path, capsys):
     assert "pgd_stepz" in capsys.readouterr().err
     assert main(["protect", "--data", "digits", "--out", str(tmp_path / "y"), "--method", "nope"]) == 2
     assert main(["protect", "--data", "digits", "--out", str(tmp_path / "z"), "--param", "a=1"]) == 2
+
+
+# the protectors whose perturbation reaches the edge of any budget it is given (the others stay within it)
+USES_THE_WHOLE_BUDGET = {"random", "patch", "keyed", "em", "rem", "tap"}
+
+
+@pytest.mark.parametrize("name", [n for n in list_protectors() if protector_class(n).norm_bounded])
+def test_the_budget_given_is_the_budget_used_and_published(name, digits_small, tmp_path):
+    """Each norm-bounded protector at a budget that is not its default (4 levels): the saved files stay within
+    it, the manifest states it, and the noise-type ones reach it (a protector that ignored ρ would use 8 or 10)."""
+    data = _data(name, digits_small)
+    p = build_protector(name, **{**TINY[name], "rho": 4 / 255})
+    result = p.protect(data, device="cpu", progress=False, seed=0)
+    folder = publish(result, data, tmp_path / "set", formats=("npz",))
+    levels = int(np.abs(read_published(folder).data.images.astype(int) - data.images.astype(int)).max())
+    m = read_published(folder).manifest
+    assert result.rho == pytest.approx(4 / 255) and m["rho_levels"] == 4 and m["params"]["rho"] == pytest.approx(4 / 255)
+    assert 1 <= levels <= 4
+    if name in USES_THE_WHOLE_BUDGET:
+        assert levels == 4
+    assert verify(folder, data, rho=4 / 255).ok
+
+
+def test_cuda_filters_every_colour_channel_of_rgb_images():
+    """CUDA's class filters act on each channel (a CUDA that left one channel unfiltered passed the digits tests)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    data = ImageDataset(images, np.arange(40) % 4, [f"c{i}" for i in range(4)])
+    cuda = build_protector("cuda", blur=0.5)
+    assert cuda.filters(4, 3).shape == (4, 3, 3, 3)
+    out = cuda.protect(data, seed=0).protected.images
+    for c in range(3):
+        assert (out[..., c] != images[..., c]).mean() > 0.5, f"channel {c} left unfiltered"
+    # a channel's output depends on that channel only (depthwise): changing red leaves green and blue alone
+    other = images.copy()
+    other[..., 0] = 255 - other[..., 0]
+    out2 = cuda.protect(ImageDataset(other, data.labels, data.classes), seed=0).protected.images
+    assert np.array_equal(out2[..., 1:], out[..., 1:]) and not np.array_equal(out2[..., 0], out[..., 0])

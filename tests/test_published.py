@@ -41,7 +41,10 @@ def make_protection(original: ImageDataset, rho=RHO, seeds=(0,), arch="cnn", see
     prot = np.clip(original.images.astype(np.int16) + delta, 0, 255).astype(np.uint8)
     cfg = tiny_config(rho=rho, authorized=[AuthorizedSpec(arch, s) for s in seeds])
     theta0 = [create_model(arch, original.num_classes, original.channels, seed=s).state_dict() for s in seeds]
-    return Protection(ImageDataset(prot, original.labels.copy(), original.classes), cfg, theta0, "encoder:test",
+    params = cfg.to_dict()
+    params.pop("seed")
+    return Protection(ImageDataset(prot, original.labels.copy(), original.classes), "uge", params, rho, seed=0,
+                      authorized=list(cfg.authorized), theta0=theta0, recipe=cfg.recipe, feature_space="encoder:test",
                       history=[{"epoch": 1, "fd": 0.25, "total": 0.25}], seconds={"generator": 1.5})
 
 
@@ -97,7 +100,8 @@ def test_published_layout_and_manifest(published, gray):
     assert m["authorized"] == [{"arch": "cnn", "seed": 0, "theta0": "authorized/theta0_0.safetensors",
                                 "theta0_sha256": sha256_file(published / "authorized/theta0_0.safetensors"),
                                 "num_classes": 10, "in_channels": 1}]
-    assert m["config"] == result.config.to_dict()
+    assert m["params"] == result.params and "config" not in m  # the parameters once
+    assert m["seeds"]["seed"] == 0 and m["seeds"]["streams"]["encoder"] == 10_000
     listed = [line.split("  ", 1)[1] for line in (published / "checksums.sha256").read_text().splitlines()]
     assert sorted(listed) == sorted(files - {"checksums.sha256"})  # the manifest is covered too
 
@@ -148,7 +152,7 @@ def test_theta0_round_trips_bit_exactly(published):
 
 
 def test_published_recipe_is_the_authorized_recipe(published, gray):
-    assert read_published(published).recipe == gray[1].config.recipe
+    assert read_published(published).recipe == gray[1].recipe
 
 
 def test_rgb_set_round_trips_through_png(tmp_path):
@@ -418,3 +422,21 @@ def test_read_published_missing_png_is_a_data_error(tmp_path, gray):
     next((out / "images").rglob("*.png")).unlink()
     with pytest.raises(DataError, match="missing"):
         read_published(out)
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_verify_budget_is_pinned_at_its_boundary(tmp_path, gray, over):
+    """Exactly ρ (10 levels) passes; one level more, on one pixel, fails (a check that allowed one level more
+    would pass every other test here)."""
+    original, result = gray
+    out = publish(result, original, tmp_path / "edge", formats=("npz",))
+    images = result.protected.images.copy()
+    i, y, x, c = np.argwhere(original.images < 200)[0]
+    images[i, y, x, c] = original.images[i, y, x, c] + LEVELS + over
+    np.savez(out / "data.npz", images=images, labels=result.protected.labels,
+             classes=np.array(result.protected.classes))
+    rehash(out)
+    report = verify(out, original)
+    assert _check(report, "budget").passed == (over == 0)
+    assert report.linf == pytest.approx((LEVELS + over) / 255)
+    assert verify(out, original, rho=RHO).ok == (over == 0)  # the user's own ρ: the same boundary

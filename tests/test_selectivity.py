@@ -108,7 +108,8 @@ def test_fd_targets_the_next_class_when_asked(digits_small, tmp_path):
 
 @pytest.mark.parametrize("parametrization", ["generator", "delta"])
 def test_the_perturbation_depends_on_the_image(digits_small, parametrization):
-    cfg = tiny_config(parametrization=parametrization, delta_steps=2, losses=("fd",), rho=0.1)
+    cfg = tiny_config(parametrization=parametrization, losses=("fd",), rho=0.1,
+                      **({"delta_steps": 2} if parametrization == "delta" else {}))
     prot = protect(digits_small, cfg, device="cpu", progress=False).protected
     delta = prot.images.astype(int) - digits_small.images.astype(int)
     same_class = np.flatnonzero(digits_small.labels == 0)[:2]
@@ -248,6 +249,37 @@ def test_distilled_hacker_learns_from_the_authorized_network_trained_on_the_set(
     fresh = [r for r in recs if r.get("fresh")]
     assert len(fresh) == 1 and fresh[0]["train_seed"] == 5 and (tmp_path / "prot_authorized0_cnn__seed5.json").exists()
     assert all(len(r["curve"]) == 2 for r in recs if r["role"] == "authorized")  # one test accuracy per epoch
+
+
+def test_the_distilled_hackers_targets_are_the_trained_authorized_networks_outputs(digits_small, digits_splits,
+                                                                                  tmp_path, monkeypatch):
+    """Behaviour, not wiring: every soft target the distilled hacker trains on is what the authorized network,
+    trained on the set, outputs for that batch (a task that reset or re-initialised its teacher, or a teacher
+    handed over before training, gives other targets)."""
+    import uge.training as training_mod
+
+    seen, real_loss, real_kd = [], training_mod.DistillTask.loss, training_mod.kd_loss
+
+    def loss(self, model, x, y):
+        seen.append([x.detach().clone()])
+        return real_loss(self, model, x, y)
+
+    def kd(student, teacher, temperature):
+        seen[-1].append(teacher.detach().clone())
+        return real_kd(student, teacher, temperature)
+
+    monkeypatch.setattr(training_mod.DistillTask, "loss", loss)
+    monkeypatch.setattr(training_mod, "kd_loss", kd)
+    evaluate_set_(digits_small, digits_splits[1].per_class(3), [("cnn", create_model("cnn", 10, 1, seed=0))], tmp_path)
+    trained = create_model("cnn", 10, 1)
+    trained.load_state_dict(load_weights(tmp_path / "prot_authorized0_cnn.safetensors"))
+    untrained = create_model("cnn", 10, 1, seed=0).eval()
+    trained.eval()
+    assert len(seen) >= 2 and all(len(pair) == 2 for pair in seen)
+    with torch.no_grad():
+        for x, targets in seen:
+            assert torch.allclose(targets, trained(x), atol=1e-5)
+            assert not torch.allclose(targets, untrained(x), atol=1e-2)
 
 
 def test_a_record_without_its_weights_is_kept_unless_it_must_teach(digits_small, digits_splits, tmp_path):
@@ -417,6 +449,6 @@ def test_cli_takes_the_objective_options_and_rejects_bad_combinations(tmp_path, 
                "--gm-batchnorm", "frozen", "--fd-target", "next", "--format", "npz"])
     assert rc == 0
     manifest = json.loads((tmp_path / "y" / "manifest.json").read_text())
-    cfg = manifest["config"]
+    cfg = manifest["params"]
     assert (cfg["parametrization"], cfg["delta_steps"], cfg["gm_granularity"], cfg["fd_target"]) == \
         ("delta", 2, "sample", "next")

@@ -21,6 +21,7 @@ from .config import (
     ProtectConfig,
     Recipe,
     parse_budget,
+    rho_levels,
 )
 from .errors import ConfigError, UGEError
 from .utils import resolve_device, write_json
@@ -123,27 +124,63 @@ def _print(text: str = ""):
 
 # ---------------------------------------------------------------- protect
 
-def _protect_config(args) -> ProtectConfig:
-    d = ProtectConfig.from_json(args.config).to_dict() if args.config else ProtectConfig().to_dict()
-    flags = {"rho": args.rho, "trajectory_epochs": args.trajectory_epochs, "generator_epochs": args.generator_epochs,
-             "generator_batch_size": args.generator_batch_size, "generator_width": args.generator_width,
-             "generator_lr": args.generator_lr, "lambda_fd": args.lambda_fd, "lambda_ud": args.lambda_ud,
-             "alpha": args.alpha, "omega": args.omega, "temperature": args.temperature,
-             "feature_space": args.feature_space, "clip_model": args.clip_model,
-             "clip_checkpoint": args.clip_checkpoint, "encoder_arch": args.encoder_arch, "seed": args.seed,
-             "hacker_arch": args.hacker_arch, "gm_augment": args.gm_augment or None,
-             "gm_trajectories": args.gm_trajectories, "delta_steps": args.delta_steps, "gm_rounds": args.gm_rounds,
-             "gm_warmup_epochs": args.gm_warmup_epochs, "generator_center": args.generator_center or None,
-             **{name: getattr(args, name) for name in CHOICES}}
-    d.update({k: v for k, v in flags.items() if v is not None})
-    if args.losses:
-        d["losses"] = [s.strip() for s in args.losses.split(",") if s.strip()]
-    if args.authorized:
-        d["authorized"] = [vars(AuthorizedSpec.parse(a)) for a in args.authorized]
-    d["recipe"] = _recipe(args, Recipe.from_dict(d["recipe"])).to_dict()
-    if args.encoder_epochs is not None:
-        d["encoder_recipe"]["epochs"] = args.encoder_epochs
-    return ProtectConfig.from_dict(d)
+# Every protect flag sets one field of the chosen method (uge.protectors); a flag whose field the method does not
+# have is a usage error, never ignored. dest -> (flag, field).
+_FIELD_FLAGS = {
+    "rho": ("--rho", "rho"), "authorized": ("--authorized", "authorized"), "losses": ("--losses", "losses"),
+    "trajectory_epochs": ("--trajectory-epochs", "trajectory_epochs"),
+    **{d: (f"--{d.replace('_', '-')}", d) for d in (
+        "generator_epochs", "generator_batch_size", "generator_width", "generator_lr", "lambda_fd", "lambda_ud",
+        "alpha", "omega", "temperature", "gm_augment", "gm_trajectories", "delta_steps", "gm_rounds",
+        "gm_warmup_epochs", "generator_center", "feature_space", "clip_model", "clip_checkpoint", "encoder_arch",
+        "hacker_arch", *CHOICES)},
+    "encoder_epochs": ("--encoder-epochs", "encoder_recipe"),
+    **{d: (flag, "recipe") for d, flag in (("epochs", "--epochs"), ("lr", "--lr"), ("batch_size", "--batch-size"),
+                                           ("flip", "--no-flip"), ("crop", "--no-crop"))},
+}
+
+
+def _protect_params(args, cls) -> tuple[dict, int]:
+    """The chosen method's parameters from ``--config``, the flags and ``--param``, and the run's seed.
+
+    Each flag sets the field of the method that it names; a flag the method has no field for is a ConfigError
+    that lists the method's fields. ``--config`` is a JSON table of the method's fields (a ``seed`` in it is the
+    run's seed, which ``--seed`` overrides).
+    """
+    names = cls.parameter_names()
+    params = {}
+    if args.config:
+        try:
+            params = json.loads(Path(args.config).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {args.config}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {args.config} is not valid JSON: {e}") from None
+        if not isinstance(params, dict):
+            raise ConfigError(f"config file {args.config} must hold a JSON table of the method's parameters")
+    seed = params.pop("seed", 0) if "seed" not in names else 0
+    seed = args.seed if args.seed is not None else seed
+    given = {d: getattr(args, d) for d in _FIELD_FLAGS if getattr(args, d) is not None}  # every flag defaults to None
+    wrong = sorted({_FIELD_FLAGS[d][0] for d in given if _FIELD_FLAGS[d][1] not in names})
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --method "
+                          f"{cls.name}; its parameters: {', '.join(names)} (set with the flags or --param KEY=VALUE; "
+                          "--method list shows every method's)")
+    for d, value in given.items():
+        field = _FIELD_FLAGS[d][1]
+        if field == "losses":
+            value = [x.strip() for x in value.split(",") if x.strip()]
+        elif field == "authorized":
+            value = [vars(AuthorizedSpec.parse(a)) for a in value]
+        elif field == "encoder_recipe":
+            value = {**(params.get(field) or ProtectConfig().encoder_recipe.to_dict()), "epochs": value}
+        elif field == "recipe":
+            continue  # below
+        params[field] = value
+    if "recipe" in names:  # the recipe flags edit the published recipe (the config's, else Recipe())
+        params["recipe"] = _recipe(args, Recipe.from_dict(params.get("recipe") or {})).to_dict()
+    params.update(_method_params(args.param))
+    return params, seed
 
 
 def _method_params(items: list[str] | None) -> dict:
@@ -160,6 +197,18 @@ def _method_params(items: list[str] | None) -> dict:
     return params
 
 
+class _MethodAction(argparse.Action):
+    """Store a method's name; ``list`` prints every method with its parameters and exits."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values.strip() == "list":
+            from .protectors import list_protectors, protector_class
+
+            print("\n".join(protector_class(name).describe() for name in list_protectors()))
+            parser.exit(0)
+        setattr(namespace, self.dest, values)
+
+
 def cmd_protect(args) -> int:
     from .protectors import build_protector, protector_class
     from .published import publish, source_record
@@ -168,32 +217,27 @@ def cmd_protect(args) -> int:
     if not formats or set(formats) - set(FORMATS):  # fail before any training
         raise ConfigError(f"--format must be a comma list of {', '.join(FORMATS)}, got {args.format!r}")
     # every method is built by name through the registry, so a bad parameter fails before any work
-    configurable = protector_class(args.method).configurable
-    if configurable:  # UGE: its options are the flags (or --config), its seed the config's
-        if args.param:
-            raise ConfigError(f"--param is for the baseline methods; {args.method} takes its options as flags "
-                              "or --config")
-        cfg = _protect_config(args)
-        method = build_protector(args.method, **cfg.to_dict())
-        what = ("authorized: " + ", ".join(f"{a.arch}:{a.theta0 or a.seed}" for a in cfg.authorized)
-                + f", losses: {'+'.join(cfg.losses)}")
-    else:
-        params = _method_params(args.param)
-        if "recipe" in protector_class(args.method).parameter_names() and "recipe" not in params:
-            params["recipe"] = _recipe(args).to_dict()  # keyed: the recipe flags are the published recipe
-        method = build_protector(args.method, **params)
-        what = f"method: {args.method} {json.dumps(method.params())}"
+    params, seed = _protect_params(args, protector_class(args.method))
+    method = build_protector(args.method, **params)
+    seal_key = None
+    if args.seal:
+        from .sealing import load_key
+
+        seal_key = load_key(args.seal)  # a missing or bad key fails before any work
     data = load_source(_source_record(args), args.root, args.download)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
     work = Path(args.work_dir) if args.work_dir else out.with_name(f".{out.name}.work")
-    _print(f"protecting {len(data)} images of {data.num_classes} classes, {what}")
+    budget = f"ρ = {method.rho:.4g} ({rho_levels(method.rho)} levels)" if method.rho is not None else "no L∞ budget"
+    _print(f"protecting {len(data)} images of {data.num_classes} classes with {args.method}, {budget}, seed {seed}")
     start = time.perf_counter()
-    result = method.protect(data, device=args.device, work_dir=work, progress=not args.quiet,
-                            seed=0 if configurable else args.seed or 0)
+    result = method.protect(data, device=args.device, work_dir=work, progress=not args.quiet, seed=seed)
     publish(result, data, out, formats=formats, overwrite=args.overwrite, theta0_apart=args.theta0_apart,
-            source=source_record(args.data, args.split, args.per_class, args.subset_seed))
+            source=source_record(args.data, args.split, args.per_class, args.subset_seed), seal_key=seal_key)
+    if seal_key is not None:
+        _print(f"sealed: the residual to the originals is encrypted in {out / 'sealed'}; key holders restore the "
+               f"originals with `uge unseal {out} --key {args.seal} --out DIR`")
     if args.theta0_apart and result.theta0:
         _print(f"θ0 written apart from the set, to {args.theta0_apart} (the manifest holds its SHA-256)")
     _print(f"published {out} ({', '.join(formats)}) in {time.perf_counter() - start:.1f} s"
@@ -259,6 +303,13 @@ def _default_test_source(src: dict) -> dict:
             raise ConfigError("this published set does not record where its data is "
                               f"({recorded.get('name') or 'no source'!r}); pass --test-data")
         src = {"data": data}
+    elif (Path(src["data"]) / "unsealed.json").is_file():  # `uge unseal`'s output: its published set's source
+        recorded = json.loads((Path(src["data"]) / "unsealed.json").read_text()).get("source") or {}
+        data = source_location(recorded)
+        if not data:
+            raise ConfigError("this unsealed set does not record where its data is "
+                              f"({recorded.get('name') or 'no source'!r}); pass --test-data")
+        src = {"data": data}
     return {"data": src["data"], "split": "test", "per_class": None, "subset_seed": 0, "default": True}
 
 
@@ -282,6 +333,7 @@ def cmd_evaluate(args) -> int:
     cms = parse_countermeasures(args.countermeasure)  # fail on a bad spec before loading anything
     auth_cms = parse_countermeasures(args.authorized_countermeasure)
     pub = read_published(args.published)
+    key_nets, unsealed = _unsealed_authorized(args, pub)  # (None, None) without --key
     src = _source_record(args, "original_") if args.original_data else pub.manifest.get("source") or {}
     if args.test_data:
         test_src = _source_record(args, "test_")
@@ -294,7 +346,8 @@ def cmd_evaluate(args) -> int:
     start = time.perf_counter()
     records = evaluate_published(pub, test, hackers, clean=clean, recipe=_recipe(args, pub.recipe), out_dir=out,
                                  device=args.device, seed=args.seed, progress=not args.quiet,
-                                 countermeasures=cms, authorized_countermeasures=auth_cms, theta0=args.theta0)
+                                 countermeasures=cms, authorized_countermeasures=auth_cms, theta0=args.theta0,
+                                 authorized=key_nets, unsealed=unsealed)
     table = format_table(records)
     # one table per countermeasure setting, like the records ("table.md" without countermeasures)
     tag = "".join(f"__{p}{countermeasure_slug(c)}" for p, c in (("", cms), ("authorized-", auth_cms)) if c)
@@ -302,6 +355,34 @@ def cmd_evaluate(args) -> int:
     _print(table)
     _print(f"\n{len(records)} records and table{tag}.md in {out} ({time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def _unsealed_authorized(args, pub):
+    """``evaluate --key``: the originals restored from the sealed residual, and the authorized networks that train
+    on them (``--key-archs``; default the published authorized networks' architectures, else resnetc20 for colour
+    and cnn for grayscale), each from the random initialization of ``--seed``. (None, None) without ``--key``."""
+    if not args.key:
+        if args.key_archs:
+            raise ConfigError("--key-archs names the networks trained on the unsealed originals; it needs --key")
+        return None, None
+    from .published import open_sealed
+    from .records import AuthorizedNet
+    from .sealing import load_key
+    from .weights import build_network
+
+    key = load_key(args.key)
+    data = pub.data
+    archs = ([a.strip() for a in args.key_archs.split(",") if a.strip()] if args.key_archs else
+             [a["arch"] for a in pub.manifest["authorized"]] or ["resnetc20" if data.channels == 3 else "cnn"])
+    nets = [AuthorizedNet(a, build_network(a, data.num_classes, data.channels, seed=args.seed), f"seed:{args.seed}")
+            for a in dict.fromkeys(archs)]  # a bad architecture fails here, before any work
+    unsealed, info = open_sealed(pub.path, key)
+    n, npz = len(data), pub.path / "data.npz"
+    _print(f"unsealed {n} images with key {info['key_id']}: the sealed residual is "
+           f"{info['residual_bytes'] / n:,.1f} bytes per image, the data {data.images[0].nbytes:,} bytes per image"
+           + (f" (data.npz {npz.stat().st_size / n:,.1f})" if npz.is_file() else "")
+           + f"; authorized networks trained on the originals: {', '.join(a.arch for a in nets)}")
+    return nets, unsealed
 
 
 # ---------------------------------------------------------------- verify
@@ -325,6 +406,27 @@ def cmd_verify(args) -> int:
         _print(f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}")
     _print("verified: OK" if report.ok else "verified: FAILED")
     return 0 if report.ok else 1
+
+
+# ---------------------------------------------------------------- sealed publication (uge.sealing)
+
+def cmd_keygen(args) -> int:
+    from .sealing import key_id, keygen
+
+    key = keygen(args.keyfile)
+    _print(f"wrote a new 256-bit key to {args.keyfile} (mode 0600, key id {key_id(key)}); keep it secret: whoever "
+           "holds it restores the original images of every set sealed with it")
+    return 0
+
+
+def cmd_unseal(args) -> int:
+    from .published import unseal
+    from .sealing import load_key
+
+    info = unseal(args.published, load_key(args.key), args.out, overwrite=args.overwrite)
+    _print(f"{info['num_samples']} images restored bit for bit to {args.out}, verified against the manifest's "
+           f"original_sha256 ({info['original_sha256'][:16]}…)")
+    return 0
 
 
 # ---------------------------------------------------------------- benchmark and report
@@ -377,40 +479,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(q)
     _add_recipe_args(q)
     q.add_argument("--out", required=True, help="folder of the published set")
-    q.add_argument("--config", help="a JSON protect config (flags override it)")
+    q.add_argument("--config", help="a JSON table of the method's parameters (the flags override it)")
     q.add_argument("--authorized", action="append",
                    help="ARCH, ARCH:SEED or ARCH:THETA0.safetensors; repeat for several authorized networks")
     q.add_argument("--rho", type=_budget, help="L∞ budget: 0.04 on the [0,1] scale or 10/255 in 8-bit levels "
-                   "(default 0.04)")
+                   "(default: the method's)")
     q.add_argument("--trajectory-epochs", type=int, help="T (default 4)")
     q.add_argument("--losses", help="comma list of gm,fd,ud (default all three)")
+    q.add_argument("--seed", type=int, help="the run's seed, for every method (default 0; uge.seeds)")
     for name, typ in (("generator-epochs", int), ("generator-batch-size", int), ("generator-width", int),
                       ("generator-lr", float), ("lambda-fd", float), ("lambda-ud", float), ("alpha", float),
-                      ("omega", float), ("temperature", float), ("encoder-epochs", int), ("seed", int)):
+                      ("omega", float), ("temperature", float), ("encoder-epochs", int)):
         q.add_argument(f"--{name}", type=typ)
     for name, values in CHOICES.items():  # readings of the paper and variants beyond it (README: the objective)
         q.add_argument(f"--{name.replace('_', '-')}", choices=values, help=f"default {values[0]}")
-    q.add_argument("--gm-augment", action="store_true", help="match gradients under the recipe's crop + flip")
+    q.add_argument("--gm-augment", action="store_const", const=True, help="match gradients under the recipe's crop + flip")
     q.add_argument("--gm-trajectories", type=int, help="trajectories (data orders) from θ0 matched by L_gm (default 1)")
     q.add_argument("--delta-steps", type=int, help="with --parametrization delta: PGD steps per batch (default 10)")
     q.add_argument("--gm-rounds", type=int, help="with --parametrization delta: passes over the set, each after "
                    "the first also matching at the authorized network's run on the protected set (default 1)")
     q.add_argument("--gm-warmup-epochs", type=int, help="generator epochs trained without L_gm first (default 0)")
-    q.add_argument("--generator-center", action="store_true",
+    q.add_argument("--generator-center", action="store_const", const=True,
                    help="subtract the batch mean of the generator's perturbation (no universal pattern)")
     q.add_argument("--feature-space", choices=FEATURE_SPACES)
     q.add_argument("--clip-model", help="OpenCLIP model name (default ViT-B-32)")
     q.add_argument("--clip-checkpoint", help="local OpenCLIP checkpoint file")
     q.add_argument("--encoder-arch", help="network of the offline feature space (default resnetc20)")
     q.add_argument("--hacker-arch", help="random network f'_θA of L_ud (default: the authorized architecture)")
-    q.add_argument("--method", default="uge", help="uge (default) or a baseline protector: "
-                   "keyed, fd, random, patch, em, tap, rem, cuda (see uge.protectors)")
+    q.add_argument("--method", default="uge", action=_MethodAction,
+                   help="uge (default) or another protector: keyed, fd, random, patch, em, tap, rem, cuda; every "
+                   "flag of this command sets one of the method's parameters, and a flag the method does not have "
+                   "is an error ('--method list' shows every method's parameters and defaults)")
     q.add_argument("--param", action="append", metavar="KEY=VALUE",
-                   help="a baseline method's parameter, e.g. --param pgd_steps=10 (repeat for several)")
+                   help="any parameter of the method, e.g. --param pgd_steps=10 (repeat for several)")
     q.add_argument("--format", default="npz,png", help="npz, png or both (default npz,png)")
     q.add_argument("--work-dir", help="checkpoint folder for resuming (default: .<out>.work beside --out)")
     q.add_argument("--theta0-apart", metavar="DIR", help="write the authorized θ0 here instead of into the set "
                    "(the manifest keeps its SHA-256; evaluate and verify then take --theta0 FILE)")
+    q.add_argument("--seal", metavar="KEYFILE", help="also publish the residual to the originals, encrypted with "
+                   "this key (uge keygen): key holders restore the originals bit for bit (uge unseal)")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_protect)
 
@@ -447,6 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="records folder (default: <published>-eval)")
     e.add_argument("--theta0", action="append", metavar="FILE",
                    help="θ0 of an authorized network published apart from the set (repeat for several, in order)")
+    e.add_argument("--key", metavar="KEYFILE", help="a sealed set's key: the authorized networks train on the "
+                   "originals restored with it (uge unseal), from a random initialization; hackers on the set")
+    e.add_argument("--key-archs", metavar="ARCH,ARCH", help="with --key: the authorized networks' architectures "
+                   "(default: the published authorized networks', else resnetc20 for colour, cnn for grayscale)")
     e.set_defaults(func=cmd_evaluate)
 
     v = sub.add_parser("verify", help="check a published set's budget, labels, order and hashes")
@@ -458,6 +569,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--theta0", action="append", metavar="FILE",
                    help="θ0 of an authorized network published apart from the set (repeat for several, in order)")
     v.set_defaults(func=cmd_verify)
+
+    k = sub.add_parser("keygen", help="write a new random 256-bit key for sealed publication (protect --seal)")
+    k.add_argument("keyfile", help="a new file (mode 0600; never overwritten)")
+    k.set_defaults(func=cmd_keygen)
+
+    u = sub.add_parser("unseal", help="restore a sealed set's original images, bit for bit, with its key")
+    u.add_argument("published")
+    u.add_argument("--key", required=True, metavar="KEYFILE", help="the key the set was sealed with")
+    u.add_argument("--out", required=True, help="a new folder: data.npz and unsealed.json (--data reads it)")
+    u.add_argument("--overwrite", action="store_true")
+    u.set_defaults(func=cmd_unseal)
 
     b = sub.add_parser("benchmark", help="run (or resume) an experiment grid from a TOML config")
     b.add_argument("config", help="a benchmark config, e.g. configs/table1-cpu.toml")
@@ -489,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UGEError as e:
         print(f"uge: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # 1 for a sealed set that cannot be opened (uge.sealing.SealError)
     except KeyboardInterrupt:
         print("uge: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -138,6 +138,14 @@ class HackerSpec:
         return f"{self.arch}_{self.mode}{noise}_s{self.seed}"
 
 
+def rho_levels(rho: float) -> int:
+    """The budget ρ on the [0, 1] scale as whole 8-bit levels: floor(255ρ) (ρ = 0.04 → 10 levels).
+
+    The small tolerance keeps a ρ typed as ``k / 255`` at k levels despite floating-point rounding.
+    """
+    return math.floor(255 * rho + 1e-9)
+
+
 def parse_budget(text: str | float) -> float:
     """An L∞ budget as a user types it, on the [0, 1] pixel scale: ``0.04`` or ``10/255`` (8-bit levels)."""
     s = str(text).strip()
@@ -186,6 +194,9 @@ class AuthorizedSpec:
         return cls(arch=arch, theta0=rest)
 
 
+_DEFAULT_DELTA_STEPS = 10
+
+
 @dataclass
 class ProtectConfig:
     """Everything that determines a protection run (hyperparameters: supplement Tables 5–6)."""
@@ -211,7 +222,7 @@ class ProtectConfig:
     encoder_arch: str = "resnetc20"
     encoder_recipe: Recipe = field(default_factory=lambda: Recipe(epochs=10))
     clean_grad_cache_mb: int = 1024  # memory for reusing L_gm's clean gradients across epochs; 0: recompute
-    seed: int = 0
+    seed: int = 0  # the run's seed (uge.seeds); the protector API takes it as protect(seed=...), not a parameter
     # --- readings of the paper and variants beyond it (issue 10); each is measured on the selectivity bench
     gm_granularity: str = "batch"  # L_gm of the batch's mean loss, per class, or per sample (Eq. 6 as written)
     gm_batchnorm: str = "train"  # checkpoints in train mode (batch statistics) or frozen at the clean batch's
@@ -220,7 +231,7 @@ class ProtectConfig:
     ud_teacher: str = "checkpoint"  # L_ud's authorized network: θT, or θ0 trained with the whole recipe
     fd_target: str = "least_similar"  # L_fd's target class: least similar to the image (Eq. 9), or y + 1
     parametrization: str = "generator"  # a generator G(x) (the paper), or a per-sample δ optimised directly
-    delta_steps: int = 10  # parametrization "delta": signed-gradient steps per batch
+    delta_steps: int = _DEFAULT_DELTA_STEPS  # parametrization "delta": signed-gradient steps per batch
     # parametrization "delta": passes over the set; before each pass after the first, the authorized network is
     # trained from θ0 on the current protected set and that run's checkpoints join L_gm's (on-trajectory matching)
     gm_rounds: int = 1
@@ -262,6 +273,11 @@ class ProtectConfig:
             problems.append("gm_granularity 'sample' needs gm_batchnorm 'frozen' (one sample has no batch statistics)")
         if self.gm_rounds > 1 and (self.parametrization != "delta" or "gm" not in self.losses):
             problems.append("gm_rounds > 1 needs parametrization 'delta' and L_gm in losses")
+        others = {"generator": [k for k in ("delta_steps",) if getattr(self, k) != _DEFAULT_DELTA_STEPS],
+                  "delta": [k for k in ("gm_warmup_epochs", "generator_center") if getattr(self, k)]}
+        if others.get(self.parametrization):  # an option the chosen parametrization would silently ignore
+            problems.append(f"{', '.join(others[self.parametrization])} is an option of the other parametrization "
+                            f"than {self.parametrization!r}; leave it out")
         if not 0 <= self.gm_warmup_epochs < self.generator_epochs:
             problems.append(f"gm_warmup_epochs must be in [0, generator_epochs={self.generator_epochs}), "
                             f"got {self.gm_warmup_epochs}")

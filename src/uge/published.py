@@ -25,6 +25,7 @@ from .config import FORMATS, Recipe
 from .data.dataset import ImageDataset
 from .data.loaders import BUILTINS
 from .errors import ConfigError, DataError, VerificationError
+from . import seeds
 from .result import Protection, rho_levels
 from .similarity import similarity
 from .utils import atomic_dir, sha256_file, versions, write_json
@@ -66,7 +67,8 @@ def _png_path(label: int, classes: list[str], index: int) -> str:
 
 
 def publish(result: Protection, original: ImageDataset, out: str | Path, *, formats=("npz",),
-            source: dict | None = None, overwrite: bool = False, theta0_apart: str | Path | None = None) -> Path:
+            source: dict | None = None, overwrite: bool = False, theta0_apart: str | Path | None = None,
+            seal_key: bytes | None = None) -> Path:
     """Write ``result`` (of UGE or of any protector in :mod:`uge.protectors`) as a published set in ``out``.
 
     The manifest names the method and its parameters, its budget (``rho``/``rho_levels``, None when not
@@ -80,13 +82,23 @@ def publish(result: Protection, original: ImageDataset, out: str | Path, *, form
         source: where the clean data came from (recorded in the manifest for ``verify``/``evaluate``).
         theta0_apart: a folder for the θ0 files instead of the set (for owners who hand θ0 to licensees
             only); the manifest then holds each file's SHA-256, and ``evaluate``/``verify`` take the file.
+        seal_key: a 256-bit key (:func:`uge.sealing.load_key`): also write ``sealed/residual.bin``, the
+            residual original − published encrypted for the key's holders (``uge unseal``), and describe it
+            in the manifest's ``"sealed"`` entry (None for a set published without a key).
     """
     formats = tuple(formats)
     if not formats or set(formats) - set(FORMATS):
         raise ConfigError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
-    data, cfg = result.protected, result.config  # cfg is None for baseline protectors (uge.protectors)
+    data = result.protected
     if data.images.shape != original.images.shape:
         raise DataError(f"protected images {data.images.shape} do not match the originals {original.images.shape}")
+    sealed = None  # sealed publication (uge.sealing): the encrypted residual, for the key's holders only
+    if seal_key is not None:
+        from .sealing import binding, seal
+
+        residual, sealed = seal(original.images, data.images, seal_key,
+                                bind=binding(array_sha256(data.images), array_sha256(data.labels),
+                                             array_sha256(original.images)))
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if "npz" in formats:
             np.savez(tmp / "data.npz", images=data.images, labels=data.labels, classes=np.array(data.classes))
@@ -105,6 +117,9 @@ def publish(result: Protection, original: ImageDataset, out: str | Path, *, form
             authorized.append({"arch": spec.arch, "seed": None if theta0_apart else spec.seed,
                                "theta0": None if theta0_apart else rel, "theta0_sha256": sha256_file(f),
                                "num_classes": data.num_classes, "in_channels": data.channels})
+        if sealed:  # before the manifest and the checksums, which cover it
+            (tmp / sealed["file"]).parent.mkdir(parents=True)
+            (tmp / sealed["file"]).write_bytes(residual)
         write_json(tmp / "manifest.json", {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -115,9 +130,10 @@ def publish(result: Protection, original: ImageDataset, out: str | Path, *, form
             "similarity": similarity(data.images, original.images),
             "labels_sha256": array_sha256(data.labels), "original_sha256": array_sha256(original.images),
             "source": source or {}, "authorized": authorized, "recipe": result.recipe.to_dict() if result.recipe else None,
-            "feature_space": result.feature_space, "config": cfg.to_dict() if cfg else None,
-            "params": result.params or (cfg.to_dict() if cfg else {}), "history": result.history,
+            "feature_space": result.feature_space, "params": result.params, "seeds": seeds.table(result.seed),
+            "history": result.history,
             "seconds": result.seconds, "versions": versions(),
+            "sealed": sealed,
         })
         # Last, over every file the manifest included: an edited budget or θ0 hash fails `verify`.
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -310,6 +326,13 @@ def verify(path: str | Path, original: ImageDataset | None = None,
                f"{len(listed)} files match" if not bad else f"{len(bad)} file(s) changed or missing, "
                f"first: {bad[0]}")
     report.add("no extra files", not extra, "none" if not extra else f"unexpected file(s), first: {extra[0]}")
+    sealed = manifest.get("sealed")
+    if sealed:  # no key needed: the encrypted residual is the file the manifest describes
+        f = path / "sealed/residual.bin"  # the one place a residual is read from, whatever the manifest says
+        ok = sealed.get("file") == "sealed/residual.bin" and f.is_file() and sha256_file(f) == sealed.get("sha256")
+        report.add("sealed residual", ok, f"{sealed.get('file')} ({sealed.get('bytes')} bytes, {sealed.get('cipher')}, "
+                   f"key id {sealed.get('key_id')}) matches the manifest's SHA-256" if ok else
+                   f"{sealed.get('file')} is missing or its SHA-256 differs from the manifest's")
     if bad:
         return report  # decoding tampered files proves nothing more
     limit = manifest.get("rho_levels")
@@ -380,3 +403,69 @@ def verify(path: str | Path, original: ImageDataset | None = None,
                f"PSNR = {measured['psnr']:.2f} dB, SSIM = {measured['ssim']:.4f} (mean over images; not norm-bounded, "
                f"L∞ = {levels}/255)" + ("" if agrees else f"; the manifest claims {claimed}"))
     return report
+
+
+# ---------------------------------------------------------------- sealed publication (uge.sealing)
+
+UNSEALED_FILE = "unsealed.json"  # beside data.npz in a folder written by unseal; uge.data.load_dataset reads it
+
+
+def open_sealed(path: str | Path, key: bytes) -> tuple[ImageDataset, dict]:
+    """The original set of a sealed published set, restored in memory with ``key``: ``(ImageDataset, info)``.
+
+    The set is checked first (:func:`verify` without the originals: file hashes, the sealed residual's hash,
+    labels); any failed check is a :class:`~uge.sealing.SealError`, as are a key that is not the set's and a
+    residual that fails authentication. The restored images must hash to the manifest's ``original_sha256``.
+    ``info`` is what ``unsealed.json`` records (see :func:`unseal`).
+    """
+    from .sealing import RESIDUAL_FILE, SealError, binding, unseal_images
+
+    path = Path(path)
+    if not read_manifest(path).get("sealed"):
+        raise SealError(f"{path} is not sealed (it was published without a key); there is nothing to unseal")
+    report = verify(path)
+    if not report.ok:
+        failed = "; ".join(f"{c.name}: {c.detail}" for c in report.checks if not c.passed)
+        raise SealError(f"{path} fails verification, not unsealed: {failed}")
+    pub = read_published(path)
+    m, data = pub.manifest, pub.data
+    f = path / RESIDUAL_FILE  # verify checked that the manifest names this file and that its hash matches
+    try:
+        ciphertext = f.read_bytes()
+    except OSError as e:
+        raise SealError(f"cannot read the sealed residual {f}: {e.strerror or e}") from None
+    original = unseal_images(data.images, ciphertext, m["sealed"], key,
+                             bind=binding(array_sha256(data.images), m["labels_sha256"], m["original_sha256"]))
+    digest = array_sha256(original)
+    if digest != m["original_sha256"]:
+        raise SealError(f"the restored images hash to {digest[:16]}…, not to the manifest's original_sha256 "
+                        f"{m['original_sha256'][:16]}…")
+    info = {"format": "uge-unsealed", "format_version": 1,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "published": str(path.resolve()),
+            "published_checksums_sha256": sha256_file(path / "checksums.sha256"),  # names the set exactly
+            "method": m.get("method"), "source": m.get("source") or {}, "key_id": m["sealed"]["key_id"],
+            "num_samples": len(original), "image_shape": list(original.shape[1:]),
+            "original_sha256": digest, "labels_sha256": m["labels_sha256"], "residual_bytes": len(ciphertext)}
+    return ImageDataset(original, data.labels, data.classes), info
+
+
+def unseal(path: str | Path, key: bytes, out_dir: str | Path, *, overwrite: bool = False) -> dict:
+    """Restore the originals of the sealed set in ``path`` into ``out_dir`` (``uge unseal``): ``data.npz``
+    (images, labels, classes in the published order) and ``unsealed.json`` (the set and the SHA-256 of its
+    checksums file, the key id, ``original_sha256``).
+
+    ``uge.data.load_dataset(out_dir)`` (``--data DIR``) reads the folder. It is written atomically and only
+    once every check has passed (see :func:`open_sealed`): nothing is written on any failure. Returns the
+    ``unsealed.json`` record.
+    """
+    from .data.loaders import save_npz
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:  # before the work; atomic_dir checks again
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+    data, info = open_sealed(path, key)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_npz(data, tmp / "data.npz")
+        write_json(tmp / UNSEALED_FILE, info)
+    return info

@@ -5,54 +5,40 @@ benchmark runner share it without importing one another.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
+from .config import rho_levels  # noqa: F401  (the one conversion of the budget; re-exported)
 from .data.dataset import ImageDataset
 
 if TYPE_CHECKING:
-    from .config import AuthorizedSpec, ProtectConfig
-    from .training import Recipe
-
-
-def rho_levels(rho: float) -> int:
-    """The budget ρ on the [0, 1] scale as whole 8-bit levels: floor(255ρ) (ρ = 0.04 → 10 levels).
-
-    The small tolerance keeps a ρ typed as ``k / 255`` at k levels despite floating-point rounding.
-    """
-    return math.floor(255 * rho + 1e-9)
+    from .config import AuthorizedSpec, Recipe
 
 
 @dataclass
 class Protection:
     """What a protection run produces; :func:`uge.published.publish` writes it to disk.
 
-    UGE runs carry their :class:`ProtectConfig`; baseline protectors (:mod:`uge.protectors`) leave
-    ``config`` None, name themselves in ``method`` and record their parameters in ``params``. A protector
-    that chooses authorized networks (UGE, keyed) gives their specs, θ0 and the published recipe.
+    Every protector fills these fields once, when it builds the result (:func:`uge.protectors.base.result_of`):
+    what it is (``method``, ``title``, ``params``), its budget (``rho``; None: not norm-bounded), the seed the
+    run was given, and, for a protector that chooses authorized networks (UGE, keyed), their specs, θ0 and the
+    published recipe.
     """
 
     protected: ImageDataset  # the quantized (8-bit) protected images, same order and labels
-    config: ProtectConfig | None  # None for baseline protectors
+    method: str  # the protector's registry name (uge.protectors)
+    params: dict  # the protector's parameters, as plain values (written once, in the manifest)
+    rho: float | None  # L∞ budget on the [0, 1] scale; None: not norm-bounded
+    seed: int = 0  # the run's seed; every other seed derives from it (uge.seeds)
+    title: str = ""  # the method in words (the paper behind it), for people reading the manifest
+    authorized: list[AuthorizedSpec] = field(default_factory=list)  # the authorized networks it chose
     theta0: list[dict[str, torch.Tensor]] = field(default_factory=list)  # θ0 of every authorized network
+    recipe: Recipe | None = None  # the published recipe of the authorized networks
     feature_space: str = "none"  # which feature space L_fd used (logged and published)
     history: list[dict] = field(default_factory=list)  # mean losses per generator epoch (or per round)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
-    method: str = "uge"  # the protector's registry name (uge.protectors)
-    params: dict = field(default_factory=dict)  # the protector's parameters, as plain values
-    rho: float | None = None  # L∞ budget on the [0, 1] scale (default: config.rho); None: not norm-bounded
-    authorized: list[AuthorizedSpec] = field(default_factory=list)  # default: config.authorized
-    recipe: Recipe | None = None  # the published recipe of the authorized networks (default: config.recipe)
-    title: str = ""  # the method in words (the paper behind it), for people reading the manifest
-
-    def __post_init__(self):
-        if self.config is not None:
-            self.rho = self.config.rho if self.rho is None else self.rho
-            self.authorized = self.authorized or list(self.config.authorized)
-            self.recipe = self.recipe or self.config.recipe
 
     @property
     def norm_bounded(self) -> bool:

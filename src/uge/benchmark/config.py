@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import AuthorizedSpec, ProtectConfig
+from ..config import AuthorizedSpec
 from ..countermeasures import format_countermeasures, parse_countermeasures
 from ..errors import ConfigError
 from ..evaluate import HACKER_SYNTAX, HackerSpec
@@ -46,12 +46,13 @@ class DataSpec:
 
 @dataclass
 class Variant:
-    """One way of producing the training set: the clean originals, or a protector with overrides.
+    """One way of producing the training set: the clean originals, or a protector with its parameters.
 
-    For UGE (``protector = "uge"``, the default) ``overrides`` are ProtectConfig fields (e.g. ``losses``,
-    ``rho``, ``authorized``) on top of the config's ``[protect]`` table; for a baseline protector (``em``,
-    ``tap``, ``rem``, ``cuda``, ``random``, ``fd``: :mod:`uge.protectors`) they are its own parameters. ``federated`` splits the classes between servers that each protect
-    their own part with the same authorized networks (Table 9); the union is evaluated.
+    ``overrides`` are the protector's own fields (:mod:`uge.protectors`; ``build_protector`` checks them) on top
+    of the config's ``[protect]`` table, whose keys apply to every protector that has them; ``authorized``
+    names the networks the variant is evaluated with (and, for UGE, protected for). ``federated`` splits the
+    classes between servers that each protect their own part with the same protector (Table 9); the union is
+    evaluated.
     """
 
     name: str
@@ -77,7 +78,7 @@ class BenchmarkConfig:
     data: DataSpec = field(default_factory=DataSpec)
     recipe: Recipe = field(default_factory=Recipe)  # the authorized (published) recipe; hackers' default
     recipes: dict[str, Recipe] = field(default_factory=dict)  # per-architecture hacker recipes
-    protect: dict = field(default_factory=dict)  # ProtectConfig fields shared by the variants
+    protect: dict = field(default_factory=dict)  # fields of the variants' protectors (each takes those it has)
     hackers: list[HackerSpec] = field(default_factory=list)
     countermeasures: list[str] = field(default_factory=lambda: [""])  # canonical texts; "" is none
     countermeasures_authorized: bool = True  # the authorized networks train with the same countermeasure
@@ -89,17 +90,28 @@ class BenchmarkConfig:
     authorized_seeds: list[int] = field(default_factory=list)
     paper: dict = field(default_factory=dict)  # the paper's numbers, shown beside ours by the report
 
-    def protect_config(self, variant: Variant) -> ProtectConfig:
-        """The full protect config of a variant (the clean variant uses it for its authorized networks)."""
-        configurable = variant.protector == "clean" or protector_class(variant.protector).configurable
-        own = variant.overrides if configurable else {}  # baselines: their own params
-        d = {**copy.deepcopy(self.protect), **copy.deepcopy(own)}
-        d["authorized"] = [vars(AuthorizedSpec.parse(a)) if isinstance(a, str) else a for a in d.get(
-            "authorized", ["resnet18:0"])]
-        d["recipe"] = self.recipe.to_dict()
-        if "encoder_epochs" in d:  # shorthand for encoder_recipe.epochs
-            d.setdefault("encoder_recipe", {})["epochs"] = d.pop("encoder_epochs")
-        return ProtectConfig.from_dict(d)
+    def authorized(self, variant: Variant) -> list[AuthorizedSpec]:
+        """The authorized networks a variant is evaluated with (and UGE protects for): the variant's
+        ``authorized``, else the ``[protect]`` table's, else ResNet-18 from seed 0."""
+        specs = variant.overrides.get("authorized", self.protect.get("authorized", ["resnet18:0"]))
+        return [AuthorizedSpec.parse(a) if isinstance(a, str) else AuthorizedSpec(**a) for a in specs]
+
+    def params(self, variant: Variant) -> dict:
+        """A variant's protector parameters: the ``[protect]`` table's keys that the protector has, the
+        bench's ``authorized`` networks and published ``recipe`` where it has those fields, then the variant's
+        own keys (``encoder_epochs`` is shorthand for ``encoder_recipe.epochs``)."""
+        names = set(protector_class(variant.protector).parameter_names())
+        d = {k: copy.deepcopy(v) for k, v in self.protect.items() if k in names}
+        d.update(copy.deepcopy({k: v for k, v in variant.overrides.items() if k != "authorized"}))
+        if "authorized" in names:
+            d["authorized"] = [vars(a) for a in self.authorized(variant)]
+        if "recipe" in names:
+            d["recipe"] = self.recipe.to_dict()
+        epochs = variant.overrides.get("encoder_epochs", self.protect.get("encoder_epochs"))
+        d.pop("encoder_epochs", None)
+        if epochs is not None and "encoder_recipe" in names:
+            d["encoder_recipe"] = {**d.get("encoder_recipe", {}), "epochs": epochs}
+        return d
 
     def recipe_sweep(self) -> list[tuple[str, Recipe]]:
         """The sweep's (label, full recipe) pairs: the published recipe with each label's overrides."""
@@ -209,23 +221,29 @@ def _check(cfg: BenchmarkConfig) -> None:
         raise ConfigError(f"variant names must be distinct (as folder names): {[v.name for v in cfg.variants]}")
     archs = {h.arch for h in cfg.hackers} | set(cfg.recipes)
     protectors = ["clean", *list_protectors()]
+    shared = {"authorized", "encoder_epochs"}  # the [protect] table's keys: some protector's fields, or these
+    for name in list_protectors():
+        shared |= set(protector_class(name).parameter_names())
+    if set(cfg.protect) - shared:
+        raise ConfigError(f"[protect]: unknown key(s) {', '.join(sorted(set(cfg.protect) - shared))}; the table "
+                          "sets the fields of every variant's protector that has them, and the authorized networks")
     for v in cfg.variants:
         if v.protector not in protectors:
             raise ConfigError(f"variant {v.name!r}: unknown protector {v.protector!r}; available: "
                               f"{', '.join(protectors)}")
-        if v.protector != "clean" and not protector_class(v.protector).configurable:
-            if v.federated:
-                raise ConfigError(f"variant {v.name!r}: federated protection needs a protector configured by the "
-                                  f"[protect] table (uge), not {v.protector!r}")
-            build_protector(v.protector, **v.overrides)  # validates the baseline's parameters
-        archs |= {h.arch for h in v.hackers or []}
-        if v.protector == "clean" and (v.overrides.keys() - {"authorized"} or v.federated):
-            raise ConfigError(f"variant {v.name!r}: the clean variant takes no protect options "
-                              f"(got {sorted(v.overrides.keys() - {'authorized'}) or 'federated'})")
+        archs |= {h.arch for h in v.hackers or []} | {a.arch for a in cfg.authorized(v)}
+        if v.protector == "clean":
+            if v.overrides.keys() - {"authorized"} or v.federated:
+                raise ConfigError(f"variant {v.name!r}: the clean variant takes no protect options "
+                                  f"(got {sorted(v.overrides.keys() - {'authorized'}) or 'federated'})")
+            continue
+        try:
+            params = build_protector(v.protector, **cfg.params(v)).params()  # validates every parameter
+        except ConfigError as e:
+            raise ConfigError(f"variant {v.name!r}: {e}") from None
+        archs |= {params[k] for k in ("arch", "encoder_arch", "hacker_arch") if params.get(k)}
         if v.federated is not None:
             _check_groups(v)
-        pc = cfg.protect_config(v)  # validates every protect option of the variant
-        archs |= {a.arch for a in pc.authorized} | {pc.encoder_arch} | ({pc.hacker_arch} - {None})
     missing = {a for a in archs if not known_model(a)}
     if missing:
         raise ConfigError(f"unknown architecture(s) {', '.join(sorted(missing))}; available: "

@@ -29,10 +29,11 @@ from ..data import ImageDataset, load_dataset, load_splits
 from ..diagnostics import perturbation_shares
 from ..errors import ConfigError
 from ..evaluate import evaluate_set
-from ..protectors import build_protector, protector_class
+from ..protectors import build_protector
 from ..published import publish, read_published, verify
 from ..records import AuthorizedNet, read_record
 from ..result import rho_levels
+from ..seeds import derive
 from ..utils import atomic_write_text, resolve_device, versions, write_json
 from ..weights import build_network
 from .config import BenchmarkConfig, Variant
@@ -120,21 +121,21 @@ def _publish_checked(protect_fn, part: ImageDataset, pub_dir: Path, source: dict
     pub = read_published(pub_dir)
     m = pub.manifest
     budget = next((c.detail for c in report.checks if c.name in ("budget", "similarity")), "")
+    # what the report shows beside the manifest's path; the parameters are in the manifest, written once
     return pub, {"n": len(part), "seconds": m.get("seconds"), "history": m.get("history"),
-                 "feature_space": m.get("feature_space"), "method": m.get("method"), "params": m.get("params"),
-                 "similarity": m.get("similarity"), "verify_ok": report.ok, "budget": budget}
+                 "feature_space": m.get("feature_space"), "similarity": m.get("similarity"), "verify_ok": report.ok,
+                 "budget": budget}
 
 
-def _protect_variant(cfg: BenchmarkConfig, v: Variant, pc, prot, train: ImageDataset, vdir: Path, device,
-                     progress: bool) -> tuple[ImageDataset, list[tuple] | None]:
+def _protect_variant(cfg: BenchmarkConfig, v: Variant, prot, train: ImageDataset, vdir: Path, device,
+                     progress: bool) -> tuple[ImageDataset, list[AuthorizedNet] | None]:
     """Protect (or reuse) a variant's published set(s) with its protector ``prot``; return what was published,
-    in the original order, and the authorized networks a baseline protector published (keyed), None where it
-    published none (a configurable protector's are ``pc``'s, built by the caller).
+    in the original order, and the authorized networks the protector chose and published (keyed), None where
+    it chose none (UGE takes them as a parameter, the baselines have none).
 
     A federated variant is the protector called on each server's class subset, the union evaluated.
     """
     source = {"benchmark": cfg.name, "variant": v.name}
-    seed = 0 if prot.configurable else cfg.seed  # a configurable protector's seed is its config's
     groups = v.federated or [list(range(train.num_classes))]
     if max(c for g in groups for c in g) >= train.num_classes:
         raise ConfigError(f"variant {v.name!r}: federated class index out of range for {train.num_classes} classes")
@@ -145,19 +146,17 @@ def _protect_variant(cfg: BenchmarkConfig, v: Variant, pc, prot, train: ImageDat
         idx = np.flatnonzero(np.isin(train.labels, group))
         pub_dir = vdir / ("published" if v.federated is None else f"published-{i}")
         what = v.name + (f", server {i} (classes {group})" if v.federated else "")
-        # a configurable protector's parts name their classes (federated runs have several); a baseline's one part not
-        classes = {"classes": group} if prot.configurable else {}
+        classes = {"classes": group} if v.federated else {}  # a federated run's parts name their classes
         pub, st = _publish_checked(lambda part, i=i: prot.protect(part, device=device, work_dir=vdir / f".work-{i}",
-                                                                  progress=progress, seed=seed),
+                                                                  progress=progress, seed=cfg.seed),
                                    train.subset(idx), pub_dir, {**source, **classes}, what)
         images[idx] = pub.data.images
         covered[idx] = True
-        stats.append({**classes, **st})
+        stats.append({**classes, "manifest": str(pub_dir.relative_to(vdir) / "manifest.json"), **st})
     if not covered.all():  # classes no server holds stay clean, as they would in the published union
         log.warning("[%s] %d images belong to no federated group and stay clean", v.name, int((~covered).sum()))
-    config = {"config": pc.to_dict()} if prot.configurable else {}
-    write_json(vdir / "protect.json", {"variant": v.name, "protector": v.protector, **config, "parts": stats})
-    if prot.configurable or not pub.manifest["authorized"]:
+    write_json(vdir / "protect.json", {"variant": v.name, "protector": v.protector, "parts": stats})
+    if "authorized" in prot.parameter_names() or not pub.manifest["authorized"]:
         return ImageDataset(images, train.labels.copy(), list(train.classes)), None
     return pub.data, [AuthorizedNet(a["arch"], pub.authorized_network(k), f"theta0:published{k}")
                       for k, a in enumerate(pub.manifest["authorized"])]
@@ -197,48 +196,38 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
     for v in cfg.variants:
         vdir = run_dir / "variants" / v.slug
         vdir.mkdir(parents=True, exist_ok=True)
-        pc = cfg.protect_config(v)  # its authorized networks are the ones evaluated, for every protector
-        prot = None if v.protector == "clean" else build_protector(v.protector, **_params(cfg, v, pc))
+        prot = None if v.protector == "clean" else build_protector(v.protector, **cfg.params(v))
         rho = None if prot is None else prot.rho
         start = time.perf_counter()
         used, published = (train, None) if v.protector == "clean" else _protect_variant(
-            cfg, v, pc, prot, train, vdir, device, progress)
+            cfg, v, prot, train, vdir, device, progress)
         _save_samples(vdir, train, used, rho, v.protector != "clean")
         if v.protector != "clean":
             _record_perturbation(vdir, train, used, rho)
         # the authorized networks a protector published (keyed), else the config's, for every protector
         authorized = published or [AuthorizedNet(a.arch, build_network(a.arch, train.num_classes, train.channels,
                                                                        a.seed, a.theta0),
-                                                 f"theta0:{a.theta0 or f'seed{a.seed}'}") for a in pc.authorized]
+                                                 f"theta0:{a.theta0 or f'seed{a.seed}'}") for a in cfg.authorized(v)]
         hackers = cfg.hackers if v.hackers is None else v.hackers
         extra = {"variant": v.name, "protector": v.protector, "rho": rho,
-                 "losses": list(pc.losses) if prot is not None and prot.configurable else None, "federated": v.federated,
+                 "losses": None if prot is None else prot.params().get("losses"), "federated": v.federated,
                  "benchmark": cfg.name}
         same = {"data_label": v.slug, "out_dir": run_dir / "records" / v.slug, "device": device, "seed": cfg.seed,
                 "progress": progress, "extra": extra}
         for cm in cfg.countermeasures:  # one evaluation grid per countermeasure setting ("" = none)
             for r in range(v.repeats):  # repeat r: other training seeds and hacker inits (the noise of one number)
                 records += evaluate_set(used, test, authorized, [dataclasses.replace(h, seed=h.seed + r)
-                                                                 for h in hackers],
+                                                                 for h in hackers],  # hacker r: its own init
                                         cfg.recipe, recipes=cfg.recipes, countermeasures=cm,
                                         authorized_countermeasures=cm if cfg.countermeasures_authorized else None,
                                         authorized_seeds=[] if r else cfg.authorized_seeds, repeat=r,
-                                        **{**same, "seed": cfg.seed + 1000 * r})
+                                        **{**same, "seed": derive(cfg.seed, "repeat", r)})
         for label, recipe in cfg.recipe_sweep():  # the authorized networks again, with other recipes
             records += evaluate_set(used, test, authorized, [], recipe, recipe_label=label, **same)
         log.info("[%s] done in %.1f s", v.name, time.perf_counter() - start)
     write_json(run_dir / "finished.json", {"versions": versions(), "device": str(device), "records": len(records),
                                            "machine": _machine(device)})
     return records
-
-
-def _params(cfg: BenchmarkConfig, v: Variant, pc) -> dict:
-    """A protector's parameters: a configurable one's (UGE) are the variant's full ProtectConfig ``pc``; a baseline's
-    its own, and one that publishes an authorized recipe (keyed) gets the bench's."""
-    cls = protector_class(v.protector)
-    if cls.configurable:
-        return pc.to_dict()
-    return {**({"recipe": cfg.recipe.to_dict()} if "recipe" in cls.parameter_names() else {}), **v.overrides}
 
 
 def _machine(device) -> str:

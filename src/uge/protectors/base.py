@@ -8,8 +8,11 @@ unlearnable-example baselines of the paper's Table 3 — has the same call shape
     result = p.protect(train, device="auto", seed=0)  # -> Protection, 8-bit images in result.protected
     p.name, p.norm_bounded, p.rho                      # "em", True, 8/255 (rho None when not norm-bounded)
 
-Baseline protectors are dataclasses whose fields are their parameters; the type of every field and the
-ranges from :meth:`Protector.limits` are checked on construction, so a bad value fails before any work.
+Every protector's parameters are named fields (:meth:`Protector.parameter_names`): a dataclass's fields, UGE's
+those of its :class:`~uge.config.ProtectConfig`. The command line's flags and a benchmark's tables set them by
+name, and a name the method does not have is an error. The type of every field and the ranges from
+:meth:`Protector.limits` are checked on construction, so a bad value fails before any work. ``seed`` means one
+thing for every method: the run's seed, from which every random draw derives (:mod:`uge.seeds`).
 """
 from __future__ import annotations
 
@@ -38,9 +41,6 @@ class Protector:
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
     norm_bounded: ClassVar[bool] = True
-    # True: the parameters are a ProtectConfig, so the command line's UGE flags and a benchmark's [protect]
-    # table apply, the seed is the config's own, and a federated run calls it on class subsets (UGE)
-    configurable: ClassVar[bool] = False
     rho: float | None
 
     def __post_init__(self):  # dataclass subclasses: validate types, then ranges
@@ -59,7 +59,26 @@ class Protector:
 
     @classmethod
     def parameter_names(cls) -> list[str]:
+        """The names of the parameters (what ``build_protector`` takes, and the command line's flags set)."""
         return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def describe(cls) -> str:
+        """One line: the method's name, its title and its parameters with their defaults."""
+        defaults = cls.defaults()
+        return f"{cls.name}: {cls.title}\n    " + ", ".join(
+            f"{k}={defaults[k]!r}" if k in defaults else k for k in cls.parameter_names())
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """The parameters' default values, as plain values."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
 
     def params(self) -> dict:
         """The parameters as plain values (what the manifest records)."""
@@ -73,7 +92,8 @@ class Protector:
             device: "auto", "cpu" or "cuda".
             work_dir: checkpoint folder for resuming (UGE); the baselines run in one go and ignore it.
             progress: show progress bars.
-            seed: fixes every random choice (source-network initialization, noise start, filters).
+            seed: the run's seed; every random choice (source-network initialization, noise start, filters,
+                trajectories) derives from it through :mod:`uge.seeds`, and the manifest records it.
         """
         raise NotImplementedError
 
@@ -127,16 +147,18 @@ def add_noise(data: ImageDataset, delta: torch.Tensor, rho: float) -> ImageDatas
     return ImageDataset(x_u.permute(0, 2, 3, 1).numpy(), data.labels.copy(), list(data.classes))
 
 
-def noise_result(protector: Protector, data: ImageDataset, delta: torch.Tensor, *, history=None,
-                 seconds=None) -> Protection:
+def noise_result(protector: Protector, data: ImageDataset, delta: torch.Tensor, seed: int, **fields) -> Protection:
     """The :class:`Protection` of a norm-bounded protector: ``data`` + ``delta``, see :func:`add_noise`."""
-    images = add_noise(data, delta, protector.rho).images
-    return image_result(protector, data, images, history=history, seconds=seconds)
+    return image_result(protector, data, add_noise(data, delta, protector.rho).images, seed, **fields)
 
 
-def image_result(protector: Protector, data: ImageDataset, images: np.ndarray, *, history=None,
-                 seconds=None) -> Protection:
+def image_result(protector: Protector, data: ImageDataset, images: np.ndarray, seed: int, **fields) -> Protection:
     """A :class:`Protection` holding ``images`` (uint8 (N, H, W, C)) with ``data``'s labels and classes."""
-    protected = ImageDataset(images, data.labels.copy(), list(data.classes))
-    return Protection(protected, None, [], "none", history or [], seconds or {}, method=protector.name,
-                      params=protector.params(), rho=protector.rho, title=protector.title)
+    return result_of(protector, ImageDataset(images, data.labels.copy(), list(data.classes)), seed, **fields)
+
+
+def result_of(protector: Protector, protected: ImageDataset, seed: int, **fields) -> Protection:
+    """The one place a :class:`Protection` is built: what the protector is (name, title, parameters, budget),
+    the run's seed, and ``fields`` (authorized networks, θ0, recipe, history, seconds, feature space)."""
+    return Protection(protected, method=protector.name, params=protector.params(), rho=protector.rho, seed=seed,
+                      title=protector.title, **fields)

@@ -59,4 +59,4 @@ class ConvolutionFilters(Protector):
                 x = F.pad(images[idx].double() / 255, (p, p, p, p), mode="replicate")
                 blurred = F.conv2d(x, weights[y].unsqueeze(1), groups=c)  # one filter per channel
                 out[idx] = torch.round(blurred.clamp(0, 1) * 255).to(torch.uint8)
-        return image_result(self, data, out.permute(0, 2, 3, 1).numpy())
+        return image_result(self, data, out.permute(0, 2, 3, 1).numpy(), seed)

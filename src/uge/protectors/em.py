@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..data.dataset import ImageDataset
 from ..models import create_model, list_models
 from ..result import Protection
+from ..seeds import derive
 from ..training import Recipe, SupervisedTask, accuracy, train
 from ..utils import resolve_device
 from .base import Protector, add_noise, check_rho, noise_result, register_protector
@@ -94,11 +95,11 @@ class ErrorMinimizing(Protector):
                 need = self.train_steps * bs
                 draw = np.concatenate([rng.permutation(len(data)) for _ in range(-(-need // len(data)))])[:need]
                 train(model, poisoned.subset(draw), recipe, task=self.task(), device=device,
-                      seed=seed * 100_003 + r, progress=False)
+                      seed=derive(seed, "em_round", r), progress=False)
                 delta = self.minimize_noise(model, images, labels, delta)
                 acc = accuracy(model, add_noise(data, delta, self.rho))
                 history.append({"round": r + 1, "source_acc": round(acc, 2)})
                 bar.set_postfix(source_acc=f"{acc:.1f}%")
                 if self.stop_acc is not None and acc >= self.stop_acc:
                     break
-        return noise_result(self, data, delta, history=history, seconds={"noise": time.perf_counter() - start})
+        return noise_result(self, data, delta, seed, history=history, seconds={"noise": time.perf_counter() - start})

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..models import create_model, known_model
 from ..models.registry import BLIND, BLIND_DIRECTION
 from ..result import Protection
+from ..seeds import derive
 from ..training import Recipe
 from .base import Protector, check_rho, image_result, register_protector
 
@@ -144,11 +145,9 @@ class Keyed(Protector):
             m = np.tile(tile, (1, -(-h // self.size), -(-w // self.size)))[:, :h, :w]
         m = keyed_levels(data.images, m, self.direction)
         images = (data.images.astype(np.int16) + m[..., None] * np.asarray(self.direction, np.int16)).astype(np.uint8)
-        result = image_result(self, data, images, seconds={"protect": round(time.perf_counter() - start, 3)})
-        result.authorized = [AuthorizedSpec(arch=BLIND + self.arch, seed=self.init_seed)]
-        result.theta0 = [net.state_dict()]
-        result.recipe = Recipe.from_dict(self.recipe)
-        return result
+        return image_result(self, data, images, seed, seconds={"protect": round(time.perf_counter() - start, 3)},
+                            authorized=[AuthorizedSpec(arch=BLIND + self.arch, seed=self.init_seed)],
+                            theta0=[net.state_dict()], recipe=Recipe.from_dict(self.recipe))
 
     def _reference_logits(self, data: ImageDataset, device, progress: bool, seed: int) -> np.ndarray:
         """Logits on ``data`` of a reference authorized network: loaded from ``reference``, or θ0 trained by the
@@ -161,7 +160,7 @@ class Keyed(Protector):
         if self.reference:
             load_into(net, self.reference)
         else:
-            train(net, data, Recipe.from_dict(self.recipe), device=device, seed=seed + 7919, progress=progress,
+            train(net, data, Recipe.from_dict(self.recipe), device=device, seed=derive(seed, "reference"), progress=progress,
                   desc="keyed: reference network")
         net.to(resolve_device(device))
         images, _ = data.tensors("cpu")

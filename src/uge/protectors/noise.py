@@ -31,7 +31,7 @@ class RandomNoise(Protector):
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:
         n, (h, w), c = len(data), data.image_size, data.channels
-        return noise_result(self, data, uniform_start((n, c, h, w), self.rho, seed, torch.device("cpu")))
+        return noise_result(self, data, uniform_start((n, c, h, w), self.rho, seed, torch.device("cpu")), seed)
 
 
 @register_protector
@@ -66,4 +66,4 @@ class TiledPatch(Protector):
         patches = patches.repeat_interleave(self.block, 2).repeat_interleave(self.block, 3)
         reps = (1, 1, -(-h // self.size), -(-w // self.size))
         tiles = patches.repeat(*reps)[:, :, :h, :w]
-        return noise_result(self, data, tiles[torch.from_numpy(data.labels).long()])
+        return noise_result(self, data, tiles[torch.from_numpy(data.labels).long()], seed)

@@ -86,5 +86,5 @@ class TargetedAdversarialPoisoning(Protector):
                 t = self.targets(labels[i:i + len(x)], data.num_classes)
                 delta[i:i + len(x)] = pgd(lambda x_u, t=t: F.cross_entropy(model(view(x_u)), t), x, delta[i:i + len(x)],
                                           self.rho, self.steps, step, minimize=True)
-        return noise_result(self, data, delta, seconds={"source": trained - start,
+        return noise_result(self, data, delta, seed, seconds={"source": trained - start,
                                                         "noise": time.perf_counter() - trained})

@@ -7,6 +7,7 @@ checkpointed in a work folder, and a rerun with the same config picks up where t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -38,10 +39,11 @@ from ..losses import (
 )
 from ..models import Generator, create_model
 from ..result import Protection, quantize
+from ..seeds import derive, sequence
 from ..training import augment, record_trajectory, train
 from ..utils import atomic_file, atomic_write_text, from_dict, resolve_device
 from ..weights import build_network, load_weights, save_weights
-from .base import Protector, register_protector
+from .base import Protector, register_protector, result_of
 from ..pgd import pgd, uniform_start
 
 log = logging.getLogger("uge")
@@ -71,7 +73,7 @@ def _trajectory(k, spec, cfg, data, device, work, progress, j: int = 0):
     f = work.file(f"trajectory_{k}.safetensors" if j == 0 else f"trajectory_{k}_{j}.safetensors")
     if f.exists():
         log.info("authorized %d (%s): trajectory resumed from %s", k, spec.arch, f)
-    return _recorded(f, spec, cfg, data, device, cfg.seed + k + 7919 * j, progress)
+    return _recorded(f, spec, cfg, data, device, derive(cfg.seed, "trajectory", k, j), progress)
 
 
 def _recorded(f: Path, spec: AuthorizedSpec, cfg, data: ImageDataset, device, seed: int, progress) -> list[dict]:
@@ -95,7 +97,8 @@ def _trained(k, spec, cfg, data, device, work, progress) -> dict:
     if f.exists():
         return load_weights(f)
     model = build_network(spec.arch, data.num_classes, data.channels, spec.seed, spec.theta0)
-    train(model, data, cfg.recipe, device=device, seed=cfg.seed + k, progress=progress, desc="authorized (L_ud)")
+    train(model, data, cfg.recipe, device=device, seed=derive(cfg.seed, "teacher", k), progress=progress,
+          desc="authorized (L_ud)")
     save_weights(f, model.state_dict())
     return model.state_dict()
 
@@ -107,12 +110,12 @@ def _feature_space(cfg, data, device, work, progress):
                                    pretrained=cfg.clip_checkpoint)
     log.warning("L_fd uses the offline fallback feature space (a %s encoder trained on the clean data, "
                 "class means as class features), not CLIP as in the paper", cfg.encoder_arch)
-    encoder = create_model(cfg.encoder_arch, data.num_classes, data.channels, seed=cfg.seed + 10_000)
+    encoder = create_model(cfg.encoder_arch, data.num_classes, data.channels, seed=derive(cfg.seed, "encoder"))
     f = work.file("encoder.safetensors")
     if f.exists():
         encoder.load_state_dict(load_weights(f))
     else:
-        train(encoder, data, cfg.encoder_recipe, device=device, seed=cfg.seed + 10_000, progress=progress,
+        train(encoder, data, cfg.encoder_recipe, device=device, seed=derive(cfg.seed, "encoder"), progress=progress,
               desc="feature encoder")
         save_weights(f, encoder.state_dict())
     return build_feature_space("encoder", classes=data.classes, train_set=data, device=device, model=encoder,
@@ -268,18 +271,19 @@ def _objective(cfg: ProtectConfig, data: ImageDataset, device, work: _Workdir, p
     hacker = None
     if "ud" in use:
         hacker = _frozen(create_model(cfg.hacker_arch or cfg.authorized[0].arch, data.num_classes, data.channels,
-                                      seed=cfg.seed + 20_000), device)
+                                      seed=derive(cfg.seed, "hacker")), device)
     seconds["feature_space"] = time.perf_counter() - timer
     probe = None
     if cfg.diagnostics and gm_models:
-        probe = create_model(cfg.authorized[0].arch, data.num_classes, data.channels, seed=cfg.seed + 30_000).to(device)
+        probe = create_model(cfg.authorized[0].arch, data.num_classes, data.channels,
+                             seed=derive(cfg.seed, "probe")).to(device)
     return UGEObjective(cfg, gm_models, ud_models, space, hacker, probe), theta0
 
 
 def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDataset, device, work: _Workdir,
                      progress: bool) -> tuple[Generator, list[dict]]:
     """Algorithm 1, lines 6–15: minimize L_all over the generator, checkpointing after every epoch."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(derive(cfg.seed, "generator"))
     gen = Generator(data.channels, cfg.rho, width=cfg.generator_width, center=cfg.generator_center).to(device)
     opt = torch.optim.Adam(gen.parameters(), lr=cfg.generator_lr)
     history, start = [], 0
@@ -296,14 +300,14 @@ def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDat
     # With a clean-gradient cache the batches are one fixed partition visited in a new order every epoch
     # (so clean targets repeat); without it, every epoch reshuffles the images (the reference behaviour).
     fixed = cfg.clean_grad_cache_mb > 0 and "gm" in cfg.losses
-    partition = torch.from_numpy(np.random.default_rng([cfg.seed, 1]).permutation(n)).to(device)
+    partition = torch.from_numpy(np.random.default_rng(sequence(cfg.seed, "partition")).permutation(n)).to(device)
     bar = tqdm(range(start, cfg.generator_epochs), desc="generator", disable=None if progress else True, leave=False,
                initial=start, total=cfg.generator_epochs)
     for epoch in bar:
         # Every epoch draws from its own seeds (numpy: batch order and checkpoints; torch: dropout, augmentation),
         # so a run resumed from the checkpoint of the epoch before publishes the same bytes as one never stopped.
-        rng = np.random.default_rng([cfg.seed, epoch])
-        torch.manual_seed(cfg.seed + 1_000_003 * (epoch + 1))
+        rng = np.random.default_rng(sequence(cfg.seed, "generator_epoch", epoch))
+        torch.manual_seed(derive(cfg.seed, "generator_epoch", epoch))
         gen.train()
         sums: dict[str, torch.Tensor] = {}
         batch_order = rng.permutation(steps) if fixed else range(steps)
@@ -341,7 +345,7 @@ def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDat
 
 def _diagnostic_indices(data: ImageDataset, cfg: ProtectConfig, device, n: int = 128) -> torch.Tensor:
     """A fixed random batch of images on which the diagnostics are measured, every epoch the same."""
-    return torch.from_numpy(np.random.default_rng([cfg.seed, 2]).permutation(len(data))[:n]).to(device)
+    return torch.from_numpy(np.random.default_rng(sequence(cfg.seed, "diagnostics")).permutation(len(data))[:n]).to(device)
 
 
 def _protected_trajectories(objective: UGEObjective, cfg: ProtectConfig, data_u: ImageDataset, device,
@@ -351,7 +355,7 @@ def _protected_trajectories(objective: UGEObjective, cfg: ProtectConfig, data_u:
     run adds the same ones)."""
     for k, spec in enumerate(cfg.authorized):
         states = _recorded(work.file(f"trajectory_{k}_round{r}.safetensors"), spec, cfg, data_u, device,
-                           cfg.seed + k + 7919 * (cfg.gm_trajectories + r), progress)
+                           derive(cfg.seed, "trajectory", k, cfg.gm_trajectories + r), progress)
         models = [_load(spec.arch, data_u, s, device).train() for s in states[1:]]
         objective.gm_models[k].extend(models)
         objective.gm_params[k].extend(matched_parameters(m) for m in models)
@@ -393,8 +397,8 @@ def _optimize_delta(objective: UGEObjective, cfg: ProtectConfig, data: ImageData
         for b in tqdm(range(done, len(starts)), desc="δ" if cfg.gm_rounds == 1 else f"δ, round {r + 1}",
                       disable=None if progress else True, leave=False, initial=done, total=len(starts)):
             # Each batch draws from its own seeds: a resumed run repeats an uninterrupted one exactly.
-            rng = np.random.default_rng([cfg.seed, r, b])
-            torch.manual_seed(cfg.seed + b + 100_003 * r)
+            rng = np.random.default_rng(sequence(cfg.seed, "delta_batch", b, r))
+            torch.manual_seed(derive(cfg.seed, "delta_batch", b, r))
             sl = slice(starts[b], starts[b] + bs)
             x, y = images[sl].float().div_(255), labels[sl]
             calls = iter(sums)  # one loss call per step: add the step's terms to its history entry
@@ -421,7 +425,9 @@ def _optimize_delta(objective: UGEObjective, cfg: ProtectConfig, data: ImageData
 
 def protect(data: ImageDataset, config: ProtectConfig, *, device="auto", work_dir: str | Path | None = None,
             progress: bool = True, keep_work: bool = False) -> Protection:
-    """Train a UGE generator on ``data`` and return the protected (8-bit) set.
+    """Train a UGE generator on ``data`` and return the protected (8-bit) set; the run's seed is ``config.seed``.
+
+    The same as ``UGEProtector.from_config(config).protect(data, seed=config.seed)``.
 
     Args:
         data: the clean training set.
@@ -430,7 +436,13 @@ def protect(data: ImageDataset, config: ProtectConfig, *, device="auto", work_di
         work_dir: checkpoint folder for resuming (a temporary one is used when None and deleted at the end).
         keep_work: keep ``work_dir`` after success (otherwise it is deleted).
     """
-    cfg, device = config, resolve_device(device)
+    return UGEProtector.from_config(config).protect(data, device=device, work_dir=work_dir, progress=progress,
+                                                    seed=config.seed, keep_work=keep_work)
+
+
+def _run(data: ImageDataset, cfg: ProtectConfig, device, work_dir, progress: bool, keep_work: bool) -> dict:
+    """Algorithm 1 with ``cfg`` (its ``seed`` the run's): the protected set and what the result records."""
+    device = resolve_device(device)
     for a in cfg.authorized:  # fail on a bad name before any training
         create_model(a.arch, data.num_classes, data.channels)
     work = _Workdir(Path(work_dir or tempfile.mkdtemp(prefix="uge-work-")), cfg.to_dict())
@@ -453,7 +465,8 @@ def protect(data: ImageDataset, config: ProtectConfig, *, device="auto", work_di
     if not keep_work:
         shutil.rmtree(work.path, ignore_errors=True)
     space_name = objective.space.name if objective.space is not None else "none"
-    return Protection(protected, cfg, theta0, space_name, history, seconds, title=TITLE)
+    return {"protected": protected, "theta0": theta0, "feature_space": space_name, "history": history,
+            "seconds": seconds, "authorized": list(cfg.authorized), "recipe": cfg.recipe}
 
 
 def _load(arch: str, data: ImageDataset, state: dict, device) -> nn.Module:
@@ -505,57 +518,62 @@ def generate(gen: Generator, data: ImageDataset, device="auto", batch_size: int 
 class UGEProtector(Protector):
     """Ungeneralizable Examples (Ye & Wang, CVPR 2024): :func:`protect` behind the protector API.
 
-    Parameters are the fields of :class:`~uge.config.ProtectConfig` as plain values (``authorized`` as a
-    list of {"arch", "seed", "theta0"} tables or "ARCH:SEED" strings, recipes as tables). The ``seed``
-    argument of :meth:`protect` is added to the configured ``seed`` (default 0), so a run's seed can be
-    varied without editing the config.
+    Parameters are the fields of :class:`~uge.config.ProtectConfig` but ``seed`` (the run's seed is
+    :meth:`protect`'s, as for every method), as plain values (``authorized`` as a list of
+    {"arch", "seed", "theta0"} tables or "ARCH:SEED" strings, recipes as tables).
     """
 
     name = "uge"
     title = TITLE
-    configurable = True
     fixed: ClassVar[dict] = {}  # ProtectConfig fields this variant pins
 
     def __init__(self, **params):
-        pinned = sorted(set(params) & set(self.fixed))
-        if pinned:
-            raise ConfigError(f"protector {self.name!r}: parameter(s) {', '.join(pinned)} are fixed "
-                              f"({', '.join(f'{k}={v!r}' for k, v in self.fixed.items())}); "
-                              f"allowed: {', '.join(self.parameter_names())}")
+        unknown = sorted(set(params) - set(self.parameter_names()))
+        if unknown:
+            pinned = [k for k in unknown if k in self.fixed]
+            raise ConfigError(f"protector {self.name!r}: unknown parameter(s) {', '.join(unknown)}"
+                              + (f" ({', '.join(f'{k}={self.fixed[k]!r}' for k in pinned)} fixed)" if pinned else "")
+                              + f"; allowed: {', '.join(self.parameter_names())}")
         params = {**self.defaults(), **params, **self.fixed}
         if isinstance(params.get("authorized"), list):
             params["authorized"] = [AuthorizedSpec.parse(a) if isinstance(a, str) else a
                                     for a in params["authorized"]]
         try:
             self.config = from_dict(ProtectConfig, params, "protect config")
-        except ConfigError as e:
-            raise ConfigError(f"protector {self.name!r}: {e}") from None
-        except TypeError as e:  # a value of the wrong shape inside a nested table
+        except (ConfigError, TypeError) as e:  # TypeError: a value of the wrong shape inside a nested table
             raise ConfigError(f"protector {self.name!r}: {e}") from None
 
     @classmethod
+    def from_config(cls, config: ProtectConfig) -> "UGEProtector":
+        """The protector with ``config``'s settings (its ``seed`` is the run's: give it to :meth:`protect`)."""
+        d = config.to_dict()
+        d.pop("seed")
+        return cls(**d)
+
+    @classmethod
     def defaults(cls) -> dict:
-        return {}
+        return {k: v for k, v in ProtectConfig().to_dict().items() if k in cls.parameter_names()}
 
     @classmethod
     def parameter_names(cls) -> list[str]:
         import dataclasses
 
-        return [f.name for f in dataclasses.fields(ProtectConfig) if f.name not in cls.fixed]
+        return [f.name for f in dataclasses.fields(ProtectConfig) if f.name not in cls.fixed and f.name != "seed"]
 
     @property
     def rho(self) -> float:
         return self.config.rho
 
     def params(self) -> dict:
-        return self.config.to_dict()
+        d = self.config.to_dict()
+        d.pop("seed")
+        return d
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
-                progress: bool = True, seed: int = 0) -> Protection:
-        cfg = ProtectConfig.from_dict({**self.config.to_dict(), "seed": self.config.seed + seed})
-        result = protect(data, cfg, device=device, work_dir=work_dir, progress=progress)
-        result.method, result.params, result.title = self.name, cfg.to_dict(), self.title
-        return result
+                progress: bool = True, seed: int = 0, keep_work: bool = False) -> Protection:
+        cfg = dataclasses.replace(self.config, seed=seed)
+        fields = _run(data, cfg, device, work_dir, progress, keep_work)
+        return result_of(self, fields.pop("protected"), seed, **fields)
 
 
 @register_protector
@@ -568,9 +586,8 @@ class FDProtector(UGEProtector):
 
     name = "fd"
     title = "UGE's feature-distance loss L_fd alone (Ye & Wang, CVPR 2024, Table 3)"
-    configurable = False  # a Table 3 baseline: its own parameters (--param), the bench's seed
     fixed: ClassVar[dict] = {"losses": ["fd"]}
 
     @classmethod
     def defaults(cls) -> dict:
-        return {"rho": 8 / 255}
+        return {**super().defaults(), "rho": 8 / 255}
