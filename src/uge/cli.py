@@ -266,7 +266,8 @@ def cmd_train(args) -> int:
     test_src = _source_record(args, "test_") if args.test_data else _default_test_source(src)
     test = _load_test(test_src, args)
     data.check_compatible(test)
-    data, test = transform_data(cms, data), transform_data(cms, test, test=True)
+    data = transform_data(cms, data, reference=test)  # adaptive countermeasures: the test split's statistics
+    test = transform_data(cms, test, test=True)
     model = build_network(args.arch, data.num_classes, data.channels, args.seed, args.init)
     task = None
     if args.teacher:

@@ -54,10 +54,12 @@ class _Setting:
 
     @cached_property
     def train_set(self) -> ImageDataset:
-        return transform_data(self.cms, self._train)
+        # the adaptive countermeasures' clean images from elsewhere: the test split's pixels (never its labels)
+        return transform_data(self.cms, self._train, reference=self._test)
 
     @cached_property
     def test_set(self) -> ImageDataset:
+        self.train_set  # noqa: B018 — a transform fitted on the training set is applied to the test set as fitted
         return transform_data(self.cms, self._test, test=True)
 
     def fit(self, model, recipe, task, device, seed, progress, desc, curve: bool = False) -> tuple[Classifier, dict]:

@@ -15,6 +15,11 @@ task       around the training task: ``adv`` (PGD adversarial training)
 model      on the hacker's network, knowing the authorized ones: ``copy-input`` (keyed protection)
 ========== =========================================================================================
 
+Adaptive input transforms estimate the perturbation from the published set's own statistics (the hacker
+knows the method, not the key; :mod:`uge.countermeasures.adaptive`): ``pca`` (excess colour or patch
+directions against clean images from elsewhere), ``classmean`` and ``orthogonal`` (the orthogonal
+projection attack).
+
 :func:`describe_countermeasures` lists every parameter with its range and default. Two UGE-specific
 hackers are not countermeasures but settings of the evaluation: a start from θ0 plus relative noise
 (:func:`perturb_init`; hacker spec ``ARCH:MODE:theta0+SIGMA``) and the authorized network trained with
@@ -29,7 +34,7 @@ Example::
     train(model, data, recipe, task=wrap_task(cms, SupervisedTask()),
           batch_augment=make_batch_augment(cms, data.num_classes))
 """
-from . import adversarial, augment, inputs  # noqa: F401  (register the built-in countermeasures)
+from . import adaptive, adversarial, augment, inputs  # noqa: F401  (register the built-in countermeasures)
 from .init import perturb_init
 from .registry import (KINDS, SYNTAX, BatchAugment, Countermeasure, InputTransform, ModelAdapter, Param,
                        TaskWrapper, adapt_model, countermeasure_slug, describe_countermeasures,

@@ -146,10 +146,16 @@ class InputTransform(Countermeasure):
     def transform(self, images: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def __call__(self, data: ImageDataset) -> ImageDataset:
-        out = self.transform(data.images)
+    def __call__(self, data: ImageDataset, reference: ImageDataset | None = None, test: bool = False) -> ImageDataset:
+        """The transformed set. ``reference``: clean images from elsewhere (an adaptive transform compares the
+        published set's statistics with theirs); ``test``: ``data`` is the test set (an ``at_test`` transform)."""
+        out = self.apply(data, reference, test)
         assert out.shape == data.images.shape and out.dtype == np.uint8, self.name
         return ImageDataset(out, data.labels.copy(), list(data.classes))
+
+    def apply(self, data: ImageDataset, reference: ImageDataset | None, test: bool) -> np.ndarray:
+        """The transformed images; a transform that needs the labels or a reference overrides this."""
+        return self.transform(data.images)
 
 
 class BatchAugment(Countermeasure):
@@ -269,11 +275,17 @@ def countermeasure_slug(cms: list[Countermeasure]) -> str:
 # ------------------------------------------------------------------ applying a list
 
 
-def transform_data(cms: list[Countermeasure], data: ImageDataset, *, test: bool = False) -> ImageDataset:
-    """Apply the input transforms of ``cms`` in order (for a test set: only those with ``at_test``)."""
+def transform_data(cms: list[Countermeasure], data: ImageDataset, *, test: bool = False,
+                   reference: ImageDataset | None = None) -> ImageDataset:
+    """Apply the input transforms of ``cms`` in order (for a test set: only those with ``at_test``).
+
+    ``reference``: clean images the hacker has from elsewhere, for the adaptive transforms (only their pixel
+    statistics are used); the training set must be transformed before the test set (a fitted transform, such
+    as a projection estimated on the training set, is applied to the test set as fitted).
+    """
     for c in cms:
         if isinstance(c, InputTransform) and (c.at_test or not test):
-            data = c(data)
+            data = c(data, reference, test)
     return data
 
 

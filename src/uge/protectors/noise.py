@@ -52,6 +52,8 @@ class TiledPatch(Protector):
     rho: float = 8 / 255
     size: int = 8
     block: int = 1  # cell size in pixels; it divides ``size``
+    luminance: bool = False  # one sign for every channel of a cell: the pattern survives grayscale conversion
+    shift: bool = False  # each image's tiling cyclically shifted by its own random offset (from the seed)
 
     def limits(self):
         return [check_rho(self.rho), ("size", 1 <= self.size <= 64, "in 1..64 pixels"),
@@ -62,8 +64,16 @@ class TiledPatch(Protector):
         (h, w), c = data.image_size, data.channels
         g = torch.Generator().manual_seed(seed)
         cells = self.size // self.block
-        patches = (torch.randint(0, 2, (data.num_classes, c, cells, cells), generator=g) * 2 - 1) * self.rho
+        signs = torch.randint(0, 2, (data.num_classes, 1 if self.luminance else c, cells, cells), generator=g) * 2 - 1
+        patches = (signs * self.rho).expand(-1, c, -1, -1)
         patches = patches.repeat_interleave(self.block, 2).repeat_interleave(self.block, 3)
-        reps = (1, 1, -(-h // self.size), -(-w // self.size))
-        tiles = patches.repeat(*reps)[:, :, :h, :w]
-        return noise_result(self, data, tiles[torch.from_numpy(data.labels).long()], seed)
+        reps = (1, 1, -(-h // self.size) + self.shift, -(-w // self.size) + self.shift)
+        tiles = patches.repeat(*reps)  # one period more when shifted: every offset still covers the image
+        labels = torch.from_numpy(data.labels).long()
+        if not self.shift:
+            return noise_result(self, data, tiles[:, :, :h, :w][labels], seed)
+        # Per image, a cyclic shift of its class's tiling by (dy, dx) in [0, size)²: the class's pattern is no
+        # longer one fixed image, so the class means and a linear classifier do not hold it (a key holder unseals).
+        offsets = torch.randint(0, self.size, (len(data), 2), generator=g)
+        delta = torch.stack([tiles[y, :, dy:dy + h, dx:dx + w] for y, (dy, dx) in zip(labels.tolist(), offsets.tolist())])
+        return noise_result(self, data, delta, seed)

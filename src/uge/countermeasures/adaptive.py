@@ -1,0 +1,154 @@
+"""Adaptive countermeasures: a hacker who knows the method (not the key) estimates the perturbation from the
+published set's own statistics and removes it before training.
+
+- ``pca``: the directions of pixel (``patch=1``: colour) or patch space in which the published set has more
+  variance than clean images from elsewhere (the generalized eigenvectors of the two covariances), projected
+  out of every training and test image. It finds a key hidden in one colour direction (keyed protection) or
+  in a block pattern.
+- ``classmean``: every image minus its class's mean deviation from the global mean (a class-wise pattern is
+  what the class means of a protected set differ by).
+- ``orthogonal``: the orthogonal projection attack (Sandoval-Segura et al., "What Can We Learn from Unlearnable
+  Datasets?", NeurIPS 2023): fit a bias-free linear classifier on the flattened published images, project the
+  span of its weight rows (QR-orthonormalized) out of every training image, train on the rest. Linearly
+  separable perturbations (class-wise shortcuts, many unlearnable examples) live in that span.
+
+Clean images from elsewhere are the ``reference`` of :func:`uge.countermeasures.transform_data`; the evaluation
+gives the test split (its pixels only).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..data.dataset import ImageDataset
+from ..errors import ConfigError
+from .registry import InputTransform, Param, register_countermeasure
+
+
+def _blocks(images: np.ndarray, p: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Non-overlapping p×p blocks of the image area that p tiles: (N·bh·bw, p·p·C) float64, and (bh, bw)."""
+    n, h, w, c = images.shape
+    bh, bw = h // p, w // p
+    x = images[:, :bh * p, :bw * p].astype(np.float64).reshape(n, bh, p, bw, p, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, p * p * c), (bh, bw)
+
+
+def _unblock(blocks: np.ndarray, images: np.ndarray, p: int, grid: tuple[int, int]) -> np.ndarray:
+    """``images`` with the tiled area replaced by ``blocks`` (rounded to uint8); the remainder unchanged."""
+    n, h, w, c = images.shape
+    bh, bw = grid
+    x = blocks.reshape(n, bh, bw, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, bh * p, bw * p, c)
+    out = images.copy()
+    out[:, :bh * p, :bw * p] = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    return out
+
+
+def _sample(x: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
+    return x if len(x) <= limit else x[np.random.default_rng(seed).choice(len(x), limit, replace=False)]
+
+
+@register_countermeasure
+class PCAExcess(InputTransform):
+    """Project out the directions in which the published set's pixels (or p×p patches) vary more than clean
+    images from elsewhere: generalized eigenvectors v of C_published v = λ C_clean v with λ ≥ ``ratio``, the
+    ``k`` largest. The projection is fitted on the training set and applied to the test set too."""
+
+    name = "pca"
+    summary = ("project out the colour (patch=1) or patch directions where the published set varies more than "
+               "clean images from elsewhere.")
+    at_test = True
+    params: ClassVar[dict[str, Param]] = {
+        "patch": Param(int, 1, 1, 16, help="block size in pixels (1: colour directions)"),
+        "k": Param(int, 3, 1, 256, help="at most this many directions"),
+        "ratio": Param(float, 1.5, 1, 100, low_open=True, help="variance ratio above which a direction is excess"),
+    }
+    _SAMPLES = 200_000  # blocks used to estimate each covariance
+
+    def fit(self, images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        """The orthonormal basis (D, m) of the excess directions (m may be 0)."""
+        from scipy.linalg import eigh
+
+        x, _ = _blocks(images, self.patch)
+        r, _ = _blocks(reference, self.patch)
+        cx, cr = np.cov(_sample(x, self._SAMPLES), rowvar=False), np.cov(_sample(r, self._SAMPLES), rowvar=False)
+        cx, cr = np.atleast_2d(cx), np.atleast_2d(cr)
+        lam, vec = eigh(cx, cr + 1e-6 * np.trace(cr) / len(cr) * np.eye(len(cr)))
+        pick = [i for i in np.argsort(lam)[::-1][:self.k] if lam[i] >= self.ratio]
+        self.found = [round(float(lam[i]), 3) for i in pick]  # diagnostics: the variance ratios removed
+        if not pick:
+            return np.zeros((x.shape[1], 0))
+        q, _ = np.linalg.qr(vec[:, pick])
+        return q
+
+    def apply(self, data: ImageDataset, reference: ImageDataset | None, test: bool) -> np.ndarray:
+        if not test or getattr(self, "_basis", None) is None:
+            if reference is None:
+                raise ConfigError(f"countermeasure {self.name!r} needs clean images from elsewhere (the reference)")
+            if test:
+                raise ConfigError(f"countermeasure {self.name!r}: transform the training set before the test set")
+            self._basis, self._mean = self.fit(data.images, reference.images), None
+        x, grid = _blocks(data.images, self.patch)
+        if self._basis.shape[1] == 0:
+            return data.images.copy()
+        if self._mean is None:  # the training set's mean: its component along the basis is kept
+            self._mean = x.mean(0)
+        u = self._basis
+        x = x - ((x - self._mean) @ u) @ u.T
+        return _unblock(x, data.images, self.patch, grid)
+
+
+@register_countermeasure
+class ClassMean(InputTransform):
+    """Subtract from every training image ``strength`` × (its class's mean image − the mean image of the set):
+    a class-wise additive pattern is exactly such a class-mean difference (so is some real class content)."""
+
+    name = "classmean"
+    summary = "subtract each class's mean deviation from the set's mean image (removes class-wise patterns)."
+    params: ClassVar[dict[str, Param]] = {
+        "strength": Param(float, 1.0, 0, 1, low_open=True, help="fraction of the class-mean deviation removed")}
+
+    def apply(self, data: ImageDataset, reference: ImageDataset | None, test: bool) -> np.ndarray:
+        x = data.images.astype(np.float64)
+        overall = x.mean(0)
+        for c in range(data.num_classes):
+            idx = data.labels == c
+            if idx.any():
+                x[idx] -= self.strength * (x[idx].mean(0) - overall)
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+@register_countermeasure
+class OrthogonalProjection(InputTransform):
+    """Sandoval-Segura et al. (NeurIPS 2023), Algorithm 1: a bias-free linear (softmax) classifier fitted on the
+    flattened training images, the span of its K weight rows QR-orthonormalized and projected out of every
+    training image (test images unchanged, as in the paper)."""
+
+    name = "orthogonal"
+    summary = "fit a linear classifier on the published images and project its weight span out (Sandoval-Segura 2023)."
+    params: ClassVar[dict[str, Param]] = {
+        "steps": Param(int, 300, 1, 10_000, help="full-batch optimizer steps of the linear model"),
+        "lr": Param(float, 0.1, 0, 10, low_open=True, help="Adam step size"),
+    }
+
+    def linear_weights(self, data: ImageDataset) -> torch.Tensor:
+        """The (K, D) weights of a bias-free softmax regression on the images in [0, 1], seeded."""
+        x = torch.from_numpy(data.images.reshape(len(data), -1)).float() / 255
+        y = torch.from_numpy(data.labels).long()
+        g = torch.Generator().manual_seed(0)
+        w = (torch.randn(data.num_classes, x.shape[1], generator=g) * 1e-3).requires_grad_(True)
+        opt = torch.optim.Adam([w], lr=self.lr / x.shape[1] ** 0.5)
+        for _ in range(self.steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(x @ w.T, y).backward()
+            opt.step()
+        self.linear_acc = float(((x @ w.T).argmax(1) == y).float().mean()) * 100  # diagnostics
+        return w.detach()
+
+    def apply(self, data: ImageDataset, reference: ImageDataset | None, test: bool) -> np.ndarray:
+        q, _ = torch.linalg.qr(self.linear_weights(data).double().T)  # (D, K) orthonormal
+        x = torch.from_numpy(data.images.reshape(len(data), -1)).double() / 255
+        x = x - (x @ q) @ q.T
+        out = (x * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        return out.reshape(data.images.shape)

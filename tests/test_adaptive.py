@@ -1,0 +1,98 @@
+"""The adaptive countermeasures do what they claim on known patterns: a hacker who knows the method estimates
+the perturbation from the published set's statistics (and clean images from elsewhere) and removes it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from uge.countermeasures import parse_countermeasures, transform_data
+from uge.data import ImageDataset
+from uge.errors import ConfigError
+
+C = np.array([1, -2, 1])  # keyed protection's colour direction
+
+
+def natural(n, size=16, seed=0) -> np.ndarray:
+    """Smooth random colour images: a low-resolution random field, upsampled, with correlated channels."""
+    rng = np.random.default_rng(seed)
+    low = rng.normal(0, 1, (n, size // 4, size // 4, 1)) * 25 + rng.normal(0, 1, (n, size // 4, size // 4, 3)) * 8
+    x = np.repeat(np.repeat(low, 4, 1), 4, 2) + rng.normal(0, 3, (n, size, size, 3))
+    return np.clip(128 + x, 0, 255).astype(np.uint8)
+
+
+def dataset(images, num_classes=4) -> ImageDataset:
+    return ImageDataset(images, np.arange(len(images)) % num_classes, [f"c{i}" for i in range(num_classes)])
+
+
+def keyed(images, labels, amp=5, seed=1) -> np.ndarray:
+    """A class-wise ±amp pattern of 4-px cells along C (keyed protection's shape)."""
+    rng = np.random.default_rng(seed)
+    signs = rng.choice([-1, 1], (labels.max() + 1, images.shape[1] // 4, images.shape[2] // 4))
+    m = np.repeat(np.repeat(signs, 4, 1), 4, 2)[labels] * amp
+    return np.clip(images.astype(int) + m[..., None] * C, 0, 255).astype(np.uint8)
+
+
+def classwise_energy(data: ImageDataset, x: np.ndarray | None = None) -> float:
+    """Mean squared deviation of the class mean images (of ``x``, default the images) from the overall mean."""
+    x = data.images.astype(float) if x is None else x
+    return float(np.mean([((x[data.labels == c].mean(0) - x.mean(0)) ** 2).mean() for c in range(data.num_classes)]))
+
+
+def test_pca_finds_the_colour_key_and_removes_it():
+    clean = dataset(natural(400))
+    prot = dataset(keyed(clean.images, clean.labels))
+    reference = dataset(natural(400, seed=7))  # clean images from elsewhere
+    pca = parse_countermeasures("pca")[0]
+    out = transform_data([pca], prot, reference=reference)
+    u = pca._basis
+    assert u.shape[1] >= 1 and abs(u[:, 0] @ C) / np.linalg.norm(C) > 0.95  # the key, read off the statistics
+    along = lambda d: d.images.astype(float) @ C / np.linalg.norm(C)  # noqa: E731
+    assert classwise_energy(prot, along(prot)) > 10 * classwise_energy(out, along(out))
+    test = transform_data([pca], reference, test=True)  # the fitted projection, applied to the test set
+    assert np.abs(along(test) - along(test).mean()).max() < 2  # nothing left along the key there either
+
+
+def test_pca_leaves_clean_data_alone():
+    pca = parse_countermeasures("pca:ratio=1.5")[0]
+    clean = dataset(natural(400))
+    out = transform_data([pca], clean, reference=dataset(natural(400, seed=7)))
+    assert pca._basis.shape[1] == 0 and np.array_equal(out.images, clean.images)
+
+
+def test_pca_on_patches_finds_a_block_pattern():
+    clean = dataset(natural(400))
+    rng = np.random.default_rng(3)
+    pattern = rng.choice([-8, 8], (4, 4, 4, 3))  # one 4×4 RGB block per class, tiled
+    prot = dataset(np.clip(clean.images.astype(int) + np.tile(pattern, (1, 4, 4, 1))[clean.labels], 0, 255)
+                   .astype(np.uint8))
+    out = transform_data(parse_countermeasures("pca:patch=4,k=8"), prot, reference=dataset(natural(400, seed=7)))
+    assert classwise_energy(prot) > 5 * classwise_energy(out)
+
+
+def test_pca_needs_a_reference():
+    with pytest.raises(ConfigError, match="clean images from elsewhere"):
+        transform_data(parse_countermeasures("pca"), dataset(natural(20)))
+
+
+def test_classmean_removes_an_additive_classwise_pattern_exactly():
+    clean = dataset(natural(200))
+    prot = dataset(keyed(clean.images, clean.labels, amp=4))
+    a = transform_data(parse_countermeasures("classmean"), prot).images.astype(int)
+    b = transform_data(parse_countermeasures("classmean"), clean).images.astype(int)
+    unclipped = (clean.images > 20).all(-1) & (clean.images < 235).all(-1)
+    d = a - b  # what is left of the pattern: its mean over the classes, the same for every image
+    assert np.abs(d - np.median(d, axis=0))[unclipped].max() <= 1
+    assert classwise_energy(prot) > 10 * classwise_energy(clean, a.astype(float)) + 1
+
+
+def test_orthogonal_projection_removes_a_linearly_separable_pattern():
+    clean = dataset(natural(800, size=8))
+    rng = np.random.default_rng(5)
+    pattern = rng.choice([-6, 6], (4, 8, 8, 3))  # sample-independent, class-wise: linearly separable
+    prot = dataset(np.clip(clean.images.astype(int) + pattern[clean.labels], 0, 255).astype(np.uint8))
+    orth = parse_countermeasures("orthogonal:steps=300")[0]
+    out = transform_data([orth], prot)
+    assert orth.linear_acc > 90  # the linear model found the shortcut
+    assert classwise_energy(prot) > 5 * classwise_energy(out)
+    out_clean = transform_data(parse_countermeasures("orthogonal:steps=300"), clean)
+    assert classwise_energy(out_clean) <= classwise_energy(clean) + 1  # nothing class-wise to remove there
