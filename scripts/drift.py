@@ -28,8 +28,8 @@ import torch
 from uge.benchmark import load_config
 from uge.benchmark.runner import load_data
 from uge.config import AuthorizedSpec
-from uge.losses import measured_gradient_distance
 from uge.models import create_model
+from uge.protectors.uge.losses import measured_gradient_distance
 from uge.published import authorized_network, read_published
 from uge.training import accuracy, record_trajectory
 from uge.utils import write_json

@@ -17,7 +17,7 @@ LAYERS = [  # lowest first; a part is a module (``result``) or a subpackage (``p
     {"errors", "utils"},
     {"config", "seeds"},
     {"data", "similarity", "sealing"},
-    {"models", "weights", "losses", "features", "pgd"},
+    {"models", "weights", "pgd"},
     {"training", "diagnostics"},
     {"result", "records"},
     {"countermeasures", "protectors", "published", "protect", "publish"},  # the last two: before issue 12

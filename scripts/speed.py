@@ -35,11 +35,11 @@ from torch.func import replace_all_batch_norm_modules_
 from torch.utils.flop_counter import FlopCounterMode
 
 from uge import AuthorizedSpec, ImageDataset, ProtectConfig, load_dataset, protect, publish
-from uge.features import build_feature_space
-from uge.losses import (clean_gradient, gradient_distance_reference, gradient_matching_input_grad, gradient_matching_loss,
-                        matched_parameters)
-from uge.models import Generator, create_model
-from uge.protectors.uge import UGEObjective
+from uge.models import create_model
+from uge.protectors.uge import Generator, UGEObjective
+from uge.protectors.uge.features import build_feature_space
+from uge.protectors.uge.losses import (clean_gradient, gradient_distance_reference, gradient_matching_input_grad,
+                                      gradient_matching_loss, matched_parameters)
 from uge.training import Recipe, train
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks (vendor sheets)
@@ -224,7 +224,7 @@ def main(argv=None):
     def gen_step(kind):
         obj = objectives[kind]
         if kind == "naive":  # reference distance: swap the batched one for the loop
-            import uge.losses as L
+            import uge.protectors.uge.losses as L
 
             fast_fn, L.gradient_distance = L.gradient_distance, gradient_distance_reference
         try:

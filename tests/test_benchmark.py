@@ -12,12 +12,12 @@ import torch
 
 import uge.benchmark.runner as runner_mod
 import uge.evaluate as evaluate_mod
-import uge.protectors.uge as uge_mod
+import uge.protectors.uge.protector as uge_mod
 from uge.benchmark import load_config, parse_config, read_records, run_benchmark, write_report
 from uge.cli import main
 from uge.errors import ConfigError
 from uge.protectors import build_protector
-from uge.losses import least_similar_class
+from uge.protectors.uge.losses import least_similar_class
 from uge.published import read_published
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -311,7 +311,7 @@ def test_error_existing_out_without_overwrite(protected, capsys, monkeypatch):
     def no_protect(*a, **k):
         raise AssertionError("protect ran although --out exists")
 
-    monkeypatch.setattr(importlib.import_module("uge.protectors.uge"), "protect", no_protect)
+    monkeypatch.setattr(importlib.import_module("uge.protectors.uge.protector"), "_run", no_protect)
     _expect_usage_error(["protect", *TINY_PROTECT, "--out", str(protected[2])], capsys, "already exists")
     assert (protected[2] / "manifest.json").read_text() == before
 
@@ -320,7 +320,7 @@ def test_error_bad_format_is_reported_before_any_training(workdir, capsys, monke
     def no_protect(*a, **k):
         raise AssertionError("protect ran although --format is invalid")
 
-    monkeypatch.setattr(importlib.import_module("uge.protectors.uge"), "protect", no_protect)
+    monkeypatch.setattr(importlib.import_module("uge.protectors.uge.protector"), "_run", no_protect)
     _expect_usage_error(["protect", *TINY_PROTECT[:-5], "--format", "jpeg", "--quiet", "--device", "cpu",
                          "--out", "never"], capsys, "format")
 
@@ -335,7 +335,7 @@ def test_interrupt_exits_130_with_a_resume_hint(workdir, capsys, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(importlib.import_module("uge.protectors.uge"), "_run", interrupted)
+    monkeypatch.setattr(importlib.import_module("uge.protectors.uge.protector"), "_run", interrupted)
     rc = main(["protect", *TINY_PROTECT, "--out", "never"])
     assert rc == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
@@ -398,7 +398,7 @@ def test_import_and_help_do_not_load_torch():
     # the lazy names resolve to the functions, also after their modules were imported (no name is a module's)
     code = "import uge, uge.published, uge.protectors.uge; print(uge.protect.__module__, uge.publish.__module__)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
-    assert r.stdout.split() == ["uge.protectors.uge", "uge.published"], r.stderr
+    assert r.stdout.split() == ["uge.protectors.uge.protector", "uge.published"], r.stderr
 
 
 def test_python_dash_m_help_lists_the_commands():

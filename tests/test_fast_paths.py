@@ -9,7 +9,9 @@ import torch
 from conftest import tiny_config
 from torch.func import replace_all_batch_norm_modules_
 
-from uge.losses import (
+from uge.models import create_model
+from uge.protectors.uge import CleanGradientCache, UGEObjective
+from uge.protectors.uge.losses import (
     clean_gradient,
     gradient_distance,
     gradient_distance_reference,
@@ -17,8 +19,6 @@ from uge.losses import (
     gradient_matching_loss,
     matched_parameters,
 )
-from uge.models import create_model
-from uge.protectors.uge import CleanGradientCache, UGEObjective
 
 
 def _grads(seed=0):

@@ -7,7 +7,7 @@ from torch import nn
 
 from uge.data.dataset import ImageDataset
 from uge.errors import ConfigError
-from uge.features import FEATURE_SPACES, ClipSpace, EncoderSpace, FeatureSpace, build_feature_space
+from uge.protectors.uge.features import FEATURE_SPACES, ClipSpace, EncoderSpace, FeatureSpace, build_feature_space
 
 try:  # uge.models imports the zoo, which another engineer may still be writing
     from uge.models.registry import Classifier

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uge.losses import (feature_distance_loss, gradient_distance, gradient_matching_loss, kd_loss,
-                        least_similar_class, matched_parameters, undistill_loss)
+from uge.protectors.uge.losses import (feature_distance_loss, gradient_distance, gradient_matching_loss,
+                                      least_similar_class, matched_parameters, undistill_loss)
+from uge.training import kd_loss
 
 
 def test_gradient_distance_hand_cases():
@@ -122,7 +123,8 @@ def test_undistill_sign_and_temperature():
 
 
 def test_per_sample_gradient_distance_equals_a_loop_over_samples_gradients_included():
-    from uge.losses import clean_gradient, freeze_batchnorm, gradient_distance_reference, per_sample_gradient_distance
+    from uge.protectors.uge.losses import (clean_gradient, freeze_batchnorm, gradient_distance_reference,
+                                          per_sample_gradient_distance)
     from uge.models import create_model
 
     torch.manual_seed(0)

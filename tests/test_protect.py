@@ -16,12 +16,15 @@ from safetensors.torch import load_file
 
 from uge.config import AuthorizedSpec
 from uge.errors import ConfigError
-from uge.models import Generator, create_model
-from uge.protectors.uge import Protection, generate, protect, quantize
+from uge.models import create_model
+from uge.protectors.uge import Generator, generate, protect
 from uge.published import publish, read_published, verify
+from uge.result import Protection, quantize
 
-# the module object of UGE (patched by the tests below)
-protect_mod = importlib.import_module("uge.protectors.uge")
+# the modules of UGE whose names the tests below patch: the trajectories and L_ud's teacher are trained in
+# workdir, the offline feature encoder in objective
+workdir_mod = importlib.import_module("uge.protectors.uge.workdir")
+objective_mod = importlib.import_module("uge.protectors.uge.objective")
 
 
 @pytest.fixture(autouse=True)
@@ -222,7 +225,7 @@ def _no_trajectory(*_, **__):
 
 
 def test_fd_only_does_not_train_a_trajectory(digits_small, monkeypatch):
-    monkeypatch.setattr(protect_mod, "record_trajectory", _no_trajectory)
+    monkeypatch.setattr(workdir_mod, "record_trajectory", _no_trajectory)
     result = protect(digits_small, tiny_config(losses=("fd",)), device="cpu", progress=False)
     assert _equal_states(result.theta0[0], create_model("cnn", 10, 1, seed=0).state_dict())
 
@@ -238,7 +241,7 @@ def test_generator_loss_decreases(digits_small, loss):
 
 
 def test_protect_rejects_unknown_arch_before_training(digits_small, monkeypatch):
-    monkeypatch.setattr(protect_mod, "record_trajectory", _fail)
+    monkeypatch.setattr(workdir_mod, "record_trajectory", _fail)
     with pytest.raises(ConfigError, match="nosuchnet"):
         protect(digits_small, tiny_config(authorized=[AuthorizedSpec("nosuchnet", 0)]), device="cpu",
                 progress=False)
@@ -265,10 +268,10 @@ def test_interrupted_run_resumes_from_the_work_folder(digits_small, tmp_path, mo
             raise KeyboardInterrupt
         return real_save(obj, f, *a, **kw)
 
-    monkeypatch.setattr(protect_mod.torch, "save", save_then_interrupt)
+    monkeypatch.setattr(torch, "save", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         protect(digits_small, cfg, device="cpu", work_dir=work, progress=False)
-    monkeypatch.setattr(protect_mod.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
 
     assert {p.name for p in work.iterdir()} >= {"config.json", "trajectory_0.safetensors", "encoder.safetensors",
                                                  "generator.pt"}
@@ -281,8 +284,9 @@ def test_interrupted_run_resumes_from_the_work_folder(digits_small, tmp_path, mo
         protect(digits_small, tiny_config(generator_epochs=3), device="cpu", work_dir=work, progress=False)
 
     # the same config resumes: no trajectory, no encoder training, only generator epoch 2
-    monkeypatch.setattr(protect_mod, "record_trajectory", _fail)
-    monkeypatch.setattr(protect_mod, "train", _fail)
+    monkeypatch.setattr(workdir_mod, "record_trajectory", _fail)
+    monkeypatch.setattr(workdir_mod, "train", _fail)
+    monkeypatch.setattr(objective_mod, "train", _fail)
     result = protect(digits_small, cfg, device="cpu", work_dir=work, progress=False, keep_work=True)
     assert [h["epoch"] for h in result.history] == [1, 2]
     assert result.history[0] == epoch1

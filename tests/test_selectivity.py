@@ -21,13 +21,17 @@ from uge.benchmark import parse_config, run_benchmark, write_report
 from uge.benchmark.report import noise_of_one_number, selectivity_rows
 from uge.config import AuthorizedSpec
 from uge.errors import ConfigError
-from uge.models import Generator, create_model
-from uge.protectors.uge import _objective, _Workdir, protect
+from uge.models import create_model
+from uge.protectors.uge import Generator, _objective, _Workdir, protect
 from uge.published import read_published
 from uge.training import Recipe, train
 from uge.weights import load_weights
 
 protect_mod = importlib.import_module("uge.protectors.uge")
+# the modules whose names the tests below patch (where the code that calls them looks them up)
+objective_mod = importlib.import_module("uge.protectors.uge.objective")
+delta_mod = importlib.import_module("uge.protectors.uge.delta")
+workdir_mod = importlib.import_module("uge.protectors.uge.workdir")
 
 
 def _states_equal(a: dict, b: dict) -> bool:
@@ -81,7 +85,8 @@ def test_eq12_averages_gm_and_ud_over_every_authorized_network(digits_small, tmp
     values = {id(m): float(i) for i, models in enumerate(objective.gm_models) for m in models}
     monkeypatch.setattr(objective, "gm_distance", lambda model, *a, **k: torch.tensor(values[id(model)] * 3 + 1))
     ud_seen = []
-    monkeypatch.setattr(protect_mod, "undistill_loss", lambda out, *a: ud_seen.append(out) or out.sum() * 0 + len(ud_seen))
+    monkeypatch.setattr(objective_mod, "undistill_loss",
+                        lambda out, *a: ud_seen.append(out) or out.sum() * 0 + len(ud_seen))
     x = torch.rand(8, 1, 8, 8)
     terms = objective.terms(x, x, torch.arange(8) % 10, np.random.default_rng(0))
     assert terms["gm"].item() == pytest.approx((1 + 4) / 2)  # network 0 gives 1, network 1 gives 4
@@ -159,14 +164,14 @@ def test_gm_rounds_match_at_the_run_on_the_protected_set(digits_small, tmp_path,
     """Round 2 adds the checkpoints θ1..θT of the authorized network trained on the round-1 protected set."""
     cfg = tiny_config(parametrization="delta", delta_steps=1, gm_rounds=2, gm_batchnorm="frozen")
     seen = []
-    real = protect_mod._protected_trajectories
+    real = delta_mod._protected_trajectories
 
     def spy(objective, cfg_, data_u, *a):
         seen.append((len(objective.gm_models[0]), data_u.images.copy()))
         real(objective, cfg_, data_u, *a)
         seen.append((len(objective.gm_models[0]), None))
 
-    monkeypatch.setattr(protect_mod, "_protected_trajectories", spy)
+    monkeypatch.setattr(delta_mod, "_protected_trajectories", spy)
     out = protect(digits_small, cfg, device="cpu", progress=False, work_dir=tmp_path / "w", keep_work=True)
     (before, x_u), (after, _) = seen
     assert after == before + cfg.trajectory_epochs
@@ -176,7 +181,7 @@ def test_gm_rounds_match_at_the_run_on_the_protected_set(digits_small, tmp_path,
     states = load_weights(tmp_path / "w" / "trajectory_0_round1.safetensors")
     theta0 = load_weights(tmp_path / "w" / "trajectory_0.safetensors")
     assert all(torch.equal(states[k], theta0[k]) for k in states if k.startswith("0/"))  # from the same θ0
-    clean_run = protect_mod._recorded(tmp_path / "clean.safetensors", cfg.authorized[0], cfg, digits_small,
+    clean_run = workdir_mod._recorded(tmp_path / "clean.safetensors", cfg.authorized[0], cfg, digits_small,
                                       torch.device("cpu"), cfg.seed + 7919 * (cfg.gm_trajectories + 1), False)
     assert not torch.equal(states[next(k for k in states if k.startswith("1/") and "weight" in k)],
                            clean_run[1][next(k[2:] for k in states if k.startswith("1/") and "weight" in k)])

@@ -17,7 +17,7 @@ _WHERE = {
     "ImageDataset": "data", "load_dataset": "data", "load_splits": "data", "save_npz": "data",
     "ConfigError": "errors", "DataError": "errors", "UGEError": "errors", "VerificationError": "errors",
     "HackerSpec": "config", "evaluate_published": "evaluate", "evaluate_set": "evaluate", "format_table": "evaluate",
-    "Generator": "models", "create_model": "models", "list_models": "models",
+    "Generator": "protectors.uge", "create_model": "models", "list_models": "models",
     "Protection": "result", "protect": "protectors.uge",
     "build_protector": "protectors", "list_protectors": "protectors",
     "Published": "published", "publish": "published", "read_published": "published", "verify": "published",

@@ -17,9 +17,16 @@ from tqdm.auto import tqdm
 from .config import SCHEDULES, Recipe  # noqa: F401  (Recipe lives in the config layer; re-exported)
 from .data.dataset import ImageDataset
 from .errors import ConfigError
-from .losses import kd_loss
 from .pgd import pgd
 from .utils import resolve_device
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """Distillation loss τ² · KL(softmax(t/τ) ‖ softmax(s/τ)), batch mean (Hinton et al.; Eq. 10)."""
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
+    return kl * temperature ** 2
 
 
 class SupervisedTask:

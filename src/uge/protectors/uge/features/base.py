@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ....errors import ConfigError
 
 # kind -> builder(classes, train_set, device, **options) -> FeatureSpace
 FeatureSpaceBuilder = Callable[..., "FeatureSpace"]
@@ -95,8 +95,8 @@ def build_feature_space(kind: str, *, classes: Sequence[str], train_set=None, de
         classes: class names; row c of ``class_features()`` belongs to ``classes[c]``.
         train_set: the protector's clean ``ImageDataset`` (needed by ``"encoder"``).
         device: where the space lives.
-        options: passed to the builder (see :func:`uge.features.clip.build_clip`,
-            :func:`uge.features.encoder.build_encoder`).
+        options: passed to the builder (see :func:`uge.protectors.uge.features.clip.build_clip`,
+            :func:`uge.protectors.uge.features.encoder.build_encoder`).
     """
     if kind not in FEATURE_SPACES:
         raise ConfigError(f"unknown feature space {kind!r}; known feature spaces: {', '.join(sorted(FEATURE_SPACES))}")

@@ -1,6 +1,7 @@
-"""The three losses of Ungeneralizable Examples (Eqs. 6–11) and the distillation loss (Eq. 10).
+"""The three losses of Ungeneralizable Examples (Eqs. 6–11).
 
-All functions take logits / features as tensors and return a scalar mean over the batch.
+All functions take logits / features as tensors and return a scalar mean over the batch. The distillation
+loss (Eq. 10), which L_ud builds on and the hackers train with, is :func:`uge.training.kd_loss`.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ...training import kd_loss
 
 
 def matched_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -195,14 +198,6 @@ def feature_distance_loss(f_clean: torch.Tensor, f_prot: torch.Tensor, class_fea
     true = class_feats[y]
     l_tri = (f_prot - far).pow(2).sum(1) + torch.clamp(alpha - (f_prot - true).pow(2).sum(1), min=0)
     return (l_feat + l_tri).mean()
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
-    """Distillation loss τ² · KL(softmax(t/τ) ‖ softmax(s/τ)), batch mean (Hinton et al.; Eq. 10)."""
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
-    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
-    return kl * temperature ** 2
 
 
 def undistill_loss(auth_logits: torch.Tensor, hacker_logits: torch.Tensor, y: torch.Tensor,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ....errors import ConfigError
 from .base import FeatureSpace, register_feature_space, to_rgb
 
 DEFAULT_MODEL = "ViT-B-32"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, DataError
+from ....errors import ConfigError, DataError
 from .base import FeatureSpace, check_images, register_feature_space
 
 log = logging.getLogger("uge")
@@ -99,7 +99,7 @@ def build_encoder(classes, train_set=None, device="cpu", *, model: nn.Module | N
     if model is None:
         if train_fn is None or arch is None:
             raise ConfigError("the 'encoder' feature space needs model= (trained) or arch= and train_fn=")
-        from ..models.registry import create_model
+        from ....models.registry import create_model
         model = create_model(arch, num_classes=train_set.num_classes, in_channels=train_set.channels, seed=seed)
     if train_fn is not None:
         model = train_fn(model, train_set)
