@@ -69,7 +69,8 @@ def main() -> int:
         print(f"{name:10s} {'identical' if old == new else 'DIFFERS'}  {old['sha256'][:16]}  {new['sha256'][:16]}")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({"command": " ".join(sys.argv), "seed": a.seed, "protectors": rows}, indent=1) + "\n")
+        doc = {"command": " ".join(sys.argv), "seed": a.seed, "protectors": rows}
+        a.out.write_text(json.dumps(doc, indent=1) + "\n")
     return 0 if same else 1
 
 

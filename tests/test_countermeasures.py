@@ -37,7 +37,8 @@ from uge.weights import save_weights
 EXAMPLES = {
     "jpeg": "jpeg:quality=30", "grayscale": "grayscale", "blur": "blur:sigma=0.8", "cutout": "cutout:size=4",
     "mixup": "mixup:alpha=0.4", "cutmix": "cutmix:alpha=1", "ueraser": "ueraser:strength=0.7",
-    "adv": "adv:eps=4,steps=2", "copy-input": "copy-input",
+    "adv": "adv:eps=4,steps=2", "copy-input": "copy-input", "pca": "pca:patch=2,k=2",
+    "classmean": "classmean:strength=0.5", "orthogonal": "orthogonal:steps=5",
 }
 # One bad parameter per countermeasure: (spec, words the message must contain).
 BAD = {
@@ -50,6 +51,9 @@ BAD = {
     "ueraser": ("ueraser:strength=2", ["strength=2", "<= 1"]),
     "adv": ("adv:eps=4,steps=2.5", ["steps='2.5'", "is not an int"]),
     "copy-input": ("copy-input:from=1", ["no parameter 'from'", "parameters: none"]),
+    "pca": ("pca:patch=0", ["patch=0", "1..16"]),
+    "classmean": ("classmean:strength=0", ["strength=0", "> 0"]),
+    "orthogonal": ("orthogonal:steps=0", ["steps=0", "1..10000"]),
 }
 INPUTS = [n for n in list_countermeasures() if get_countermeasure(n).kind == "input"]
 BATCHES = [n for n in list_countermeasures() if get_countermeasure(n).kind == "batch"]
@@ -162,14 +166,15 @@ def test_python_keyword_construction_validates_too():
 @pytest.mark.parametrize("name", INPUTS)
 def test_input_transform_contract(name, channels):
     data = random_dataset(n=12, size=12, channels=channels, num_classes=3)
+    reference = random_dataset(n=12, size=12, channels=channels, num_classes=3, seed=1)  # clean images from elsewhere
     before = data.images.copy()
     c = one(EXAMPLES[name])
     assert isinstance(c, InputTransform)
-    out = c(data)
+    out = c(data, reference)
     assert out.images.shape == data.images.shape and out.images.dtype == np.uint8
     assert np.array_equal(out.labels, data.labels) and out.classes == data.classes
     assert np.array_equal(data.images, before)  # the input is not modified
-    assert np.array_equal(c(data).images, out.images)  # deterministic
+    assert np.array_equal(c(data, reference).images, out.images)  # deterministic
 
 
 def test_transform_data_applies_in_order_and_only_at_test_transforms_to_test_sets():
@@ -235,7 +240,8 @@ def test_training_with_each_countermeasure_is_deterministic_for_a_seed(name):
 
     def run(seed):
         m = create_model("lenet", 4, 3, seed=0)
-        train(m, transform_data(cms, data), TINY, task=wrap_task(cms, SupervisedTask()), device="cpu", seed=seed,
+        train(m, transform_data(cms, data, reference=data), TINY, task=wrap_task(cms, SupervisedTask()), device="cpu",
+              seed=seed,
               progress=False, batch_augment=make_batch_augment(cms, 4))
         return _state(m)
 

@@ -152,7 +152,7 @@ def worst_case_table(columns, rows, chance: float, goal: float = 0.4) -> str:
         return ""
     clean = {(row["mode"], c): row["cells"][c]["acc"] for row in rows if row["protector"] == "clean"
              and not row["countermeasure"] for c in row["cells"]}
-    lines = [f"| data | mode | network | clean | plain | worst | by | fraction kept | worst without adv | by |",
+    lines = ["| data | mode | network | clean | plain | worst | by | fraction kept | worst without adv | by |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for v in dict.fromkeys(row["variant"] for row in rows if row["protector"] != "clean"):
         for mode in dict.fromkeys(row["mode"] for row in rows):

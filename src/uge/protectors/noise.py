@@ -75,5 +75,6 @@ class TiledPatch(Protector):
         # Per image, a cyclic shift of its class's tiling by (dy, dx) in [0, size)²: the class's pattern is no
         # longer one fixed image, so the class means and a linear classifier do not hold it (a key holder unseals).
         offsets = torch.randint(0, self.size, (len(data), 2), generator=g)
-        delta = torch.stack([tiles[y, :, dy:dy + h, dx:dx + w] for y, (dy, dx) in zip(labels.tolist(), offsets.tolist())])
+        delta = torch.stack([tiles[y, :, dy:dy + h, dx:dx + w]
+                             for y, (dy, dx) in zip(labels.tolist(), offsets.tolist())])
         return noise_result(self, data, delta, seed)

@@ -17,9 +17,9 @@ which live in the torch-free config layer (uge.config) because the command line'
 without importing torch.
 """
 from .generator import Generator, generate, recalibrate_batchnorm
-from .objective import CleanGradientCache, UGEObjective, _objective
+from .objective import CleanGradientCache, UGEObjective, _objective  # noqa: F401  (_objective: tests build it)
 from .protector import TITLE, FDProtector, UGEProtector, protect
-from .workdir import _Workdir
+from .workdir import _Workdir  # noqa: F401  (tests open a work folder)
 
 __all__ = ["TITLE", "CleanGradientCache", "FDProtector", "Generator", "UGEObjective", "UGEProtector", "generate",
            "protect", "recalibrate_batchnorm"]
