@@ -138,3 +138,24 @@ def test_keyed_publishes_at_the_budget_typed(tmp_path, capsys):
     with np.load(tmp_path / "k" / "data.npz") as z:
         levels = int(np.abs(z["images"].astype(int) - 128).max())
     assert levels == 8  # ±4 steps along (1, −2, 1): the green channel moves by the whole 8 levels
+
+
+def test_protecting_a_published_set_is_a_one_line_error(tmp_path, capsys):
+    data = random_dataset(n=20, size=8, channels=3, num_classes=4)
+    src = save_npz(data, tmp_path / "rgb.npz")
+    assert main(["protect", "--data", str(src), "--method", "random", "--out", str(tmp_path / "pub"),
+                 "--format", "npz", "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    rc = main(["protect", "--data", str(tmp_path / "pub"), "--method", "random", "--out", str(tmp_path / "again"),
+               "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "already a published set" in err[0] and "uge unseal" in err[0]
+    assert not (tmp_path / "again").exists()
+
+
+def test_keyed_on_grayscale_data_is_a_one_line_error(tmp_path, capsys):
+    rc = main(["protect", "--data", "digits", "--per-class", "2", "--method", "keyed", "--out", str(tmp_path / "k"),
+               "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "needs RGB images" in err[0]
+    assert not (tmp_path / "k").exists()

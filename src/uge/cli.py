@@ -217,6 +217,9 @@ def cmd_protect(args) -> int:
     if not formats or set(formats) - set(FORMATS):  # fail before any training
         raise ConfigError(f"--format must be a comma list of {', '.join(FORMATS)}, got {args.format!r}")
     # every method is built by name through the registry, so a bad parameter fails before any work
+    if (Path(args.data) / "manifest.json").is_file():
+        raise ConfigError(f"{args.data} is already a published set; protect the original images (a key holder of a "
+                          "sealed set gets them with `uge unseal`)")
     params, seed = _protect_params(args, protector_class(args.method))
     method = build_protector(args.method, **params)
     seal_key = None
