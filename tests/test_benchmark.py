@@ -168,6 +168,19 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
         assert f.read_bytes() == content  # finished records are untouched
 
 
+def test_run_folder_kept_without_its_images_protects_again(tmp_path):
+    """results/ commits a run's manifests but not its images: a resumed run protects those sets again (same
+    seed, same bytes) instead of failing on the missing data file."""
+    cfg = parse_config(tiny(variant=[{"name": "Random", "protector": "random"}], evaluate={"hackers": []}))
+    out = tmp_path / "run"
+    run_benchmark(cfg, out, progress=False)
+    pub = out / "variants" / "random" / "published"
+    before = (pub / "data.npz").read_bytes()
+    (pub / "data.npz").unlink()
+    run_benchmark(cfg, out, progress=False)
+    assert (pub / "data.npz").read_bytes() == before
+
+
 def test_rerun_with_another_config_is_refused(tiny_run):
     out, _ = tiny_run
     other = tiny(recipe={**TINY["recipe"], "epochs": 2})

@@ -114,6 +114,10 @@ def _publish_checked(protect_fn, part: ImageDataset, pub_dir: Path, source: dict
     if not (pub_dir / "manifest.json").is_file():
         log.info("[%s] protecting %d images", what, len(part))
         publish(protect_fn(part), part, pub_dir, formats=("npz",), overwrite=True, source=source)
+    elif not (pub_dir / "data.npz").is_file():  # a run folder kept without its images (they are not committed)
+        log.info("[%s] %s has a manifest but no images: protecting %d images again (same seed)", what, pub_dir,
+                 len(part))
+        publish(protect_fn(part), part, pub_dir, formats=("npz",), overwrite=True, source=source)
     else:
         log.info("[%s] reusing %s", what, pub_dir)
     report = verify(pub_dir, part)  # evaluation reads the saved files; check them first
