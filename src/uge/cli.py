@@ -25,6 +25,7 @@ from .config import (
 )
 from .errors import ConfigError, UGEError
 from .utils import resolve_device, write_json
+from .workers import CLAIM_TIMEOUT, Worker, parse_shard
 
 if TYPE_CHECKING:
     from .data import ImageDataset
@@ -92,6 +93,14 @@ def _budget(text: str) -> float:
     """argparse type of a budget flag: 0.04 or 10/255 (a bad one is a usage error, exit 2)."""
     try:
         return parse_budget(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """argparse type of --shard: I/N (a bad one is a usage error, exit 2)."""
+    try:
+        return parse_shard(text)
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -443,8 +452,14 @@ def cmd_benchmark(args) -> int:
         cfg.data.source = args.data
     out = Path(args.out or Path("runs") / cfg.name)
     start = time.perf_counter()
-    records = run_benchmark(cfg, out, device=args.device, root=args.root, progress=not args.quiet)
-    report = write_report(out)
+    worker = Worker(*args.shard, claim_timeout=args.claim_timeout)
+    records = run_benchmark(cfg, out, device=args.device, root=args.root, progress=not args.quiet, worker=worker)
+    if not worker.complete:  # a shard whose part is finished, while other workers' is not
+        _print(f"{worker}: its part is finished ({len(worker.claimed)} networks trained here); "
+               f"{len(worker.left)} of the grid's networks are other workers' and not finished yet: "
+               f"`uge report {out}` once they are ({time.perf_counter() - start:.1f} s)")
+        return 0
+    report = write_report(out)  # by each worker that finds the grid finished: the same files from the same records
     _print((report / "table.md").read_text())
     _print(f"{len(records)} records in {out}, report in {report} ({time.perf_counter() - start:.1f} s)")
     return 0
@@ -592,6 +607,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="auto, cpu or cuda (default: the config's)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.add_argument("--root", default=None, help="torchvision data root for cifar10/cifar100")
+    b.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                   help="train only this worker's fixed part of the grid's networks (I from 0 to N-1), e.g. "
+                   "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; workers sharing --out never train a network "
+                   "twice, with or without shards")
+    b.add_argument("--claim-timeout", type=float, default=CLAIM_TIMEOUT, metavar="SECONDS",
+                   help="a worker's claim on a piece of work without a heartbeat for this long (its worker died) "
+                   "is taken over by another (default %(default)s)")
     b.set_defaults(func=cmd_benchmark)
 
     r = sub.add_parser("report", help="tables and figures from a benchmark run folder (never retrains)")

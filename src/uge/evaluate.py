@@ -8,6 +8,7 @@ runs with different countermeasures share an output folder without overwriting e
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -35,6 +36,7 @@ from .records import AuthorizedNet, Record, read_record, write_record
 from .training import DistillTask, Recipe, SupervisedTask, accuracy, train
 from .utils import resolve_device, sha256_file, slug, versions
 from .weights import build_network, load_into, save_weights
+from .workers import Worker
 
 log = logging.getLogger("uge")
 TASKS = {"normal": lambda teacher, recipe: SupervisedTask(),  # one per HACKER_MODES entry
@@ -88,6 +90,14 @@ def _done(rec_file: Path, recipe: Recipe, countermeasures: str | None) -> dict:
     return rec
 
 
+def _claim(worker: Worker | None, rec_file: Path | None, **take):
+    """A context to train a network in (a held claim, or nothing to hold), or None to skip it: another worker's.
+    Without a worker or an output folder every network is this process's."""
+    if worker is None or rec_file is None:
+        return contextlib.nullcontext()
+    return worker.take(rec_file, **take)
+
+
 def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: list[AuthorizedNet],
                  hackers: list[HackerSpec], recipe: Recipe, *, data_label: str, out_dir: str | Path | None = None,
                  device="auto", seed: int = 0, progress: bool = True, extra: dict | None = None,
@@ -96,7 +106,7 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
                  authorized_countermeasures: str | list[Countermeasure] | None = None,
                  recipe_label: str | None = None, authorized_seeds: Sequence[int] = (),
                  repeat: int = 0, authorized_data: ImageDataset | None = None,
-                 authorized_label: str = "unsealed") -> list[dict]:
+                 authorized_label: str = "unsealed", worker: Worker | None = None) -> list[dict]:
     """Train the authorized networks (from their θ0) and the hackers on ``train_set``; test on ``test_set``.
 
     Args:
@@ -127,6 +137,9 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
             in the same order before protection: the unsealed originals of a sealed set, ``uge evaluate
             --key``); their records are labelled ``authorized_label`` instead of ``data_label``. The hackers
             still train on ``train_set``.
+        worker: with ``out_dir`` shared by several processes (:class:`uge.workers.Worker`): each network is
+            trained under a claim, and only if it is in this worker's shard; the others are skipped (left out
+            of the returned records), for another worker or a later call.
     Returns:
         one record per trained network (:class:`~uge.records.Record` fields as a dict, as written); each
         stores its ``countermeasures`` text (None for none).
@@ -157,33 +170,43 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
     auth = _Setting(auth_cms, train_set if authorized_data is None else authorized_data, test_set)
     auth_common = {**common, "data": auth_label, "n_train": len(auth._train)}
     theta0_nets = [a.net for a in authorized]  # what a model countermeasure (copy-input) may copy
-    records, teacher = [], None
+    records, teacher, teacher_file = [], None, None
     for k, (name, theta0_net, init) in enumerate(authorized):
         for s in dict.fromkeys([seed, *authorized_seeds]):
             fresh = s != seed
             rec_file = (out / f"{auth_label}_authorized{k}_{name}{f'__seed{s}' if fresh else ''}{auth.suffix}{tag}.json"
                         if out else None)
             weights = rec_file.with_suffix(".safetensors") if rec_file else None
+            is_teacher = k == 0 and not fresh  # the distillation teacher: the first authorized network, with ``seed``
+            teacher_file = rec_file if is_teacher else teacher_file
             # train a copy: the caller's θ0 network is reused (one grid per setting)
             model = adapt_model(auth.cms, copy.deepcopy(theta0_net), theta0_nets)
             # a record without its weights is kept unless the network must teach a distilled hacker
-            needed = teacher is None and any(h.mode == "distill" for h in hackers)
-            if rec_file and rec_file.exists() and (weights.exists() or not needed):
+            needed = is_teacher and any(h.mode == "distill" for h in hackers)
+
+            def done(rec_file=rec_file, weights=weights, needed=needed) -> bool:
+                return rec_file.exists() and (weights.exists() or not needed)
+
+            if rec_file and done():
                 rec = _done(rec_file, recipe, auth.text)
                 if weights.exists():
                     load_into(model, weights).to(device).eval()
             else:
-                desc = f"{auth_label}: authorized {name}" + (f" (seed {s})" if fresh else "")
-                model, res = auth.fit(model, recipe, SupervisedTask(), device, s, progress, desc, curve=True)
-                record = Record(**auth_common, role="authorized", index=k, arch=name, mode="normal", init=init,
-                                fresh=fresh, **res)
-                rec = record.to_dict()
-                if rec_file:
-                    save_weights(weights, model.state_dict())
-                    write_record(rec_file, record)
+                claim = _claim(worker, rec_file, done=done)
+                if claim is None:  # another worker's
+                    continue
+                with claim:
+                    desc = f"{auth_label}: authorized {name}" + (f" (seed {s})" if fresh else "")
+                    model, res = auth.fit(model, recipe, SupervisedTask(), device, s, progress, desc, curve=True)
+                    record = Record(**auth_common, role="authorized", index=k, arch=name, mode="normal", init=init,
+                                    fresh=fresh, **res)
+                    rec = record.to_dict()
+                    if rec_file:
+                        save_weights(weights, model.state_dict())
+                        write_record(rec_file, record)
                 log.info("%s  authorized %-12s seed %d  test acc %.2f%%", auth_label, name, s, rec["test_acc"])
             records.append(rec)
-            if teacher is None:  # the distillation teacher: the first authorized network, trained with ``seed``
+            if is_teacher:
                 teacher = model
     hack = _Setting(hacker_cms, train_set, test_set)
     for h in hackers:
@@ -195,21 +218,28 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
         if rec_file and rec_file.exists():
             records.append(_done(rec_file, h_recipe, hack.text))
             continue
-        model = build_network(h.arch, train_set.num_classes, train_set.channels, seed=h.seed, weights=h.theta0)
-        init = {"init": f"seed:{h.seed}" if h.theta0 is None else f"file:{Path(h.theta0).name}"}
-        if h.init_noise is not None:
-            net, label = theta0[h.arch]
-            model.load_state_dict(net.state_dict())
-            perturb_init(model, h.init_noise, seed=h.seed)
-            init = {"init": f"{label}+noise{h.init_noise!r}:seed{h.seed}", "init_noise": h.init_noise}
-        model = adapt_model(hack.cms, model, theta0_nets)
-        _, res = hack.fit(model, h_recipe, TASKS[h.mode](teacher, h_recipe), device, seed, progress,
-                          f"{data_label}: {h.arch} {h.mode}")
-        record = Record(**{**common, "recipe": h_recipe.to_dict()}, role="hacker", arch=h.arch, mode=h.mode,
-                        **init, **res)
-        rec = record.to_dict()
-        if rec_file:
-            write_record(rec_file, record)
+        # a distilled hacker goes with its teacher: the worker that trains one trains the other
+        claim = _claim(worker, rec_file, done=rec_file.exists if rec_file else None,
+                       group=teacher_file if h.mode == "distill" else None,
+                       ready=h.mode != "distill" or teacher is not None or teacher_file is None)
+        if claim is None:  # another worker's, or its teacher is (and is waited for)
+            continue
+        with claim:
+            model = build_network(h.arch, train_set.num_classes, train_set.channels, seed=h.seed, weights=h.theta0)
+            init = {"init": f"seed:{h.seed}" if h.theta0 is None else f"file:{Path(h.theta0).name}"}
+            if h.init_noise is not None:
+                net, label = theta0[h.arch]
+                model.load_state_dict(net.state_dict())
+                perturb_init(model, h.init_noise, seed=h.seed)
+                init = {"init": f"{label}+noise{h.init_noise!r}:seed{h.seed}", "init_noise": h.init_noise}
+            model = adapt_model(hack.cms, model, theta0_nets)
+            _, res = hack.fit(model, h_recipe, TASKS[h.mode](teacher, h_recipe), device, seed, progress,
+                              f"{data_label}: {h.arch} {h.mode}")
+            record = Record(**{**common, "recipe": h_recipe.to_dict()}, role="hacker", arch=h.arch, mode=h.mode,
+                            **init, **res)
+            rec = record.to_dict()
+            if rec_file:
+                write_record(rec_file, record)
         records.append(rec)
         log.info("%s  hacker %-12s %-7s test acc %.2f%%", data_label, h.arch, h.mode, res["test_acc"])
     return records

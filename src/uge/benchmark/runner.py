@@ -9,7 +9,9 @@ Run folder layout::
     RUN/records/<variant>/*.json          one record per trained network (uge.evaluate)
 
 Nothing finished is recomputed: a published set with a manifest is reused, a generator resumes from its
-last epoch checkpoint, and a network with a record is skipped.
+last epoch checkpoint, and a network with a record is skipped. Several workers may share a run folder
+(:mod:`uge.workers`): work in progress is claimed (``RUN/variants/<variant>/protect.claim``,
+``RUN/records/<variant>/<record>.claim``), and every file is written atomically.
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ from ..published import publish, read_published, verify
 from ..records import AuthorizedNet, read_record
 from ..result import rho_levels
 from ..seeds import derive
-from ..utils import atomic_write_text, resolve_device, versions, write_json
+from ..utils import atomic_file, atomic_write_text, resolve_device, versions, write_json
 from ..weights import build_network
+from ..workers import Worker
 from .config import BenchmarkConfig, Variant
 
 log = logging.getLogger("uge")
@@ -172,8 +175,9 @@ def _save_samples(vdir: Path, clean: ImageDataset, used: ImageDataset, rho: floa
     if f.exists():
         return
     idx = np.concatenate([np.flatnonzero(clean.labels == c)[:SAMPLES_PER_CLASS] for c in range(clean.num_classes)])
-    np.savez(f, clean=clean.images[idx], protected=used.images[idx], labels=clean.labels[idx],
-             classes=np.array(clean.classes), rho=np.nan if rho is None else rho, is_protected=protected)
+    with atomic_file(f) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, clean=clean.images[idx], protected=used.images[idx], labels=clean.labels[idx],
+                 classes=np.array(clean.classes), rho=np.nan if rho is None else rho, is_protected=protected)
 
 
 def _record_perturbation(vdir: Path, clean: ImageDataset, used: ImageDataset, rho: float | None) -> None:
@@ -187,15 +191,40 @@ def _record_perturbation(vdir: Path, clean: ImageDataset, used: ImageDataset, rh
         write_json(f, d)
 
 
-def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, root=None,
-                  progress: bool = True) -> list[dict]:
-    """Run (or resume) every variant of ``cfg`` into ``run_dir``; returns all records."""
+def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, root=None, progress: bool = True,
+                  worker: Worker | None = None) -> list[dict]:
+    """Run (or resume) every variant of ``cfg`` into ``run_dir``; returns all records.
+
+    Several processes may share ``run_dir``, plain ones or a job array's shards (``worker``: this process's
+    share and claim timeout; default the whole grid). Each piece of work (a variant's protection, a network) is
+    claimed by one of them; a worker skips what another holds, then waits for the pieces of its part that
+    another holds and goes over the grid again, until its part is finished. ``finished.json`` is written once
+    the whole grid is (``worker.complete``); the records returned are the grid's finished ones as of the last
+    pass (all of them then).
+    """
     run_dir = Path(run_dir)
+    worker = worker or Worker()
     device = resolve_device(device or cfg.device)
     _open_run(run_dir, cfg)
     train, test = load_data(cfg, root)
     log.info("%s: %d training and %d test images, %d variants, %d hackers, device %s", cfg.name, len(train),
              len(test), len(cfg.variants), len(cfg.hackers), device)
+    while True:
+        worker.start_pass()
+        records = _grid_pass(cfg, run_dir, train, test, device, progress, worker)
+        if not worker.waiting:
+            break
+        worker.wait()
+    if worker.complete:
+        write_json(run_dir / "finished.json", {"versions": versions(), "device": str(device),
+                                               "records": len(records), "machine": _machine(device)})
+    return records
+
+
+def _grid_pass(cfg: BenchmarkConfig, run_dir: Path, train: ImageDataset, test: ImageDataset, device,
+               progress: bool, worker: Worker) -> list[dict]:
+    """One pass over the grid: every variant's protection and networks that are finished, or this worker's
+    and free (trained now); returns their records."""
     records = []
     for v in cfg.variants:
         vdir = run_dir / "variants" / v.slug
@@ -203,11 +232,15 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
         prot = None if v.protector == "clean" else build_protector(v.protector, **cfg.params(v))
         rho = None if prot is None else prot.rho
         start = time.perf_counter()
-        used, published = (train, None) if v.protector == "clean" else _protect_variant(
-            cfg, v, prot, train, vdir, device, progress)
-        _save_samples(vdir, train, used, rho, v.protector != "clean")
-        if v.protector != "clean":
-            _record_perturbation(vdir, train, used, rho)
+        claim = worker.take(vdir / "protect.json", shared=True)  # one worker at a time protects (or rereads) it
+        if claim is None:  # another worker is protecting this variant: come back to it on the next pass
+            continue
+        with claim:
+            used, published = (train, None) if v.protector == "clean" else _protect_variant(
+                cfg, v, prot, train, vdir, device, progress)
+            _save_samples(vdir, train, used, rho, v.protector != "clean")
+            if v.protector != "clean":
+                _record_perturbation(vdir, train, used, rho)
         # the authorized networks a protector published (keyed), else the config's, for every protector
         authorized = published or [AuthorizedNet(a.arch, build_network(a.arch, train.num_classes, train.channels,
                                                                        a.seed, a.theta0),
@@ -217,7 +250,7 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
                  "losses": None if prot is None else prot.params().get("losses"), "federated": v.federated,
                  "benchmark": cfg.name}
         same = {"data_label": v.slug, "out_dir": run_dir / "records" / v.slug, "device": device, "seed": cfg.seed,
-                "progress": progress, "extra": extra}
+                "progress": progress, "extra": extra, "worker": worker}
         for cm in cfg.countermeasures:  # one evaluation grid per countermeasure setting ("" = none)
             for r in range(v.repeats):  # repeat r: other training seeds and hacker inits (the noise of one number)
                 records += evaluate_set(used, test, authorized, [dataclasses.replace(h, seed=h.seed + r)
@@ -229,8 +262,6 @@ def run_benchmark(cfg: BenchmarkConfig, run_dir: str | Path, *, device=None, roo
         for label, recipe in cfg.recipe_sweep():  # the authorized networks again, with other recipes
             records += evaluate_set(used, test, authorized, [], recipe, recipe_label=label, **same)
         log.info("[%s] done in %.1f s", v.name, time.perf_counter() - start)
-    write_json(run_dir / "finished.json", {"versions": versions(), "device": str(device), "records": len(records),
-                                           "machine": _machine(device)})
     return records
 
 
