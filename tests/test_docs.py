@@ -20,6 +20,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FIRST_SCREEN_LINES = 60
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}  # code blocks whose `uge` lines are commands
 SEPARATORS = {"&&", "||", ";", "|", "&"}
+EXAMPLE_VARIABLES = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}  # what a scheduler would set
 
 _FENCE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)")
 _LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -105,7 +106,8 @@ def test_readme_first_screen():
 
 def _uge_argv(command: str) -> list[str] | None:
     """The first `uge ...` command of a shell line, as argv (comments, other commands and VAR=value prefixes
-    dropped); None when the line runs no uge command."""
+    dropped; the scheduler's variables of EXAMPLE_VARIABLES replaced by example values); None when the line
+    runs no uge command."""
     lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
     lexer.commenters = "#"
@@ -117,7 +119,8 @@ def _uge_argv(command: str) -> list[str] | None:
         while segment and re.match(r"^[A-Za-z_]\w*=", segment[0]):  # OMP_NUM_THREADS=1 uge ...
             segment.pop(0)
         if segment and segment[0] == "uge":
-            return segment
+            return [re.sub(r"\$\{?(\w+)\}?", lambda m: EXAMPLE_VARIABLES.get(m.group(1), m.group(0)), t)
+                    for t in segment]
         segment = []
     return None
 
