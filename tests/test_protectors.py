@@ -37,6 +37,7 @@ TINY = {  # parameters that make every protector run in well under a second on 1
     "tap": {"arch": "lenet", "epochs": 1, "steps": 3, "batch_size": 32},
     "cuda": {},
     "keyed": {"arch": "lenet", "size": 8, "block": 2, "recipe": {"epochs": 1}},
+    "ntga": {"block_size": 32, "held_out": 64, "steps": 3},
 }
 # A wrong type and an out-of-range value for each protector (the parameter named must be in the message).
 BAD = {
@@ -49,6 +50,7 @@ BAD = {
     "tap": [("augment", "yes"), ("steps", 0)],
     "cuda": [("kernel_size", "3"), ("kernel_size", 4)],
     "keyed": [("size", "8"), ("block", 3)],
+    "ntga": [("block_size", 32.0), ("kernel", "ntk")],
 }
 RGB = {"keyed"}  # protectors that need colour images: they run on 16×16 RGB images instead of digits
 
@@ -59,7 +61,7 @@ def _data(name, digits_small):
 
 def test_every_protector_has_tiny_parameters_and_bad_values():
     assert set(TINY) == set(BAD) == set(list_protectors())
-    assert {"uge", "fd", "random", "patch", "em", "tap", "rem", "cuda", "keyed"} <= set(list_protectors())
+    assert {"uge", "fd", "random", "patch", "em", "tap", "rem", "cuda", "keyed", "ntga"} <= set(list_protectors())
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,7 @@ TINY = {  # every registered protector, each a second or two on 40 tiny images
     "tap": {"arch": "lenet", "epochs": 1, "steps": 1, "batch_size": 32},
     "cuda": {},
     "keyed": {"arch": "lenet", "size": 8, "block": 2, "recipe": {"epochs": 1}},
+    "ntga": {"block_size": 16, "held_out": 32, "steps": 2},
 }
 RGB_ONLY = {"keyed"}
 

@@ -30,6 +30,7 @@ STREAMS: dict[str, tuple[str, Callable[..., int]]] = {
     "em_round": ("EM/REM: the source network's training in round r", lambda s, r: s * 100_003 + r),
     "noise": ("a baseline's noise, patterns, filters or PGD start", lambda s: s),
     "repeat": ("a benchmark's repeat r: training seeds and hacker inits", lambda s, r: s + 1000 * r),
+    "surrogate": ("NTGA: the finite surrogate network's init (kernel='empirical')", lambda s: s + 40_000),
 }
 
 # name -> f(seed, *index) -> a numpy seed sequence
@@ -38,6 +39,8 @@ SEQUENCES: dict[str, tuple[str, Callable[..., list[int]]]] = {
     "diagnostics": ("the fixed batch the diagnostics are measured on", lambda s: [s, 2]),
     "generator_epoch": ("numpy draws of generator epoch e (checkpoints)", lambda s, e: [s, e]),
     "delta_batch": ("numpy draws of δ's batch b in round r (checkpoints)", lambda s, b, r=0: [s, r, b]),
+    "ntga_blocks": ("NTGA: the partition into blocks and each block's held-out subset",
+                    lambda s: [s, 0x4E544741]),  # "NTGA" in ASCII: a word no other stream draws
 }
 
 

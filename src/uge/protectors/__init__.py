@@ -11,6 +11,7 @@ keyed      a tiled shortcut along a colour direction the authorized network is b
 em         error-minimizing noise (Huang et al., ICLR 2021)                            L∞ 8/255
 tap        targeted adversarial poisoning (Fowl et al., NeurIPS 2021)                  L∞ 8/255
 rem        robust error-minimizing noise (Fu et al., ICLR 2022)                        L∞ 8/255
+ntga       neural tangent generalization attack (Yuan & Wu, ICML 2021)                 L∞ 8/255
 cuda       class-wise convolution filters (Sadasivan et al., CVPR 2023)                none (PSNR/SSIM)
 =========  ==========================================================================  ==============
 
@@ -18,7 +19,7 @@ cuda       class-wise convolution filters (Sadasivan et al., CVPR 2023)         
     result = build_protector("em", arch="cnn").protect(train, seed=0)
     uge.publish(result, train, "em-set")
 """
-from . import cuda, em, keyed, noise, rem, tap, uge  # noqa: F401  (register the protectors)
+from . import cuda, em, keyed, noise, ntga, rem, tap, uge  # noqa: F401  (register the protectors)
 from .base import Protector, build_protector, list_protectors, protector_class, register_protector
 
 __all__ = ["Protector", "build_protector", "list_protectors", "protector_class", "register_protector"]
