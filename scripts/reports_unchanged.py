@@ -31,7 +31,8 @@ def main() -> int:
     p.add_argument("--results", type=Path, default=Path("results"))
     args = p.parse_args()
     differ = 0
-    for run in sorted(d for d in args.results.iterdir() if (d / "config.json").is_file() and (d / "records").is_dir()):
+    for run in sorted(d for d in args.results.iterdir() if (d / "config.json").is_file() and (d / "records").is_dir()
+                      and any((d / "records").glob("*/*.json"))):  # a run that has just started has no report
         with tempfile.TemporaryDirectory() as tmp:
             old, new = Path(tmp) / "old", Path(tmp) / "new"
             _report(args.old, run, old)

@@ -146,7 +146,8 @@ def worst_case_table(columns, rows, chance: float, goal: float = 0.4) -> str:
     """Per protected variant, mode and network: the highest accuracy any countermeasure reaches (the worst case
     for the protection) and which one, beside the plain (no countermeasure) accuracy, the same network on the clean
     set, and the fraction of what it learns from clean data that the worst case keeps, (worst − chance) / (clean −
-    chance); adversarial training (``adv``) is also left out in a column of its own."""
+    chance); adversarial training (``adv``) is also left out in a column of its own. A network that was not
+    trained under every countermeasure of the run says how many it was (its worst case is over those only)."""
     cms = list(dict.fromkeys(row["countermeasure"] for row in rows))
     if len(cms) < 2:
         return ""
@@ -167,8 +168,9 @@ def worst_case_table(columns, rows, chance: float, goal: float = 0.4) -> str:
                 base = clean.get((mode, c))
                 # a network that learns nothing from clean data (within a point of chance) has no fraction to keep
                 frac = None if base is None or base < chance + 1 else (worst[0] - chance) / (base - chance)
+                partial = f" ({len(got)} of {len(cms)} run)" if len(got) < len(cms) else ""  # not a worst case yet
                 cells = [v, mode, c, "–" if base is None else f"{base:.2f}", "–" if plain is None else f"{plain:.2f}",
-                         f"{worst[0]:.2f}", worst[1],
+                         f"{worst[0]:.2f}{partial}", worst[1],
                          "–" if frac is None else f"{frac:.2f}" + (" ✓" if frac <= goal else ""),
                          "–" if soft is None else f"{soft[0]:.2f}", "–" if soft is None else soft[1]]
                 lines.append("| " + " | ".join(cells) + " |")
