@@ -136,7 +136,8 @@ class NeuralTangentGeneralization(Protector):
     ``kernel`` (decided by measuring, issue 23):
       - ``"infinite"`` (default): the infinite-width NTK of the authors' FNN surrogate, in closed form in torch
         (:func:`infinite_ntk`; equal to neural-tangents' to 1e-12, tests/test_ntga.py). neural-tangents itself
-        installs (2.6 GB with TensorFlow) but runs only with jax ≤ 0.4.30 and tf2jax 0.3.6 pinned.
+        installs (2.6 GB with TensorFlow) but fails on import with jax 0.10; it runs once jax is pinned back
+        to 0.4.30 and tf2jax to 0.3.6 (results/ntga-speed/README.md).
       - ``"empirical"``: a deviation, the NTK of one finite draw of the surrogate (``width`` units per layer,
         a scalar readout, initialized from the run's seed; :class:`EmpiricalNTK`).
     ``t`` = None is infinite training time (kernel ridge regression, then ``ridge`` must be > 0). ``ridge`` is
