@@ -163,3 +163,14 @@ def test_command_parses(page, line, argv):
             build_parser().parse_args(argv[1:])
         except SystemExit as e:
             assert e.code in (0, None), f"{_rel(page)}:{line}: {shlex.join(argv)}\n{err.getvalue()}"
+
+
+def test_readme_results_table_is_written_from_the_records():
+    """The README's table holds what scripts/readme_results.py computes from the committed records."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_results", ROOT / "scripts" / "readme_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = (ROOT / "README.md").read_text()
+    assert mod.table() in text

@@ -1,0 +1,80 @@
+"""The README's table of measured results, written from committed benchmark records (issue 21).
+
+Usage: python scripts/readme_results.py [--check]
+
+For each protection in ROWS (a run folder under results/ and a variant of it): the key holder's accuracy
+(a sealed set's key holder trains on the originals, bit for bit: the run's clean network; keyed protection's
+is the authorized blind network on the published set), the hacker's accuracy without a countermeasure, and the
+worst case over the run's countermeasures with the fraction of clean learning it keeps, (worst − chance) /
+(clean − chance). Replaces the lines between the README's results-table markers; ``--check`` only compares
+(exit 1 when the README is out of date).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from uge.benchmark import read_records
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+# (label, run folder, variant, key holder): "sealed" = trains on the unsealed originals, "authorized" = the
+# run's authorized network on the published set
+ROWS = [
+    ("Keyed (blind network; key in one colour direction)", "battery-screen-cpu", "Keyed", "authorized"),
+    ("Luminance patch, sealed", "battery-screen-cpu", "Shifted luminance patch, 8-px cells", "sealed"),
+    ("EM (Huang et al. 2021), sealed", "robustness-cpu", "EM", "sealed"),
+    ("UGE, the paper's method (key: θ0)", "robustness-cpu", "UGE", "authorized"),
+]
+
+
+def _row(label: str, run: str, variant: str, key: str) -> str:
+    recs = read_records(ROOT / "results" / run)
+    plain = [r for r in recs if not r.get("countermeasures")]
+    clean_auth = next(r["test_acc"] for r in plain if r["role"] == "authorized" and r["protector"] == "clean")
+    mine = [r for r in recs if r["variant"] == variant]
+    hack = [r for r in mine if r["role"] == "hacker" and r["mode"] == "normal"]
+    arch = hack[0]["arch"]
+    clean_hack = next(r["test_acc"] for r in plain if r["role"] == "hacker" and r["protector"] == "clean"
+                      and r["arch"] == arch and r["mode"] == "normal")
+    chance = 100 / 10  # CIFAR-10
+    h_plain = next(r["test_acc"] for r in hack if not r.get("countermeasures"))
+    worst = max(hack, key=lambda r: r["test_acc"])
+    frac = (worst["test_acc"] - chance) / (clean_hack - chance)
+    if key == "sealed":
+        holder = f"{clean_auth:.1f} (= clean, unsealed)"
+    else:
+        acc = next(r["test_acc"] for r in mine if r["role"] == "authorized" and not r.get("countermeasures"))
+        holder = f"{acc:.1f} (clean {clean_auth:.1f})"
+    by = worst.get("countermeasures") or "none"
+    return (f"| {label} | {holder} | {h_plain:.1f} (clean {clean_hack:.1f}) | {worst['test_acc']:.1f} by `{by}`: "
+            f"keeps {frac:.2f} of clean learning ({len(hack) - 1} attacks) | [{run}](results/{run}/report/report.md) |")
+
+
+def table() -> str:
+    head = ["| protection | key holder | hacker (ResNetC-20), plain | hacker, worst case over the attacks run | run |",
+            "|---|---|---|---|---|"]
+    return "\n".join(head + [_row(*r) for r in ROWS])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 if the README is out of date")
+    args = p.parse_args(argv)
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    i, j = text.index(START) + len(START), text.index(END)
+    new = text[:i] + "\n" + table() + "\n" + text[j:]
+    if args.check:
+        if new != text:
+            print("README.md's results table is out of date: run python scripts/readme_results.py")
+            return 1
+        return 0
+    readme.write_text(new)
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
