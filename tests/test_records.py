@@ -41,3 +41,21 @@ def test_defaults_stay_out_of_the_file():
     for k in ("fresh", "index", "curve", "repeat", "variant", "published"):
         assert k not in d
     assert Record(**LEGACY, fresh=True, index=0).to_dict()["fresh"] is True
+
+
+def test_a_network_that_failed_to_train_is_marked_not_read_as_protection():
+    """issue 21: the demo's distilled LeNet that collapsed (train and test at chance) read as −82.78 points of
+    protection; a network that fits its training data but not the test set is the protection's doing."""
+    from uge.evaluate import failed_to_train, format_table
+
+    def rec(data, arch, test, train):
+        return {"role": "hacker", "arch": arch, "mode": "distill", "init": "seed:1", "data": data,
+                "test_acc": test, "train_acc": train}
+
+    records = [rec("clean", "lenet", 92.5, 95.0), rec("protected", "lenet", 9.72, 10.1),
+               rec("clean", "cnn", 99.0, 100.0), rec("protected", "cnn", 12.0, 99.0)]
+    assert failed_to_train(records[1], 10) and not failed_to_train(records[3], 10)
+    table = format_table(records, num_classes=10)
+    assert "| lenet | distill | seed:1 | 92.50 | 9.72 (failed to train) | – |" in table
+    assert "| cnn | distill | seed:1 | 99.00 | 12.00 | -87.00 |" in table
+    assert "failed" not in format_table(records)  # without the number of classes nothing is judged

@@ -361,7 +361,7 @@ def cmd_evaluate(args) -> int:
                                  device=args.device, seed=args.seed, progress=not args.quiet,
                                  countermeasures=cms, authorized_countermeasures=auth_cms, theta0=args.theta0,
                                  authorized=key_nets, unsealed=unsealed)
-    table = format_table(records)
+    table = format_table(records, num_classes=test.num_classes)
     # one table per countermeasure setting, like the records ("table.md" without countermeasures)
     tag = "".join(f"__{p}{countermeasure_slug(c)}" for p, c in (("", cms), ("authorized-", auth_cms)) if c)
     (out / f"table{tag}.md").write_text(table + "\n")

@@ -34,4 +34,4 @@ def run_demo(out: str | Path = "uge-demo", device="auto", progress: bool = True)
     verify(out / "published", train).raise_if_failed()
     records = evaluate_published(read_published(out / "published"), test, DEMO_HACKERS, clean=train,
                                  out_dir=out / "records", device=device, progress=progress)
-    return format_table(records), time.perf_counter() - start
+    return format_table(records, num_classes=train.num_classes), time.perf_counter() - start

@@ -282,25 +282,40 @@ def evaluate_published(pub: Published, test_set: ImageDataset, hackers: list[Hac
     return records
 
 
-def format_table(records: list[dict]) -> str:
+def failed_to_train(record: dict, num_classes: int) -> bool:
+    """A network that did not even fit its own training data (training accuracy within 5 points of chance):
+    its low test accuracy is a failure of training, not the protection's doing (a network that learns a
+    protection's shortcut fits its training data)."""
+    train_acc = record.get("train_acc")
+    return train_acc is not None and train_acc < 100 / num_classes + 5
+
+
+def format_table(records: list[dict], num_classes: int | None = None) -> str:
     """A markdown table: one row per network, test accuracy on clean and protected data, and the change
     (authorized networks trained on a sealed set's unsealed originals, ``uge evaluate --key``, in their own
-    column)."""
+    column). With ``num_classes``, a network that failed to train (:func:`failed_to_train`) is marked, and
+    its change is not given."""
     rows: dict[tuple, dict] = {}
+    failed: set[tuple] = set()
     for r in records:
         key = (r["role"], r["arch"], r["mode"], r["init"], r.get("countermeasures") or "")
         rows.setdefault(key, {})[r["data"]] = r["test_acc"]
+        if num_classes and failed_to_train(r, num_classes):
+            failed.add((key, r["data"]))
     labels = [lab for lab in ("clean", "unsealed", "protected") if any(lab in v for v in rows.values())]
     change = "clean" in labels and "protected" in labels
     with_cm = any(k[4] for k in rows)  # the countermeasure column only when one was used
     head = "| network | mode | init | " + ("countermeasures | " if with_cm else "")
     head += " | ".join(f"{lab} acc %" for lab in labels) + (" | change |" if change else " |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for (role, arch, mode, init, cm), accs in rows.items():
-        cells = [f"{accs[lab]:.2f}" if lab in accs else "–" for lab in labels]
+    for key, accs in rows.items():
+        role, arch, mode, init, cm = key
+        bad = {lab for lab in labels if (key, lab) in failed}
+        cells = [("–" if lab not in accs else f"{accs[lab]:.2f}" + (" (failed to train)" if lab in bad else ""))
+                 for lab in labels]
         if change:
-            cells.append(f"{accs['protected'] - accs['clean']:+.2f}" if "clean" in accs and "protected" in accs
-                         else "–")
+            ok = "clean" in accs and "protected" in accs and not bad & {"clean", "protected"}
+            cells.append(f"{accs['protected'] - accs['clean']:+.2f}" if ok else "–")
         name = f"{arch} (authorized)" if role == "authorized" else arch
         cm_cell = f"{cm or '–'} | " if with_cm else ""
         lines.append(f"| {name} | {mode} | {init} | {cm_cell}" + " | ".join(cells) + " |")
