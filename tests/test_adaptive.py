@@ -96,3 +96,37 @@ def test_orthogonal_projection_removes_a_linearly_separable_pattern():
     assert classwise_energy(prot) > 5 * classwise_energy(out)
     out_clean = transform_data(parse_countermeasures("orthogonal:steps=300"), clean)
     assert classwise_energy(out_clean) <= classwise_energy(clean) + 1  # nothing class-wise to remove there
+
+
+def _along(prot: ImageDataset, clean: ImageDataset, spec: str, reference: ImageDataset) -> tuple[float, float]:
+    """(the amplitude of δ = prot − clean left after ``spec`` fitted on ``prot``, the mean change of the clean
+    images under the fitted transform, in levels)."""
+    cm = parse_countermeasures(spec)[0]
+    a = transform_data([cm], prot, reference=reference).images.astype(float)
+    b = transform_data([cm], clean, test=True).images.astype(float)  # as fitted on the published set
+    d0 = prot.images.astype(float) - clean.images
+    return float(((a - b) * d0).sum() / (d0 ** 2).sum()), float(np.abs(b - clean.images).mean())
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_spectral_removes_a_tiled_pattern_shifted_or_not(shift):
+    clean, reference = dataset(natural(400)), dataset(natural(400, seed=7))
+    rng = np.random.default_rng(3)
+    tile = rng.choice([-8, 8], (4, 4, 4, 3))  # one 4×4 RGB tile per class, repeated over the image
+    pattern = np.tile(tile, (1, 4, 4, 1))[clean.labels]
+    if shift:  # each image's tiling cyclically shifted: only the Fourier phases change
+        pattern = np.stack([np.roll(p, tuple(rng.integers(0, 4, 2)), (0, 1)) for p in pattern])
+    prot = dataset(np.clip(clean.images.astype(int) + pattern, 0, 255).astype(np.uint8))
+    left, harm = _along(prot, clean, "spectral:k=256,ratio=1.5,zero=1", reference)
+    assert left < 0.1 and harm < 2  # the pattern is gone, the clean images barely changed
+    wiener, _ = _along(prot, clean, "spectral:k=256,ratio=1.5", reference)
+    assert left < wiener < 0.5  # the Wiener shrink keeps the natural part of the bins, and a little pattern
+
+
+def test_spectral_leaves_clean_data_alone_and_needs_a_reference():
+    clean = dataset(natural(400))
+    spectral = parse_countermeasures("spectral")[0]
+    out = transform_data([spectral], clean, reference=dataset(natural(400, seed=7)))
+    assert spectral.found == 0 and np.abs(out.images.astype(int) - clean.images).max() <= 1  # rounding only
+    with pytest.raises(ConfigError, match="clean images from elsewhere"):
+        transform_data(parse_countermeasures("spectral"), clean)

@@ -38,7 +38,7 @@ EXAMPLES = {
     "jpeg": "jpeg:quality=30", "grayscale": "grayscale", "blur": "blur:sigma=0.8", "cutout": "cutout:size=4",
     "mixup": "mixup:alpha=0.4", "cutmix": "cutmix:alpha=1", "ueraser": "ueraser:strength=0.7",
     "adv": "adv:eps=4,steps=2", "copy-input": "copy-input", "pca": "pca:patch=2,k=2",
-    "classmean": "classmean:strength=0.5", "orthogonal": "orthogonal:steps=5",
+    "classmean": "classmean:strength=0.5", "orthogonal": "orthogonal:steps=5", "spectral": "spectral:k=8,ratio=1.5",
 }
 # One bad parameter per countermeasure: (spec, words the message must contain).
 BAD = {
@@ -54,6 +54,7 @@ BAD = {
     "pca": ("pca:patch=0", ["patch=0", "1..16"]),
     "classmean": ("classmean:strength=0", ["strength=0", "> 0"]),
     "orthogonal": ("orthogonal:steps=0", ["steps=0", "1..10000"]),
+    "spectral": ("spectral:zero=2", ["zero=2", "0..1"]),
 }
 INPUTS = [n for n in list_countermeasures() if get_countermeasure(n).kind == "input"]
 BATCHES = [n for n in list_countermeasures() if get_countermeasure(n).kind == "batch"]

@@ -5,6 +5,9 @@ published set's own statistics and removes it before training.
   variance than clean images from elsewhere (the generalized eigenvectors of the two covariances), projected
   out of every training and test image. It finds a key hidden in one colour direction (keyed protection) or
   in a block pattern.
+- ``spectral``: the same comparison in the Fourier basis of the whole image (per channel): the frequencies with
+  excess power are shrunk to the clean images' power. It finds a pattern tiled over the image, even one shifted
+  per image (a cyclic shift changes only the phases).
 - ``classmean``: every image minus its class's mean deviation from the global mean (a class-wise pattern is
   what the class means of a protected set differ by).
 - ``orthogonal``: the orthogonal projection attack (Sandoval-Segura et al., "What Can We Learn from Unlearnable
@@ -100,6 +103,52 @@ class PCAExcess(InputTransform):
 
 
 @register_countermeasure
+class SpectralExcess(InputTransform):
+    """Shrink the 2-D Fourier frequencies (per channel) at which the published set's mean power exceeds clean
+    images' from elsewhere by ``ratio`` or more, the ``k`` largest excesses: each such coefficient is scaled by
+    P_clean / P_published (the Wiener gain: the expected natural coefficient), or set to zero (``zero=1``). The Fourier
+    basis diagonalizes the covariance of stationary images, so this is the whole-image ``pca`` for patterns
+    that repeat across the image: a tiled pattern, shifted per image or not, puts all its energy on the few
+    frequencies of its period, where natural images have little. Fitted on the training set; applied to the
+    test set as fitted."""
+
+    name = "spectral"
+    summary = ("shrink the Fourier frequencies where the published set has more power than clean images from "
+               "elsewhere (removes tiled or periodic patterns).")
+    at_test = True
+    params: ClassVar[dict[str, Param]] = {
+        "k": Param(int, 64, 1, 100_000, help="at most this many (channel, frequency) bins"),
+        "ratio": Param(float, 2.0, 1, 1000, low_open=True, help="power ratio above which a bin is excess"),
+        "zero": Param(int, 0, 0, 1, help="1: set the excess bins to zero instead of the Wiener shrink"),
+    }
+
+    @staticmethod
+    def _power(images: np.ndarray) -> np.ndarray:
+        f = np.fft.rfft2(images.astype(np.float64), axes=(1, 2))
+        return (np.abs(f) ** 2).mean(0)  # (H, W//2+1, C)
+
+    def apply(self, data: ImageDataset, reference: ImageDataset | None, test: bool) -> np.ndarray:
+        if not test or getattr(self, "_gain", None) is None:
+            if reference is None:
+                raise ConfigError(f"countermeasure {self.name!r} needs clean images from elsewhere (the reference)")
+            if test:
+                raise ConfigError(f"countermeasure {self.name!r}: transform the training set before the test set")
+            pub, ref = self._power(data.images), self._power(reference.images)
+            r = pub / np.maximum(ref, 1e-12)
+            r[0, 0, :] = 0  # never the mean colour
+            order = np.argsort(r, axis=None)[::-1][:self.k]
+            pick = order[r.flat[order] >= self.ratio]
+            self._gain = np.ones_like(r)
+            # Wiener: the expected natural coefficient given the published one (or nothing at all with ``zero``)
+            self._gain.flat[pick] = 0 if self.zero else ref.flat[pick] / pub.flat[pick]
+            self.found = len(pick)  # diagnostics: how many bins were shrunk
+        h, w = data.images.shape[1:3]
+        f = np.fft.rfft2(data.images.astype(np.float64), axes=(1, 2)) * self._gain
+        x = np.fft.irfft2(f, s=(h, w), axes=(1, 2))
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+@register_countermeasure
 class ClassMean(InputTransform):
     """Subtract from every training image ``strength`` × (its class's mean image − the mean image of the set):
     a class-wise additive pattern is exactly such a class-mean difference (so is some real class content)."""
@@ -146,9 +195,16 @@ class OrthogonalProjection(InputTransform):
         self.linear_acc = float(((x @ w.T).argmax(1) == y).float().mean()) * 100  # diagnostics
         return w.detach()
 
-    def apply(self, data: ImageDataset, reference: ImageDataset | None, test: bool) -> np.ndarray:
-        q, _ = torch.linalg.qr(self.linear_weights(data).double().T)  # (D, K) orthonormal
-        x = torch.from_numpy(data.images.reshape(len(data), -1)).double() / 255
+    def basis(self, data: ImageDataset) -> torch.Tensor:
+        """The (D, K) orthonormal basis of the linear classifier's weight span (QR)."""
+        return torch.linalg.qr(self.linear_weights(data).double().T)[0]
+
+    @staticmethod
+    def project_out(images: np.ndarray, q: torch.Tensor) -> np.ndarray:
+        """``images`` (uint8, N×H×W×C) with the span of ``q`` removed, rounded back to uint8."""
+        x = torch.from_numpy(images.reshape(len(images), -1)).double() / 255
         x = x - (x @ q) @ q.T
-        out = (x * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-        return out.reshape(data.images.shape)
+        return (x * 255).round().clamp(0, 255).to(torch.uint8).numpy().reshape(images.shape)
+
+    def apply(self, data: ImageDataset, reference: ImageDataset | None, test: bool) -> np.ndarray:
+        return self.project_out(data.images, self.basis(data))
