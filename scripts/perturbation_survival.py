@@ -29,7 +29,7 @@ from uge.published import read_published
 from uge.utils import write_json
 
 DEFAULT = ["grayscale+jpeg:quality=10", "jpeg:quality=10", "grayscale", "pca:patch=8,k=64,ratio=1.2",
-           "pca:patch=8,k=16", "pca", "orthogonal", "classmean"]
+           "pca:patch=8,k=16", "pca", "orthogonal", "classmean", "spectral", "spectral:k=256,ratio=1.5,zero=1"]
 
 
 def survival(clean, published, test, spec: str) -> dict:

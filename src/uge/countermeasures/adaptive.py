@@ -52,6 +52,18 @@ def _sample(x: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
     return x if len(x) <= limit else x[np.random.default_rng(seed).choice(len(x), limit, replace=False)]
 
 
+def _must_fit(cm: InputTransform, fitted: str, reference: ImageDataset | None, test: bool) -> bool:
+    """Whether a transform fitted on the training set against clean images from elsewhere fits now: on the
+    training set (a test set is transformed as fitted, after it)."""
+    if test and getattr(cm, fitted, None) is not None:
+        return False
+    if reference is None:
+        raise ConfigError(f"countermeasure {cm.name!r} needs clean images from elsewhere (the reference)")
+    if test:
+        raise ConfigError(f"countermeasure {cm.name!r}: transform the training set before the test set")
+    return True
+
+
 @register_countermeasure
 class PCAExcess(InputTransform):
     """Project out the directions in which the published set's pixels (or p×p patches) vary more than clean
@@ -86,11 +98,7 @@ class PCAExcess(InputTransform):
         return q
 
     def apply(self, data: ImageDataset, reference: ImageDataset | None, test: bool) -> np.ndarray:
-        if not test or getattr(self, "_basis", None) is None:
-            if reference is None:
-                raise ConfigError(f"countermeasure {self.name!r} needs clean images from elsewhere (the reference)")
-            if test:
-                raise ConfigError(f"countermeasure {self.name!r}: transform the training set before the test set")
+        if _must_fit(self, "_basis", reference, test):
             self._basis, self._mean = self.fit(data.images, reference.images), None
         x, grid = _blocks(data.images, self.patch)
         if self._basis.shape[1] == 0:
@@ -128,11 +136,7 @@ class SpectralExcess(InputTransform):
         return (np.abs(f) ** 2).mean(0)  # (H, W//2+1, C)
 
     def apply(self, data: ImageDataset, reference: ImageDataset | None, test: bool) -> np.ndarray:
-        if not test or getattr(self, "_gain", None) is None:
-            if reference is None:
-                raise ConfigError(f"countermeasure {self.name!r} needs clean images from elsewhere (the reference)")
-            if test:
-                raise ConfigError(f"countermeasure {self.name!r}: transform the training set before the test set")
+        if _must_fit(self, "_gain", reference, test):
             pub, ref = self._power(data.images), self._power(reference.images)
             r = pub / np.maximum(ref, 1e-12)
             r[0, 0, :] = 0  # never the mean colour
