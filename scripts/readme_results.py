@@ -23,7 +23,10 @@ START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 # run's authorized network on the published set
 ROWS = [
     ("Keyed (blind network; key in one colour direction)", "battery-screen-cpu", "Keyed", "authorized"),
-    ("Luminance patch, sealed", "battery-screen-cpu", "Shifted luminance patch, 8-px cells", "sealed"),
+    ("Tiled 2-px luminance patch, shifted per image, sealed", "ladder-attacks-cpu",
+     "Shifted tiled luminance patch, 2-px cells", "sealed"),
+    ("Luminance patch (32-px, 8-px cells), sealed", "battery-screen-cpu", "Shifted luminance patch, 8-px cells",
+     "sealed"),
     ("EM (Huang et al. 2021), sealed", "robustness-cpu", "EM", "sealed"),
     ("UGE, the paper's method (key: θ0)", "robustness-cpu", "UGE", "authorized"),
 ]
