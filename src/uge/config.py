@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
-from .utils import from_dict, slug
+from .params import from_dict
+from .utils import slug
 
 SCHEDULES = ("linear", "cosine", "constant")
 

@@ -41,41 +41,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def from_dict(cls, d: dict, what: str):
-    """Build dataclass ``cls`` from ``d``, rejecting unknown keys with a ConfigError that names them."""
-    import dataclasses
-
-    if not isinstance(d, dict):
-        raise ConfigError(f"{what} must be a table of keys and values, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(d) - set(fields)
-    if unknown:
-        raise ConfigError(f"unknown {what} key(s): {', '.join(sorted(unknown))}; "
-                          f"known: {', '.join(sorted(fields))}")
-    bad = [f"{k}={v!r} (expected {fields[k].type})" for k, v in d.items() if not _type_ok(v, fields[k].type)]
-    if bad:
-        raise ConfigError(f"wrong type for {what} key(s): {'; '.join(bad)}")
-    return cls(**d)
-
-
-_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
-
-
-def _type_ok(value, annotation) -> bool:
-    """Whether ``value`` fits a simple annotation ("int", "float | None", ...); other annotations pass."""
-    if not isinstance(annotation, str):
-        annotation = getattr(annotation, "__name__", str(annotation))
-    options = [a.strip() for a in annotation.split("|")]
-    if value is None:
-        return "None" in options or not set(options) <= set(_SCALARS) | {"None"}
-    allowed = [t for a in options for t in _SCALARS.get(a, ())]
-    if not allowed or not set(options) <= set(_SCALARS) | {"None"}:
-        return True  # containers, dataclasses: their own validation applies
-    if isinstance(value, bool):
-        return bool in allowed
-    return isinstance(value, tuple(allowed))
-
-
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()

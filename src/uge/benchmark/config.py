@@ -15,9 +15,10 @@ from ..countermeasures import format_countermeasures, parse_countermeasures
 from ..errors import ConfigError
 from ..evaluate import HACKER_SYNTAX, HackerSpec
 from ..models.registry import known_model, list_models
+from ..params import from_dict
 from ..protectors import build_protector, list_protectors, protector_class
 from ..training import Recipe
-from ..utils import from_dict, slug
+from ..utils import slug
 
 if sys.version_info >= (3, 11):
     import tomllib

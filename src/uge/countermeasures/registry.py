@@ -12,13 +12,12 @@ says where it acts:
 - ``model``: a :class:`ModelAdapter` that changes the hacker's network before training, knowing the
   authorized networks; e.g. copying the authorized network's input stage.
 
-Parameters are declared with :class:`Param`; parsing checks names, keys, types and ranges and raises
+Parameters are declared with :class:`~uge.params.Param` (the one parameter spec of the package, which the
+protectors' fields use too); parsing checks names, keys, types and ranges and raises
 :class:`~uge.errors.ConfigError` with a one-line message that names what is wrong and what is allowed.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -27,61 +26,12 @@ import torch
 from ..config import COUNTERMEASURE_SYNTAX
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
+from ..params import Param
 
 KINDS = ("input", "batch", "task", "model")
 SYNTAX = COUNTERMEASURE_SYNTAX
 
 _REGISTRY: dict[str, type[Countermeasure]] = {}
-
-
-@dataclass(frozen=True)
-class Param:
-    """One numeric parameter: its type, default and allowed range.
-
-    ``default=None`` means the value is derived from the others (see the countermeasure's ``resolve``);
-    ``low_open`` makes the lower bound exclusive; ``odd`` requires an odd integer.
-    """
-
-    type: type  # int or float
-    default: int | float | None
-    low: float
-    high: float
-    low_open: bool = False
-    odd: bool = False
-    help: str = ""
-    levels: bool = False  # a budget in 8-bit levels: "8" and "8/255" are the same value (printed as 8)
-
-    def allowed(self) -> str:
-        """The allowed values in words, e.g. ``an int in 10..95``."""
-        what = "an odd int" if self.odd else f"a{'n' if self.type is int else ''} {self.type.__name__}"
-        rng = f"> {self.low:g} and <= {self.high:g}" if self.low_open else f"in {self.low:g}..{self.high:g}"
-        return f"{what} {rng}"
-
-    def describe(self, key: str) -> str:
-        default = "auto" if self.default is None else repr(self.default)
-        return f"{key} ({self.allowed()}, default {default}{'; ' + self.help if self.help else ''})"
-
-    def convert(self, owner: str, key: str, value) -> int | float:
-        """Check ``value`` (a string from the command line, or a number) and return it as ``type``."""
-        try:
-            if isinstance(value, str) and self.levels and "/" in value:  # "8/255" -> 8 levels
-                num, _, den = value.partition("/")
-                if den.strip() != "255":
-                    raise ValueError
-                v = self.type(num.strip())
-            elif isinstance(value, str):
-                v = self.type(value.strip())
-            elif isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                    self.type is int and value != int(value)):
-                raise ValueError  # reported below as a ConfigError, like an unparsable string
-            else:
-                v = self.type(value)
-        except (ValueError, OverflowError):
-            raise ConfigError(f"countermeasure {owner!r}: {key}={value!r} is not {self.allowed()}") from None
-        ok = (v > self.low if self.low_open else v >= self.low) and v <= self.high and math.isfinite(v)
-        if not ok or (self.odd and v % 2 == 0):
-            raise ConfigError(f"countermeasure {owner!r}: {key}={value} is out of range; allowed: {self.allowed()}")
-        return v
 
 
 class Countermeasure:

@@ -25,8 +25,8 @@ import torch
 
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
+from ..params import _type_ok
 from ..result import Protection, quantize
-from ..utils import _type_ok
 
 _REGISTRY: dict[str, type[Protector]] = {}
 

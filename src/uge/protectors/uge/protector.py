@@ -16,7 +16,8 @@ from ...data.dataset import ImageDataset
 from ...errors import ConfigError
 from ...models import create_model
 from ...result import Protection, quantize
-from ...utils import from_dict, resolve_device
+from ...params import from_dict
+from ...utils import resolve_device
 from ..base import Protector, register_protector, result_of
 from .delta import _optimize_delta
 from .generator import _train_generator, generate, recalibrate_batchnorm
