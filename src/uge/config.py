@@ -7,11 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-from .params import from_dict
+from .params import budget, from_dict, param, validate
 from .utils import slug
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -26,27 +26,20 @@ class Recipe:
     image size; ``flip``: random horizontal flip.
     """
 
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
+    epochs: int = param(30, low=1)
+    batch_size: int = param(128, low=2)
+    lr: float = param(0.1, low=0, low_open=True)
+    momentum: float = param(0.9, low=0, high=1, high_open=True)
     nesterov: bool = True
-    weight_decay: float = 5e-4
-    warmup: float = 0.1
-    schedule: str = "linear"
+    weight_decay: float = param(5e-4, low=0)
+    warmup: float = param(0.1, low=0, high=1, high_open=True)
+    schedule: str = param("linear", choices=SCHEDULES)
     crop: bool = True
     flip: bool = True
-    temperature: float = 4.0  # distillation softmax temperature
+    temperature: float = param(4.0, low=0, low_open=True)  # distillation softmax temperature
 
     def __post_init__(self):
-        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 2, "lr": self.lr > 0,
-                  "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
-                  "warmup": 0 <= self.warmup < 1, "schedule": self.schedule in SCHEDULES,
-                  "temperature": self.temperature > 0}
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"invalid recipe value(s) for {', '.join(bad)}: "
-                              f"{ {k: getattr(self, k) for k in bad} } (schedules: {', '.join(SCHEDULES)})")
+        validate(self, "recipe", types=False)  # types: from_dict checks plain values
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -202,41 +195,55 @@ _DEFAULT_DELTA_STEPS = 10
 class ProtectConfig:
     """Everything that determines a protection run (hyperparameters: supplement Tables 5–6)."""
 
-    authorized: list[AuthorizedSpec] = field(default_factory=lambda: [AuthorizedSpec()])
-    recipe: Recipe = field(default_factory=Recipe)  # the authorized training recipe, published with θ0
-    rho: float = 0.04  # L∞ budget on the [0, 1] scale
-    trajectory_epochs: int = 4  # T: checkpoints θ0..θT from the first T epochs of ``recipe``
-    losses: tuple[str, ...] = LOSSES  # which of L_gm, L_fd, L_ud are on (ablations of Table 1)
-    lambda_fd: float = 1.0
-    lambda_ud: float = 0.1
-    alpha: float = 0.1  # triplet margin of ℓ_tri
-    omega: float = 0.1  # weight of the KL term in L_ud
-    temperature: float = 4.0  # softmax temperature of the KL term in L_ud
+    authorized: list[AuthorizedSpec] = param(  # noqa: RUF009 (param() is a dataclasses.field with a spec)
+        default_factory=lambda: [AuthorizedSpec()], test=len,
+        words="a non-empty list of networks (ARCH[:SEED] or {arch, seed, theta0} tables)")
+    # the authorized training recipe, published with θ0
+    recipe: Recipe = param(  # noqa: RUF009 (as above)
+        default_factory=Recipe, test=lambda r: isinstance(r, Recipe), words="a table of Recipe fields")
+    rho: float = budget(0.04)  # L∞ budget on the [0, 1] scale
+    # T: checkpoints θ0..θT from the first T epochs of ``recipe``
+    trajectory_epochs: int = param(4, low=1, note="(at most recipe.epochs)")
+    losses: tuple[str, ...] = param(LOSSES, choices=LOSSES, many=True)  # which of L_gm, L_fd, L_ud are on (Table 1)
+    lambda_fd: float = param(1.0, low=0)
+    lambda_ud: float = param(0.1, low=0)
+    alpha: float = param(0.1, low=0)  # triplet margin of ℓ_tri
+    omega: float = param(0.1, low=0)  # weight of the KL term in L_ud
+    temperature: float = param(4.0, low=0, low_open=True)  # softmax temperature of the KL term in L_ud
     hacker_arch: str | None = None  # f'_θA of L_ud; default: the first authorized architecture, another seed
-    generator_epochs: int = 50
-    generator_lr: float = 1e-3
-    generator_batch_size: int = 128
-    generator_width: int = 64
-    feature_space: str = "encoder"  # "clip" (the paper) or "encoder" (offline fallback)
+    generator_epochs: int = param(50, low=1)
+    generator_lr: float = param(1e-3, low=0, low_open=True)
+    generator_batch_size: int = param(128, low=1)
+    generator_width: int = param(64, low=1)
+    feature_space: str = param("encoder", choices=FEATURE_SPACES)  # "clip" (the paper) or "encoder" (offline)
     clip_model: str = "ViT-B-32"
     clip_checkpoint: str | None = None
     encoder_arch: str = "resnetc20"
-    encoder_recipe: Recipe = field(default_factory=lambda: Recipe(epochs=10))
-    clean_grad_cache_mb: int = 1024  # memory for reusing L_gm's clean gradients across epochs; 0: recompute
+    encoder_recipe: Recipe = param(  # noqa: RUF009 (as above)
+        default_factory=lambda: Recipe(epochs=10), words="a table of Recipe fields")
+    # memory for reusing L_gm's clean gradients across epochs; 0: recompute
+    clean_grad_cache_mb: int = param(1024, low=0)
     seed: int = 0  # the run's seed (uge.seeds); the protector API takes it as protect(seed=...), not a parameter
     # --- readings of the paper and variants beyond it (issue 10); each is measured on the selectivity bench
-    gm_granularity: str = "batch"  # L_gm of the batch's mean loss, per class, or per sample (Eq. 6 as written)
-    gm_batchnorm: str = "train"  # checkpoints in train mode (batch statistics) or frozen at the clean batch's
+    # L_gm of the batch's mean loss, per class, or per sample (Eq. 6 as written)
+    gm_granularity: str = param("batch", choices=CHOICES["gm_granularity"])
+    # checkpoints in train mode (batch statistics) or frozen at the clean batch's
+    gm_batchnorm: str = param("train", choices=CHOICES["gm_batchnorm"])
     gm_augment: bool = False  # match gradients under the recipe's crop + flip (the same draw for x and x_u)
-    gm_trajectories: int = 1  # trajectories from θ0 with different data orders (an expectation over the recipe)
-    ud_teacher: str = "checkpoint"  # L_ud's authorized network: θT, or θ0 trained with the whole recipe
-    fd_target: str = "least_similar"  # L_fd's target class: least similar to the image (Eq. 9), or y + 1
-    parametrization: str = "generator"  # a generator G(x) (the paper), or a per-sample δ optimised directly
-    delta_steps: int = _DEFAULT_DELTA_STEPS  # parametrization "delta": signed-gradient steps per batch
+    # trajectories from θ0 with different data orders (an expectation over the recipe)
+    gm_trajectories: int = param(1, low=1)
+    # L_ud's authorized network: θT, or θ0 trained with the whole recipe
+    ud_teacher: str = param("checkpoint", choices=CHOICES["ud_teacher"])
+    # L_fd's target class: least similar to the image (Eq. 9), or y + 1
+    fd_target: str = param("least_similar", choices=CHOICES["fd_target"])
+    # a generator G(x) (the paper), or a per-sample δ optimised directly
+    parametrization: str = param("generator", choices=CHOICES["parametrization"])
+    delta_steps: int = param(_DEFAULT_DELTA_STEPS, low=1)  # parametrization "delta": signed-gradient steps per batch
     # parametrization "delta": passes over the set; before each pass after the first, the authorized network is
     # trained from θ0 on the current protected set and that run's checkpoints join L_gm's (on-trajectory matching)
-    gm_rounds: int = 1
-    gm_warmup_epochs: int = 0  # parametrization "generator": the first epochs train on L_fd (+ L_ud) without L_gm
+    gm_rounds: int = param(1, low=1)
+    # parametrization "generator": the first epochs train on L_fd (+ L_ud) without L_gm
+    gm_warmup_epochs: int = param(0, low=0, note="(below generator_epochs)")
     generator_center: bool = False  # the generator's perturbation minus its batch mean (no universal pattern)
     diagnostics: bool = True  # per-epoch diagnostics in the history (a few batches' worth of extra work)
 
@@ -247,51 +254,26 @@ class ProtectConfig:
             self.recipe = Recipe.from_dict(self.recipe)
         if isinstance(self.encoder_recipe, dict):
             self.encoder_recipe = Recipe.from_dict(self.encoder_recipe)
-        problems = []
-        if not self.authorized:
-            problems.append("at least one authorized network is needed")
-        if not 0 < self.rho < 1:
-            problems.append(f"rho must be in (0, 1) on the [0, 1] pixel scale, got {self.rho}")
-        if 255 * self.rho < 1:
-            problems.append(f"rho={self.rho} is below one 8-bit step (1/255); the published images could not change")
-        if not self.losses or set(self.losses) - set(LOSSES):
-            problems.append(f"losses must be a non-empty subset of {LOSSES}, got {self.losses}")
-        if not 1 <= self.trajectory_epochs <= self.recipe.epochs:
-            problems.append(f"trajectory_epochs must be in [1, recipe.epochs={self.recipe.epochs}], "
-                            f"got {self.trajectory_epochs}")
-        if self.feature_space not in FEATURE_SPACES:
-            problems.append(f"feature_space must be one of {FEATURE_SPACES}, got {self.feature_space!r}")
-        for name in ("generator_epochs", "generator_batch_size", "generator_width"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be positive")
-        for name in ("generator_lr", "temperature"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive")
-        for name, values in CHOICES.items():
-            if getattr(self, name) not in values:
-                problems.append(f"{name} must be one of {values}, got {getattr(self, name)!r}")
+        validate(self, "protect config", types=False)  # types: from_dict checks plain values
+
+    def cross_checks(self) -> list[str]:
+        """The rules that span fields, in :func:`uge.params.validate`'s words (each field's range holds)."""
+        out = []
+        if self.trajectory_epochs > self.recipe.epochs:
+            out.append(f"trajectory_epochs must be <= recipe.epochs={self.recipe.epochs}, got {self.trajectory_epochs}")
+        if self.gm_warmup_epochs >= self.generator_epochs:
+            out.append(f"gm_warmup_epochs must be < generator_epochs={self.generator_epochs}, "
+                       f"got {self.gm_warmup_epochs}")
         if self.gm_granularity == "sample" and self.gm_batchnorm != "frozen":
-            problems.append("gm_granularity 'sample' needs gm_batchnorm 'frozen' (one sample has no batch statistics)")
+            out.append("gm_granularity 'sample' needs gm_batchnorm 'frozen' (one sample has no batch statistics)")
         if self.gm_rounds > 1 and (self.parametrization != "delta" or "gm" not in self.losses):
-            problems.append("gm_rounds > 1 needs parametrization 'delta' and L_gm in losses")
+            out.append("gm_rounds > 1 needs parametrization 'delta' and L_gm in losses")
         others = {"generator": [k for k in ("delta_steps",) if getattr(self, k) != _DEFAULT_DELTA_STEPS],
                   "delta": [k for k in ("gm_warmup_epochs", "generator_center") if getattr(self, k)]}
         if others.get(self.parametrization):  # an option the chosen parametrization would silently ignore
-            problems.append(f"{', '.join(others[self.parametrization])} is an option of the other parametrization "
-                            f"than {self.parametrization!r}; leave it out")
-        if not 0 <= self.gm_warmup_epochs < self.generator_epochs:
-            problems.append(f"gm_warmup_epochs must be in [0, generator_epochs={self.generator_epochs}), "
-                            f"got {self.gm_warmup_epochs}")
-        for name in ("gm_trajectories", "delta_steps", "gm_rounds"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be positive")
-        if self.clean_grad_cache_mb < 0:
-            problems.append("clean_grad_cache_mb must be >= 0")
-        for name in ("lambda_fd", "lambda_ud", "alpha", "omega"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be non-negative")
-        if problems:
-            raise ConfigError("invalid protect config: " + "; ".join(problems))
+            out.append(f"{', '.join(others[self.parametrization])} is an option of the other parametrization "
+                       f"than {self.parametrization!r}; leave it out")
+        return out
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
