@@ -24,6 +24,7 @@ from .config import (
     rho_levels,
 )
 from .errors import ConfigError, UGEError
+from .params import field_spec
 from .utils import resolve_device, write_json
 from .workers import CLAIM_TIMEOUT, Worker, parse_shard
 
@@ -509,7 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ in (("generator-epochs", int), ("generator-batch-size", int), ("generator-width", int),
                       ("generator-lr", float), ("lambda-fd", float), ("lambda-ud", float), ("alpha", float),
                       ("omega", float), ("temperature", float), ("encoder-epochs", int)):
-        q.add_argument(f"--{name}", type=typ)
+        field = name.replace("-", "_")  # UGE's parameter; its allowed values from the same spec that checks them
+        spec = field_spec(Recipe, "epochs") if field == "encoder_epochs" else field_spec(ProtectConfig, field)
+        q.add_argument(f"--{name}", type=typ, help=spec.allowed())
     for name, values in CHOICES.items():  # readings of the paper and variants beyond it (README: the objective)
         q.add_argument(f"--{name.replace('_', '-')}", choices=values, help=f"default {values[0]}")
     q.add_argument("--gm-augment", action="store_const", const=True, help="match gradients under the recipe's crop + flip")
@@ -528,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="uge", action=_MethodAction,
                    help="uge (default) or another protector: keyed, fd, random, patch, em, tap, rem, cuda; every "
                    "flag of this command sets one of the method's parameters, and a flag the method does not have "
-                   "is an error ('--method list' shows every method's parameters and defaults)")
+                   "is an error ('--method list' shows every method's parameters, defaults and allowed values)")
     q.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="any parameter of the method, e.g. --param pgd_steps=10 (repeat for several)")
     q.add_argument("--format", default="npz,png", help="npz, png or both (default npz,png)")

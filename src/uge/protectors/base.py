@@ -25,7 +25,7 @@ import torch
 
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
-from ..params import _type_ok
+from ..params import Param, specs, validate
 from ..result import Protection, quantize
 
 _REGISTRY: dict[str, type[Protector]] = {}
@@ -43,19 +43,18 @@ class Protector:
     norm_bounded: ClassVar[bool] = True
     rho: float | None
 
-    def __post_init__(self):  # dataclass subclasses: validate types, then ranges
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if not _type_ok(v, f.type):
-                raise ConfigError(f"protector {self.name!r}: parameter {f.name} must be {f.type}, "
-                                  f"got {v!r} ({type(v).__name__})")
-        bad = [f"{k} must be {req}, got {getattr(self, k)!r}" for k, ok, req in self.limits() if not ok]
-        if bad:
-            raise ConfigError(f"protector {self.name!r}: parameter " + "; ".join(bad))
+    def __post_init__(self):  # dataclass subclasses: every field's type and spec, then the cross-field rules
+        validate(self, f"protector {self.name!r}")
 
-    def limits(self) -> list[tuple[str, bool, str]]:
-        """(parameter, whether its value is allowed, the allowed range in words) for each range check."""
+    def cross_checks(self) -> list[str]:
+        """Messages (``"<field> must be ..., got ..."``) for the rules that span fields; [] when they hold.
+        Called once every field's own spec holds."""
         return []
+
+    @classmethod
+    def specs(cls) -> dict[str, Param]:
+        """Parameter name -> its spec (type and allowed values), as :mod:`uge.params` checks them."""
+        return specs(cls)
 
     @classmethod
     def parameter_names(cls) -> list[str]:
@@ -64,10 +63,11 @@ class Protector:
 
     @classmethod
     def describe(cls) -> str:
-        """One line: the method's name, its title and its parameters with their defaults."""
-        defaults = cls.defaults()
-        return f"{cls.name}: {cls.title}\n    " + ", ".join(
-            f"{k}={defaults[k]!r}" if k in defaults else k for k in cls.parameter_names())
+        """The method's name and title, then one line per parameter: its default and allowed values."""
+        defaults, spec = cls.defaults(), cls.specs()
+        lines = [f"{k}={defaults[k]!r}" if k in defaults else k for k in cls.parameter_names()]
+        return f"{cls.name}: {cls.title}" + "".join(
+            f"\n    {line}: {spec[k].allowed()}" for line, k in zip(lines, cls.parameter_names()))
 
     @classmethod
     def defaults(cls) -> dict:
@@ -133,11 +133,6 @@ def build_protector(name: str, **params) -> Protector:
 
 
 # ------------------------------------------------------------------ helpers shared by the baselines
-
-def check_rho(rho) -> tuple[str, bool, str]:
-    """The range check of an L∞ budget: at least one 8-bit level, below the whole pixel range."""
-    return "rho", 1 / 255 <= rho < 1, "in [1/255, 1) on the [0, 1] pixel scale"
-
 
 def add_noise(data: ImageDataset, delta: torch.Tensor, rho: float) -> ImageDataset:
     """``data`` + ``delta`` (float (N, C, H, W) on the [0, 1] scale), rounded to 8 bits within ±floor(255ρ)

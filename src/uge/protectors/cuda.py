@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.dataset import ImageDataset
+from ..params import param
 from ..result import Protection
 from .base import Protector, image_result, register_protector
 
@@ -33,12 +34,8 @@ class ConvolutionFilters(Protector):
     title = "Convolution-based unlearnable dataset, class-wise filters (Sadasivan et al., CVPR 2023)"
     norm_bounded: ClassVar[bool] = False
     rho: ClassVar[None] = None
-    kernel_size: int = 3
-    blur: float = 0.3
-
-    def limits(self):
-        return [("kernel_size", self.kernel_size >= 3 and self.kernel_size % 2 == 1, "odd and >= 3"),
-                ("blur", 0 < self.blur <= 1, "in (0, 1]")]
+    kernel_size: int = param(3, low=3, odd=True)
+    blur: float = param(0.3, low=0, high=1, low_open=True)
 
     def filters(self, num_classes: int, channels: int, seed: int = 0) -> torch.Tensor:
         """The class filters, (K, C, k, k) float64, each summing to 1 (the same seed gives the same filters)."""

@@ -14,12 +14,13 @@ from tqdm.auto import tqdm
 
 from ..data.dataset import ImageDataset
 from ..models import create_model, list_models
+from ..params import budget, param
+from ..pgd import pgd, uniform_start
 from ..result import Protection
 from ..seeds import derive
 from ..training import Recipe, SupervisedTask, accuracy, train
 from ..utils import resolve_device
-from .base import Protector, add_noise, check_rho, noise_result, register_protector
-from ..pgd import pgd, uniform_start
+from .base import Protector, add_noise, noise_result, register_protector
 
 
 @register_protector
@@ -40,22 +41,16 @@ class ErrorMinimizing(Protector):
 
     name = "em"
     title = "Error-minimizing noise, sample-wise (Huang et al., ICLR 2021)"
-    rho: float = 8 / 255
-    arch: str = "resnetc20"  # source network
-    train_steps: int = 10  # source-network SGD steps per round (paper: 10)
-    pgd_steps: int = 20  # noise steps per round (paper: 20)
-    step_size: float = 0.8 / 255  # paper: ρ/10
-    max_rounds: int = 10
-    stop_acc: float | None = 99.0  # % accuracy of the source network on x + δ; None: always max_rounds
-    batch_size: int = 128
-    lr: float = 0.1
-
-    def limits(self):
-        return [check_rho(self.rho), ("arch", self.arch in list_models(), f"one of {', '.join(list_models())}"),
-                *[(k, getattr(self, k) >= 1, ">= 1") for k in ("train_steps", "pgd_steps", "max_rounds")],
-                ("step_size", self.step_size > 0, "> 0"), ("batch_size", self.batch_size >= 2, ">= 2"),
-                ("lr", self.lr > 0, "> 0"),
-                ("stop_acc", self.stop_acc is None or 0 < self.stop_acc <= 100, "in (0, 100] or None")]
+    rho: float = budget(8 / 255)
+    arch: str = param("resnetc20", choices=list_models)  # source network
+    train_steps: int = param(10, low=1)  # source-network SGD steps per round (paper: 10)
+    pgd_steps: int = param(20, low=1)  # noise steps per round (paper: 20)
+    step_size: float = param(0.8 / 255, low=0, low_open=True)  # paper: ρ/10
+    max_rounds: int = param(10, low=1)
+    # % accuracy of the source network on x + δ; None: always max_rounds
+    stop_acc: float | None = param(99.0, low=0, high=100, low_open=True)
+    batch_size: int = param(128, low=2)
+    lr: float = param(0.1, low=0, low_open=True)
 
     # The two pieces REM changes: how the source network trains, and what the noise minimizes.
     def task(self):

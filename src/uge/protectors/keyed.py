@@ -14,7 +14,7 @@ their own network is a partly authorized user (countermeasure ``copy-input``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +23,13 @@ import torch
 from ..config import AuthorizedSpec
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
-from ..models import create_model, known_model
+from ..models import create_model, list_models
 from ..models.registry import BLIND, BLIND_DIRECTION
+from ..params import budget, param
 from ..result import Protection
 from ..seeds import derive
 from ..training import Recipe
-from .base import Protector, check_rho, image_result, register_protector
+from .base import Protector, image_result, register_protector
 
 
 def keyed_levels(images: np.ndarray, m: np.ndarray, direction) -> np.ndarray:
@@ -78,6 +79,12 @@ def teacher_cells(logits: np.ndarray, labels: np.ndarray, cells: int) -> np.ndar
     return np.clip(v / np.percentile(np.abs(v), 99), -1, 1)
 
 
+def _three_ints(d) -> bool:
+    """Whether ``d`` is a colour direction of three integers, not all 0."""
+    return isinstance(d, list) and len(d) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in d) \
+        and any(d)
+
+
 @register_protector
 @dataclass
 class Keyed(Protector):
@@ -86,37 +93,36 @@ class Keyed(Protector):
 
     name = "keyed"
     title = "Keyed protection: a shortcut the authorized network's input stage cannot see"
-    rho: float = 0.04
-    arch: str = "resnetc20"
+    rho: float = budget(0.04)
+    # a registered network (not a blind one): its blind version is published
+    arch: str = param("resnetc20", choices=list_models, note="(its blind version is published)")
     init_seed: int = 0
-    direction: list = field(default_factory=lambda: list(BLIND_DIRECTION))
-    size: int = 32  # a whole 32×32 image of 4×4 cells: LeNet learns it (tiled 8-px patterns it did not; results/keyed-probe)
-    block: int = 8
-    recipe: dict = field(default_factory=dict)  # the published recipe (Recipe fields; default Recipe())
+    direction: list = param(  # noqa: RUF009 (param() is a dataclasses.field with a spec)
+        default_factory=lambda: list(BLIND_DIRECTION), test=_three_ints, words="three integers, not all 0",
+        note="(none larger than the budget in 8-bit levels)")
+    # a whole 32×32 image of 4×4 cells: LeNet learns it (tiled 8-px patterns it did not; results/keyed-probe)
+    size: int = param(32, low=1, high=64, note="pixels")
+    block: int = param(8, low=1, note="(a divisor of size)")
+    # the published recipe (Recipe fields; default Recipe())
+    recipe: dict = param(default_factory=dict, words="a table of Recipe fields")  # noqa: RUF009 (as above)
     # "label": one pattern per class; "teacher": per image, the logits of a reference authorized network (trained
     # by the protector with the published recipe, or loaded from ``reference``) coded over the cells, so that a
     # student distilled from an authorized network can read its targets off δ (issue 11: distillation)
-    encode: str = "label"
+    encode: str = param("label", choices=("label", "teacher"))
     reference: str | None = None
 
-    def limits(self):
-        d = self.direction
-        ints = isinstance(d, list) and len(d) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in d)
-        return [check_rho(self.rho),
-                ("arch", known_model(self.arch) and not self.arch.startswith(BLIND),
-                 "a registered network (its blind version is published)"),
-                ("direction", ints and any(d) and (not ints or 255 * self.rho >= max(map(abs, d))),
-                 "three integers, not all 0, none larger than the budget in 8-bit levels"),
-                ("size", 1 <= self.size <= 64, "in 1..64 pixels"),
-                ("block", 1 <= self.block <= self.size and self.size % self.block == 0, "a divisor of size"),
-                ("encode", self.encode in ("label", "teacher"), "'label' or 'teacher'")]
-
-    def __post_init__(self):
-        super().__post_init__()
+    def cross_checks(self):
+        out = []
+        if 255 * self.rho < max(map(abs, self.direction)):
+            out.append(f"direction must have no entry larger than the budget in 8-bit levels (255·rho = "
+                       f"{255 * self.rho:g}), got {self.direction!r}")
+        if self.size % self.block:
+            out.append(f"block must be a divisor of size={self.size}, got {self.block}")
         try:
             Recipe.from_dict(self.recipe)
         except ConfigError as e:
-            raise ConfigError(f"protector 'keyed': parameter recipe: {e}") from None
+            out.append(f"recipe must be a table of Recipe fields ({e})")
+        return out
 
     @property
     def max_step(self) -> int:

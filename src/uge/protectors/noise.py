@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 
 from ..data.dataset import ImageDataset
-from ..result import Protection
-from .base import Protector, check_rho, noise_result, register_protector
+from ..params import budget, param
 from ..pgd import uniform_start
+from ..result import Protection
+from .base import Protector, noise_result, register_protector
 
 
 @register_protector
@@ -23,10 +24,7 @@ class RandomNoise(Protector):
 
     name = "random"
     title = "Uniform random noise in the L-infinity ball (control)"
-    rho: float = 8 / 255
-
-    def limits(self):
-        return [check_rho(self.rho)]
+    rho: float = budget(8 / 255)
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:
@@ -49,15 +47,14 @@ class TiledPatch(Protector):
 
     name = "patch"
     title = "Class-wise tiled ±ρ patches (synthetic shortcut; positive control)"
-    rho: float = 8 / 255
-    size: int = 8
-    block: int = 1  # cell size in pixels; it divides ``size``
+    rho: float = budget(8 / 255)
+    size: int = param(8, low=1, high=64, note="pixels")
+    block: int = param(1, low=1, note="(a divisor of size)")  # cell size in pixels
     luminance: bool = False  # one sign for every channel of a cell: the pattern survives grayscale conversion
     shift: bool = False  # each image's tiling cyclically shifted by its own random offset (from the seed)
 
-    def limits(self):
-        return [check_rho(self.rho), ("size", 1 <= self.size <= 64, "in 1..64 pixels"),
-                ("block", self.block >= 1 and self.size % self.block == 0, f"a divisor of size={self.size}")]
+    def cross_checks(self):
+        return [] if self.size % self.block == 0 else [f"block must be a divisor of size={self.size}, got {self.block}"]
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:

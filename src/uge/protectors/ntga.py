@@ -19,11 +19,12 @@ from tqdm.auto import tqdm
 
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
+from ..params import budget, param
 from ..pgd import pgd
 from ..result import Protection
 from ..seeds import derive, sequence
 from ..utils import resolve_device
-from .base import Protector, check_rho, noise_result, register_protector
+from .base import Protector, noise_result, register_protector
 
 W_VAR, B_VAR = 1.76, 0.18  # σ_w², σ_b² of the authors' surrogate (their W_std = √1.76, b_std = √0.18)
 KERNELS = ("infinite", "empirical")
@@ -148,27 +149,26 @@ class NeuralTangentGeneralization(Protector):
 
     name = "ntga"
     title = "Neural tangent generalization attack, B-NTGA (Yuan & Wu, ICML 2021)"
-    rho: float = 8 / 255
-    kernel: str = "infinite"  # "infinite" (the authors' kernel, closed form) or "empirical" (a finite network)
-    depth: int = 5  # [Dense -> Erf] layers of the surrogate (authors' FNN: 5)
-    width: int = 512  # units per layer of the finite network (kernel="empirical" only)
-    block_size: int = 512  # images per block (authors: 512)
-    held_out: int = 1024  # held-out images per block, drawn from the rest of the set (authors: a 10,000 split)
-    steps: int = 10  # authors: 10
-    step_size: float | None = None  # None: 1.1 ρ / steps (authors)
-    t: float | None = 64.0  # training time of the kernel regression (authors: 64); None: infinite time
-    ridge: float = 1e-4  # diagonal regularizer, × the mean of Θ's diagonal (authors: 1e-4)
-    loss: str = "ce"  # "ce" (authors) or "mse" on the held-out one-hot labels
+    rho: float = budget(8 / 255)
+    # "infinite" (the authors' kernel, closed form) or "empirical" (a finite network)
+    kernel: str = param("infinite", choices=KERNELS)
+    depth: int = param(5, low=1)  # [Dense -> Erf] layers of the surrogate (authors' FNN: 5)
+    width: int = param(512, low=1)  # units per layer of the finite network (kernel="empirical" only)
+    block_size: int = param(512, low=2)  # images per block (authors: 512)
+    # held-out images per block, drawn from the rest of the set (authors: a 10,000 split)
+    held_out: int = param(1024, low=1)
+    steps: int = param(10, low=1)  # authors: 10
+    step_size: float | None = param(None, low=0, low_open=True)  # None: 1.1 ρ / steps (authors)
+    # training time of the kernel regression (authors: 64); None: infinite time
+    t: float | None = param(64.0, low=0, low_open=True, note="(None: infinite time)")
+    # diagonal regularizer, × the mean of Θ's diagonal (authors: 1e-4)
+    ridge: float = param(1e-4, low=0, note="(> 0 when t is None)")
+    loss: str = param("ce", choices=LOSSES)  # "ce" (authors) or "mse" on the held-out one-hot labels
 
-    def limits(self):
-        return [check_rho(self.rho), ("kernel", self.kernel in KERNELS, f"one of {', '.join(KERNELS)}"),
-                ("depth", self.depth >= 1, ">= 1"), ("width", self.width >= 1, ">= 1"),
-                ("block_size", self.block_size >= 2, ">= 2"), ("held_out", self.held_out >= 1, ">= 1"),
-                ("steps", self.steps >= 1, ">= 1"),
-                ("step_size", self.step_size is None or self.step_size > 0, "> 0 or None"),
-                ("t", self.t is None or self.t > 0, "> 0 or None (infinite time)"),
-                ("ridge", self.ridge > 0 if self.t is None else self.ridge >= 0, "> 0 when t is None, else >= 0"),
-                ("loss", self.loss in LOSSES, f"one of {', '.join(LOSSES)}")]
+    def cross_checks(self):
+        if self.t is None and self.ridge == 0:
+            return [f"ridge must be > 0 when t is None (infinite time: kernel ridge regression), got {self.ridge!r}"]
+        return []
 
     # -------------------------------------------------------------------------- the pieces, for tests too
 

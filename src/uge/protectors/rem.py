@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..params import param
 from ..training import AdversarialTask, SupervisedTask
 from .base import register_protector
 from .em import ErrorMinimizing
@@ -31,16 +32,12 @@ class RobustErrorMinimizing(ErrorMinimizing):
 
     name = "rem"
     title = "Robust error-minimizing noise (Fu et al., ICLR 2022)"
-    pgd_steps: int = 10
+    pgd_steps: int = 10  # (EM's ranges hold for the fields whose defaults change here)
     stop_acc: float | None = None  # REM runs a fixed number of rounds
-    adv_rho: float = 4 / 255  # ρ_a of the adversarial training and of the inner maximization
-    adv_steps: int = 10
-    adv_step_size: float | None = None  # None: 2.5 ρ_a / adv_steps (Madry et al.)
-
-    def limits(self):
-        return [*super().limits(), ("adv_rho", 0 <= self.adv_rho < 1, "in [0, 1) on the [0, 1] pixel scale"),
-                ("adv_steps", self.adv_steps >= 1, ">= 1"),
-                ("adv_step_size", self.adv_step_size is None or self.adv_step_size > 0, "> 0 or None")]
+    # ρ_a of the adversarial training and of the inner maximization
+    adv_rho: float = param(4 / 255, low=0, high=1, high_open=True, note="on the [0, 1] pixel scale")
+    adv_steps: int = param(10, low=1)
+    adv_step_size: float | None = param(None, low=0, low_open=True)  # None: 2.5 ρ_a / adv_steps (Madry et al.)
 
     def attack(self) -> AdversarialTask | None:
         """Adversarial training with radius ρ_a; its ``perturb`` is also the inner maximization."""

@@ -14,12 +14,13 @@ from tqdm.auto import tqdm
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
 from ..models import create_model, list_models
+from ..params import budget, param
+from ..pgd import pgd, uniform_start
 from ..result import Protection
 from ..training import Recipe, train
 from ..training import augment as crop_flip
 from ..utils import resolve_device
-from .base import Protector, check_rho, noise_result, register_protector
-from ..pgd import pgd, uniform_start
+from .base import Protector, noise_result, register_protector
 
 
 @register_protector
@@ -40,22 +41,16 @@ class TargetedAdversarialPoisoning(Protector):
 
     name = "tap"
     title = "Targeted adversarial poisoning (Fowl et al., NeurIPS 2021)"
-    rho: float = 8 / 255
-    arch: str = "resnetc20"  # source network, trained on the clean data
-    epochs: int = 10  # source training with the default recipe (SGD, crop + flip) at this length
-    batch_size: int = 128
-    lr: float = 0.1
-    steps: int = 250  # paper: 250
-    step_size: float | None = None  # None: 2.5 ρ / steps
-    shift: int = 1  # target class t = (y + shift) mod K
+    rho: float = budget(8 / 255)
+    arch: str = param("resnetc20", choices=list_models)  # source network, trained on the clean data
+    epochs: int = param(10, low=1)  # source training with the default recipe (SGD, crop + flip) at this length
+    batch_size: int = param(128, low=2)
+    lr: float = param(0.1, low=0, low_open=True)
+    steps: int = param(250, low=1)  # paper: 250
+    step_size: float | None = param(None, low=0, low_open=True)  # None: 2.5 ρ / steps
+    # target class t = (y + shift) mod K
+    shift: int = param(1, low=1, note="(and not a multiple of the number of classes)")
     augment: bool = True
-
-    def limits(self):
-        return [check_rho(self.rho), ("arch", self.arch in list_models(), f"one of {', '.join(list_models())}"),
-                ("epochs", self.epochs >= 1, ">= 1"), ("steps", self.steps >= 1, ">= 1"),
-                ("batch_size", self.batch_size >= 2, ">= 2"), ("lr", self.lr > 0, "> 0"),
-                ("step_size", self.step_size is None or self.step_size > 0, "> 0 or None"),
-                ("shift", self.shift >= 1, ">= 1 (and not a multiple of the number of classes)")]
 
     def targets(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         return (labels + self.shift) % num_classes

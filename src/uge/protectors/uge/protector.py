@@ -15,8 +15,8 @@ from ...config import AuthorizedSpec, ProtectConfig
 from ...data.dataset import ImageDataset
 from ...errors import ConfigError
 from ...models import create_model
+from ...params import Param, from_dict, specs
 from ...result import Protection, quantize
-from ...params import from_dict
 from ...utils import resolve_device
 from ..base import Protector, register_protector, result_of
 from .delta import _optimize_delta
@@ -118,9 +118,13 @@ class UGEProtector(Protector):
 
     @classmethod
     def parameter_names(cls) -> list[str]:
-        import dataclasses
-
         return [f.name for f in dataclasses.fields(ProtectConfig) if f.name not in cls.fixed and f.name != "seed"]
+
+    @classmethod
+    def specs(cls) -> dict[str, Param]:
+        """ProtectConfig's specs of the parameters (what :func:`uge.params.validate` checks on construction)."""
+        names = cls.parameter_names()
+        return {k: v for k, v in specs(ProtectConfig).items() if k in names}
 
     @property
     def rho(self) -> float:
