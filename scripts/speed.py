@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import tempfile
@@ -119,6 +120,11 @@ def naive_epoch(model, images, labels, bs, lr=0.05):
         loss.item()
 
 
+def uncached(cfg: ProtectConfig) -> ProtectConfig:
+    """The same config without L_gm's clean-gradient cache (the naive reference)."""
+    return dataclasses.replace(cfg, gm=dataclasses.replace(cfg.gm, cache_mb=0))
+
+
 def load(args) -> ImageDataset:
     if args.data:
         data = load_dataset(args.data, "train")  # stored class by class: take a random subset
@@ -206,8 +212,8 @@ def main(argv=None):
              f"{'forward-over-reverse would be faster' if t_fwd < t_dbl else 'it is faster'}); rel. diff {err:.1e}")
 
     # gen_step -----------------------------------------------------------------------------------
-    cfg = ProtectConfig(authorized=[AuthorizedSpec(args.arch, 0)], generator_width=args.width,
-                        encoder_arch=args.encoder_arch)
+    cfg = ProtectConfig.from_dict({"authorized": [AuthorizedSpec(args.arch, 0)], "generator_width": args.width,
+                                   "encoder_arch": args.encoder_arch})
     encoder = create_model(args.encoder_arch, 10, 3, seed=1)
     space = build_feature_space("encoder", classes=data.classes, train_set=data.subset(np.arange(min(500, len(data)))),
                                 device=device, model=encoder, arch=args.encoder_arch).eval().requires_grad_(False)
@@ -217,8 +223,7 @@ def main(argv=None):
     gen = Generator(3, cfg.rho, width=args.width).to(device).train()
     gopt = torch.optim.Adam(gen.parameters(), lr=1e-3)
     objectives = {"fast": UGEObjective(cfg, gm_models, ud, space, hacker),
-                  "naive": UGEObjective(ProtectConfig(**{**cfg.__dict__, "clean_grad_cache_mb": 0}), gm_models, ud,
-                                        space, hacker)}
+                  "naive": UGEObjective(uncached(cfg), gm_models, ud, space, hacker)}
     rng = np.random.default_rng(0)
 
     def gen_step(kind):
@@ -267,13 +272,14 @@ def main(argv=None):
     # protect ------------------------------------------------------------------------------------
     if args.protect_images:
         sub = data.subset(np.arange(min(args.protect_images, len(data))))
-        pcfg = ProtectConfig(authorized=[AuthorizedSpec(args.arch, 0)], generator_width=args.width,
-                             generator_epochs=args.protect_epochs, encoder_arch=args.encoder_arch,
-                             recipe=Recipe(epochs=10, batch_size=tb), encoder_recipe=Recipe(epochs=5, batch_size=tb))
+        pcfg = ProtectConfig.from_dict({
+            "authorized": [AuthorizedSpec(args.arch, 0)], "generator_width": args.width,
+            "generator_epochs": args.protect_epochs, "encoder_arch": args.encoder_arch,
+            "recipe": Recipe(epochs=10, batch_size=tb), "encoder_recipe": Recipe(epochs=5, batch_size=tb)})
         kinds = ["fast"] + (["naive"] if args.naive_protect else [])
         times = {}
         for kind in kinds:
-            c = pcfg if kind == "fast" else ProtectConfig(**{**pcfg.__dict__, "clean_grad_cache_mb": 0})
+            c = pcfg if kind == "fast" else uncached(pcfg)
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
                 res = protect(sub, c, device=device, progress=False)

@@ -36,7 +36,7 @@ def tiny_config(**overrides) -> ProtectConfig:
           "generator_epochs": 1, "generator_width": 4, "generator_batch_size": 32, "encoder_arch": "lenet",
           "encoder_recipe": Recipe(epochs=1, batch_size=32, flip=False)}
     kw.update(overrides)
-    return ProtectConfig(**kw)
+    return ProtectConfig.from_dict(kw)  # flat keys, as on the command line
 
 
 @pytest.fixture(scope="session")

@@ -69,12 +69,17 @@ def inside(spec: Param) -> list:
             if b is not None and not is_open and not (spec.odd and b % 2 == 0)]
 
 
+def _flat(**kw) -> ProtectConfig:
+    """A ProtectConfig from flat keys (uge.config.FLAT_KEYS), as the command line and the config files spell them."""
+    return ProtectConfig.from_dict(kw)
+
+
 def _all_specs():
     """(owner, build, spec table, checks types on construction) for every protector, Recipe and ProtectConfig."""
     for name in list_protectors():
         yield name, (lambda name=name, **kw: build_protector(name, **kw)), protector_class(name).specs(), True
     yield "recipe", Recipe, specs(Recipe), False
-    yield "protect config", ProtectConfig, specs(ProtectConfig), False
+    yield "protect config", _flat, ProtectConfig.flat_specs(), True
 
 
 CASES = [(owner, build, k, spec, types) for owner, build, table, types in _all_specs() for k, spec in table.items()]
@@ -97,7 +102,7 @@ def test_a_value_outside_each_declared_range_is_refused_in_one_line_naming_the_f
         if spec.type is None:
             return  # a table or a list with its own validation (a Recipe table, the hacker architecture list)
         bad = [WRONG_TYPE[spec.type]]
-        if not types:  # Recipe, ProtectConfig: types are checked where plain values come in
+        if not types:  # Recipe: types are checked where plain values come in
             build = (lambda cls=build, **kw: cls.from_dict(kw))
     for value in bad:
         _refused(build, name, value, spec.allowed())
@@ -125,12 +130,12 @@ def test_every_protector_field_checks_its_type(owner, build, name, spec, types):
     ("keyed", lambda **kw: build_protector("keyed", **kw), {"direction": [11, 1, 1]}, "direction"),
     ("keyed", lambda **kw: build_protector("keyed", **kw), {"recipe": {"epochs": 0}}, "recipe"),
     ("ntga", lambda **kw: build_protector("ntga", **kw), {"t": None, "ridge": 0.0}, "ridge"),
-    ("protect config", ProtectConfig, {"trajectory_epochs": 31}, "trajectory_epochs"),
-    ("protect config", ProtectConfig, {"generator_epochs": 3, "gm_warmup_epochs": 3}, "gm_warmup_epochs"),
-    ("protect config", ProtectConfig, {"gm_granularity": "sample"}, "gm_granularity"),
-    ("protect config", ProtectConfig, {"gm_rounds": 2}, "gm_rounds"),
-    ("protect config", ProtectConfig, {"delta_steps": 3}, "delta_steps"),
-    ("protect config", ProtectConfig, {"parametrization": "delta", "generator_center": True}, "generator_center"),
+    ("protect config", _flat, {"trajectory_epochs": 31}, "trajectory_epochs"),
+    ("protect config", _flat, {"generator_epochs": 3, "gm_warmup_epochs": 3}, "gm_warmup_epochs"),
+    ("protect config", _flat, {"gm_granularity": "sample"}, "gm_granularity"),
+    ("protect config", _flat, {"gm_rounds": 2}, "gm_rounds"),
+    ("protect config", _flat, {"delta_steps": 3}, "delta_steps"),
+    ("protect config", _flat, {"parametrization": "delta", "generator_center": True}, "generator_center"),
 ])
 def test_rules_that_span_fields_are_one_line_errors_naming_the_field(owner, build, params, field):
     with pytest.raises(ConfigError) as e:

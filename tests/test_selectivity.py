@@ -90,7 +90,7 @@ def test_eq12_averages_gm_and_ud_over_every_authorized_network(digits_small, tmp
     x = torch.rand(8, 1, 8, 8)
     terms = objective.terms(x, x, torch.arange(8) % 10, np.random.default_rng(0))
     assert terms["gm"].item() == pytest.approx((1 + 4) / 2)  # network 0 gives 1, network 1 gives 4
-    assert len(ud_seen) == 2 and terms["ud"].item() == pytest.approx(cfg.lambda_ud * (1 + 2) / 2)
+    assert len(ud_seen) == 2 and terms["ud"].item() == pytest.approx(cfg.ud.weight * (1 + 2) / 2)
 
 
 def test_ud_teacher_is_theta_T_or_the_network_trained_with_the_whole_recipe(digits_small, tmp_path):
@@ -153,7 +153,7 @@ def test_generator_resumes_to_the_same_bytes(digits_small, tmp_path, monkeypatch
     rerun: the published images equal an uninterrupted run's, bit for bit."""
     cfg = tiny_config(generator_epochs=3)
     whole = protect(digits_small, cfg, device="cpu", progress=False).protected.images
-    steps = len(digits_small) // cfg.generator_batch_size
+    steps = len(digits_small) // cfg.batch_size
     _interrupt(monkeypatch, digits_small, cfg, tmp_path / "w", at_call=steps + 3)
     assert torch.load(tmp_path / "w" / "generator.pt", weights_only=True)["epoch"] == 1
     resumed = protect(digits_small, cfg, device="cpu", progress=False, work_dir=tmp_path / "w").protected.images
@@ -182,7 +182,7 @@ def test_gm_rounds_match_at_the_run_on_the_protected_set(digits_small, tmp_path,
     theta0 = load_weights(tmp_path / "w" / "trajectory_0.safetensors")
     assert all(torch.equal(states[k], theta0[k]) for k in states if k.startswith("0/"))  # from the same θ0
     clean_run = workdir_mod._recorded(tmp_path / "clean.safetensors", cfg.authorized[0], cfg, digits_small,
-                                      torch.device("cpu"), cfg.seed + 7919 * (cfg.gm_trajectories + 1), False)
+                                      torch.device("cpu"), cfg.seed + 7919 * (cfg.gm.trajectories + 1), False)
     assert not torch.equal(states[next(k for k in states if k.startswith("1/") and "weight" in k)],
                            clean_run[1][next(k[2:] for k in states if k.startswith("1/") and "weight" in k)])
     assert out.history[-1]["round"] == 2
@@ -191,7 +191,7 @@ def test_gm_rounds_match_at_the_run_on_the_protected_set(digits_small, tmp_path,
 def test_gm_rounds_resume_in_the_second_round(digits_small, tmp_path, monkeypatch):
     cfg = tiny_config(parametrization="delta", delta_steps=1, gm_rounds=2, gm_batchnorm="frozen")
     whole = protect(digits_small, cfg, device="cpu", progress=False).protected.images
-    n_batches = -(-len(digits_small) // min(cfg.generator_batch_size, len(digits_small)))
+    n_batches = -(-len(digits_small) // min(cfg.batch_size, len(digits_small)))
     _interrupt(monkeypatch, digits_small, cfg, tmp_path / "w", at_call=n_batches + 2)  # round 2's second batch
     state = torch.load(tmp_path / "w" / "delta.pt", weights_only=True)
     assert (state["round"], state["done"]) == (1, 1)

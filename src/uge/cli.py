@@ -183,7 +183,7 @@ def _protect_params(args, cls) -> tuple[dict, int]:
         elif field == "authorized":
             value = [vars(AuthorizedSpec.parse(a)) for a in value]
         elif field == "encoder_recipe":
-            value = {**(params.get(field) or ProtectConfig().encoder_recipe.to_dict()), "epochs": value}
+            value = {**(params.get(field) or ProtectConfig().fd.encoder_recipe.to_dict()), "epochs": value}
         elif field == "recipe":
             continue  # below
         params[field] = value
@@ -507,11 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--trajectory-epochs", type=int, help="T (default 4)")
     q.add_argument("--losses", help="comma list of gm,fd,ud (default all three)")
     q.add_argument("--seed", type=int, help="the run's seed, for every method (default 0; uge.seeds)")
+    uge_specs = ProtectConfig.flat_specs()
     for name, typ in (("generator-epochs", int), ("generator-batch-size", int), ("generator-width", int),
                       ("generator-lr", float), ("lambda-fd", float), ("lambda-ud", float), ("alpha", float),
                       ("omega", float), ("temperature", float), ("encoder-epochs", int)):
         field = name.replace("-", "_")  # UGE's parameter; its allowed values from the same spec that checks them
-        spec = field_spec(Recipe, "epochs") if field == "encoder_epochs" else field_spec(ProtectConfig, field)
+        spec = field_spec(Recipe, "epochs") if field == "encoder_epochs" else uge_specs[field]
         q.add_argument(f"--{name}", type=typ, help=spec.allowed())
     for name, values in CHOICES.items():  # readings of the paper and variants beyond it (README: the objective)
         q.add_argument(f"--{name.replace('_', '-')}", choices=values, help=f"default {values[0]}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-from .params import budget, from_dict, param, validate
+from .params import Param, budget, check_plain, field_spec, from_dict, param, validate
 from .utils import slug
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -188,12 +188,128 @@ class AuthorizedSpec:
         return cls(arch=arch, theta0=rest)
 
 
-_DEFAULT_DELTA_STEPS = 10
+# ---- UGE's settings: a ProtectConfig of nested parts, one per piece of the method (issue 19)
+
+@dataclass
+class GradientMatching:
+    """L_gm (Eq. 6): how the protected batch's gradients are matched to the clean batch's at the authorized
+    networks' checkpoints. The readings beyond the paper (issue 10) are measured on the selectivity bench."""
+
+    # the gradients of the batch's mean loss, of each class's, or of every sample (Eq. 6 as written)
+    granularity: str = param("batch", choices=CHOICES["gm_granularity"])
+    # checkpoints in train mode (batch statistics) or frozen at the clean batch's
+    batchnorm: str = param("train", choices=CHOICES["gm_batchnorm"])
+    augment: bool = False  # match gradients under the recipe's crop + flip (the same draw for x and x_u)
+    # trajectories from θ0 with different data orders (an expectation over the recipe)
+    trajectories: int = param(1, low=1)
+    # memory for reusing the clean gradients across epochs; 0: recompute
+    cache_mb: int = param(1024, low=0)
+
+
+@dataclass
+class FeatureDistance:
+    """L_fd (Eqs. 7–9): the triplet loss in a feature space that pulls x_u to another class's feature."""
+
+    weight: float = param(1.0, low=0)  # λ_fd of Eq. 4
+    alpha: float = param(0.1, low=0)  # triplet margin of ℓ_tri
+    # the target class: least similar to the image (Eq. 9), or y + 1
+    target: str = param("least_similar", choices=CHOICES["fd_target"])
+    space: str = param("encoder", choices=FEATURE_SPACES)  # "clip" (the paper) or "encoder" (offline)
+    clip_model: str = "ViT-B-32"
+    clip_checkpoint: str | None = None
+    encoder_arch: str = "resnetc20"
+    encoder_recipe: Recipe = param(  # noqa: RUF009 (param() is a dataclasses.field with a spec)
+        default_factory=lambda: Recipe(epochs=10), words="a table of Recipe fields")
+
+    def __post_init__(self):
+        if isinstance(self.encoder_recipe, dict):
+            self.encoder_recipe = Recipe.from_dict(self.encoder_recipe)
+
+
+@dataclass
+class Undistillation:
+    """L_ud (Eq. 11): the authorized network's outputs kept apart from a random hacker network's."""
+
+    weight: float = param(0.1, low=0)  # λ_ud of Eq. 4
+    omega: float = param(0.1, low=0)  # weight of the KL term
+    temperature: float = param(4.0, low=0, low_open=True)  # softmax temperature of the KL term
+    # the authorized network: θT, or θ0 trained with the whole recipe
+    teacher: str = param("checkpoint", choices=CHOICES["ud_teacher"])
+    hacker_arch: str | None = None  # f'_θA; default: the first authorized architecture, another seed
+
+
+@dataclass
+class GeneratorOpt:
+    """Parametrization "generator": a generator G(x) trained on L_all (the paper)."""
+
+    epochs: int = param(50, low=1)
+    lr: float = param(1e-3, low=0, low_open=True)
+    width: int = param(64, low=1)
+    # the first epochs train on L_fd (+ L_ud) without L_gm
+    gm_warmup_epochs: int = param(0, low=0, note="(below generator_epochs)")
+    center: bool = False  # the generator's perturbation minus its batch mean (no universal pattern)
+
+
+@dataclass
+class DeltaOpt:
+    """Parametrization "delta": a per-sample δ optimised directly on L_all (PGD)."""
+
+    steps: int = param(10, low=1)  # signed-gradient steps per batch
+    # passes over the set; before each pass after the first, the authorized network is trained from θ0 on the
+    # current protected set and that run's checkpoints join L_gm's (on-trajectory matching)
+    gm_rounds: int = param(1, low=1)
+
+
+PARTS = {"gm": GradientMatching, "fd": FeatureDistance, "ud": Undistillation, "generator": GeneratorOpt,
+         "delta": DeltaOpt}
+
+# The one spelling rule. Outside Python (the command line's flags, a --config file, a benchmark's [protect] table
+# and variants, a manifest's ``params``, a run's config.json) UGE's settings are flat keys, the names they always
+# had; this table says where each lives in ProtectConfig: (part, field), part None for ProtectConfig's own field.
+# Its order is the order of ProtectConfig.to_dict() (the manifests' and work folders' ``params``).
+FLAT_KEYS: dict[str, tuple[str | None, str]] = {
+    "authorized": (None, "authorized"), "recipe": (None, "recipe"), "rho": (None, "rho"),
+    "trajectory_epochs": (None, "trajectory_epochs"), "losses": (None, "losses"),
+    "lambda_fd": ("fd", "weight"), "lambda_ud": ("ud", "weight"), "alpha": ("fd", "alpha"),
+    "omega": ("ud", "omega"), "temperature": ("ud", "temperature"), "hacker_arch": ("ud", "hacker_arch"),
+    "generator_epochs": ("generator", "epochs"), "generator_lr": ("generator", "lr"),
+    "generator_batch_size": (None, "batch_size"), "generator_width": ("generator", "width"),
+    "feature_space": ("fd", "space"), "clip_model": ("fd", "clip_model"), "clip_checkpoint": ("fd", "clip_checkpoint"),
+    "encoder_arch": ("fd", "encoder_arch"), "encoder_recipe": ("fd", "encoder_recipe"),
+    "clean_grad_cache_mb": ("gm", "cache_mb"), "seed": (None, "seed"),
+    "gm_granularity": ("gm", "granularity"), "gm_batchnorm": ("gm", "batchnorm"), "gm_augment": ("gm", "augment"),
+    "gm_trajectories": ("gm", "trajectories"), "ud_teacher": ("ud", "teacher"), "fd_target": ("fd", "target"),
+    "parametrization": (None, "parametrization"), "delta_steps": ("delta", "steps"),
+    "gm_rounds": ("delta", "gm_rounds"), "gm_warmup_epochs": ("generator", "gm_warmup_epochs"),
+    "generator_center": ("generator", "center"), "diagnostics": (None, "diagnostics"),
+}
+# Options of one parametrization's part that the other refuses when set (anything but the default). The
+# generator's epochs, lr and width are left out: a benchmark's [protect] table sets them for every UGE variant,
+# δ variants included, and committed runs carry them. gm_rounds has its own rule (it needs L_gm too).
+EXCLUSIVE = {"generator": ("gm_warmup_epochs", "generator_center"), "delta": ("delta_steps",)}
+
+
+def _plain(value):
+    """A field's value as plain JSON values (dataclasses as tables, tuples as lists)."""
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _part_field(cls, key: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == key)
 
 
 @dataclass
 class ProtectConfig:
-    """Everything that determines a protection run (hyperparameters: supplement Tables 5–6)."""
+    """Everything that determines a UGE protection run (hyperparameters: supplement Tables 5–6).
+
+    The losses' settings are nested parts (``gm``, ``fd``, ``ud``) and so are those of each parametrization
+    (``generator``, ``delta``); outside Python every setting is a flat key (:data:`FLAT_KEYS`): build from them
+    with :meth:`from_dict`, write them with :meth:`to_dict`, and read their specs with :meth:`flat_specs`.
+    """
 
     authorized: list[AuthorizedSpec] = param(  # noqa: RUF009 (param() is a dataclasses.field with a spec)
         default_factory=lambda: [AuthorizedSpec()], test=len,
@@ -205,84 +321,79 @@ class ProtectConfig:
     # T: checkpoints θ0..θT from the first T epochs of ``recipe``
     trajectory_epochs: int = param(4, low=1, note="(at most recipe.epochs)")
     losses: tuple[str, ...] = param(LOSSES, choices=LOSSES, many=True)  # which of L_gm, L_fd, L_ud are on (Table 1)
-    lambda_fd: float = param(1.0, low=0)
-    lambda_ud: float = param(0.1, low=0)
-    alpha: float = param(0.1, low=0)  # triplet margin of ℓ_tri
-    omega: float = param(0.1, low=0)  # weight of the KL term in L_ud
-    temperature: float = param(4.0, low=0, low_open=True)  # softmax temperature of the KL term in L_ud
-    hacker_arch: str | None = None  # f'_θA of L_ud; default: the first authorized architecture, another seed
-    generator_epochs: int = param(50, low=1)
-    generator_lr: float = param(1e-3, low=0, low_open=True)
-    generator_batch_size: int = param(128, low=1)
-    generator_width: int = param(64, low=1)
-    feature_space: str = param("encoder", choices=FEATURE_SPACES)  # "clip" (the paper) or "encoder" (offline)
-    clip_model: str = "ViT-B-32"
-    clip_checkpoint: str | None = None
-    encoder_arch: str = "resnetc20"
-    encoder_recipe: Recipe = param(  # noqa: RUF009 (as above)
-        default_factory=lambda: Recipe(epochs=10), words="a table of Recipe fields")
-    # memory for reusing L_gm's clean gradients across epochs; 0: recompute
-    clean_grad_cache_mb: int = param(1024, low=0)
-    seed: int = 0  # the run's seed (uge.seeds); the protector API takes it as protect(seed=...), not a parameter
-    # --- readings of the paper and variants beyond it (issue 10); each is measured on the selectivity bench
-    # L_gm of the batch's mean loss, per class, or per sample (Eq. 6 as written)
-    gm_granularity: str = param("batch", choices=CHOICES["gm_granularity"])
-    # checkpoints in train mode (batch statistics) or frozen at the clean batch's
-    gm_batchnorm: str = param("train", choices=CHOICES["gm_batchnorm"])
-    gm_augment: bool = False  # match gradients under the recipe's crop + flip (the same draw for x and x_u)
-    # trajectories from θ0 with different data orders (an expectation over the recipe)
-    gm_trajectories: int = param(1, low=1)
-    # L_ud's authorized network: θT, or θ0 trained with the whole recipe
-    ud_teacher: str = param("checkpoint", choices=CHOICES["ud_teacher"])
-    # L_fd's target class: least similar to the image (Eq. 9), or y + 1
-    fd_target: str = param("least_similar", choices=CHOICES["fd_target"])
+    gm: GradientMatching = dataclasses.field(default_factory=GradientMatching)
+    fd: FeatureDistance = dataclasses.field(default_factory=FeatureDistance)
+    ud: Undistillation = dataclasses.field(default_factory=Undistillation)
     # a generator G(x) (the paper), or a per-sample δ optimised directly
     parametrization: str = param("generator", choices=CHOICES["parametrization"])
-    delta_steps: int = param(_DEFAULT_DELTA_STEPS, low=1)  # parametrization "delta": signed-gradient steps per batch
-    # parametrization "delta": passes over the set; before each pass after the first, the authorized network is
-    # trained from θ0 on the current protected set and that run's checkpoints join L_gm's (on-trajectory matching)
-    gm_rounds: int = param(1, low=1)
-    # parametrization "generator": the first epochs train on L_fd (+ L_ud) without L_gm
-    gm_warmup_epochs: int = param(0, low=0, note="(below generator_epochs)")
-    generator_center: bool = False  # the generator's perturbation minus its batch mean (no universal pattern)
+    generator: GeneratorOpt = dataclasses.field(default_factory=GeneratorOpt)
+    delta: DeltaOpt = dataclasses.field(default_factory=DeltaOpt)
+    batch_size: int = param(128, low=1)  # the optimisation's batch, in either parametrization
     diagnostics: bool = True  # per-epoch diagnostics in the history (a few batches' worth of extra work)
+    seed: int = 0  # the run's seed (uge.seeds); the protector API takes it as protect(seed=...), not a parameter
 
     def __post_init__(self):
         self.authorized = [a if isinstance(a, AuthorizedSpec) else AuthorizedSpec(**a) for a in self.authorized]
         self.losses = tuple(self.losses)
         if isinstance(self.recipe, dict):
             self.recipe = Recipe.from_dict(self.recipe)
-        if isinstance(self.encoder_recipe, dict):
-            self.encoder_recipe = Recipe.from_dict(self.encoder_recipe)
-        validate(self, "protect config", types=False)  # types: from_dict checks plain values
+        wrong = [f"{name} must be a {cls.__name__}, got {getattr(self, name)!r}" for name, cls in PARTS.items()
+                 if not isinstance(getattr(self, name), cls)]
+        if wrong:
+            raise ConfigError("protect config: " + "; ".join(wrong))
+        items = [(key, spec, self._get(key)) for key, spec in self.flat_specs().items()]
+        validate(self, "protect config", items=items)  # types: from_dict checks plain values
+
+    def _get(self, key: str):
+        part, name = FLAT_KEYS[key]
+        return getattr(self if part is None else getattr(self, part), name)
+
+    @classmethod
+    def _flat_fields(cls) -> dict[str, tuple[Param, object]]:
+        """Flat key -> (its spec, its annotation), for every key of :data:`FLAT_KEYS`."""
+        out = {}
+        for key, (part, name) in FLAT_KEYS.items():
+            owner = cls if part is None else PARTS[part]
+            out[key] = (field_spec(owner, name), _part_field(owner, name).type)
+        return out
+
+    @classmethod
+    def flat_specs(cls) -> dict[str, Param]:
+        """Flat key -> the spec of the field it sets (what the command line's help and the checks say)."""
+        return {key: spec for key, (spec, _) in cls._flat_fields().items()}
 
     def cross_checks(self) -> list[str]:
         """The rules that span fields, in :func:`uge.params.validate`'s words (each field's range holds)."""
         out = []
         if self.trajectory_epochs > self.recipe.epochs:
             out.append(f"trajectory_epochs must be <= recipe.epochs={self.recipe.epochs}, got {self.trajectory_epochs}")
-        if self.gm_warmup_epochs >= self.generator_epochs:
-            out.append(f"gm_warmup_epochs must be < generator_epochs={self.generator_epochs}, "
-                       f"got {self.gm_warmup_epochs}")
-        if self.gm_granularity == "sample" and self.gm_batchnorm != "frozen":
+        if self.generator.gm_warmup_epochs >= self.generator.epochs:
+            out.append(f"gm_warmup_epochs must be < generator_epochs={self.generator.epochs}, "
+                       f"got {self.generator.gm_warmup_epochs}")
+        if self.gm.granularity == "sample" and self.gm.batchnorm != "frozen":
             out.append("gm_granularity 'sample' needs gm_batchnorm 'frozen' (one sample has no batch statistics)")
-        if self.gm_rounds > 1 and (self.parametrization != "delta" or "gm" not in self.losses):
+        if self.delta.gm_rounds > 1 and (self.parametrization != "delta" or "gm" not in self.losses):
             out.append("gm_rounds > 1 needs parametrization 'delta' and L_gm in losses")
-        others = {"generator": [k for k in ("delta_steps",) if getattr(self, k) != _DEFAULT_DELTA_STEPS],
-                  "delta": [k for k in ("gm_warmup_epochs", "generator_center") if getattr(self, k)]}
-        if others.get(self.parametrization):  # an option the chosen parametrization would silently ignore
-            out.append(f"{', '.join(others[self.parametrization])} is an option of the other parametrization "
-                       f"than {self.parametrization!r}; leave it out")
+        other = next(p for p in EXCLUSIVE if p != self.parametrization)
+        given = [k for k in EXCLUSIVE[other] if self._get(k) != getattr(PARTS[other](), FLAT_KEYS[k][1])]
+        if given:  # an option the chosen parametrization would silently ignore
+            out.append(f"{', '.join(given)} is an option of the other parametrization than "
+                       f"{self.parametrization!r}; leave it out")
         return out
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["losses"] = list(self.losses)
-        return d
+        """The settings as flat keys (:data:`FLAT_KEYS`) and plain values: what a manifest and a work folder hold."""
+        return {key: _plain(self._get(key)) for key in FLAT_KEYS}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ProtectConfig":
-        return from_dict(cls, d, "protect config")
+        """Build from flat keys (:data:`FLAT_KEYS`; any subset, the rest at their defaults) and plain values."""
+        check_plain(d, "protect config", cls._flat_fields())
+        own, parts = {}, {name: {} for name in PARTS}
+        for key, value in d.items():
+            part, name = FLAT_KEYS[key]
+            (own if part is None else parts[part])[name] = value
+        return cls(**own, **{name: PARTS[name](**values) for name, values in parts.items()})
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ProtectConfig":

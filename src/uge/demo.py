@@ -5,7 +5,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import AuthorizedSpec, ProtectConfig
+from .config import AuthorizedSpec, FeatureDistance, GeneratorOpt, ProtectConfig
 from .data import load_splits
 from .evaluate import HackerSpec, evaluate_published, format_table
 from .protectors.uge import protect
@@ -15,9 +15,9 @@ from .training import Recipe
 # Sized for 2 CPU cores: small networks, few epochs; 8x8 digits must not be flipped.
 DEMO_RECIPE = Recipe(epochs=20, batch_size=64, lr=0.05, flip=False)
 DEMO_CONFIG = ProtectConfig(
-    authorized=[AuthorizedSpec("cnn", seed=0)], recipe=DEMO_RECIPE, trajectory_epochs=4,
-    generator_epochs=8, generator_batch_size=64, generator_width=16, encoder_arch="resnetc20",
-    encoder_recipe=Recipe(epochs=8, batch_size=64, lr=0.05, flip=False), rho=0.04)
+    authorized=[AuthorizedSpec("cnn", seed=0)], recipe=DEMO_RECIPE, trajectory_epochs=4, batch_size=64, rho=0.04,
+    generator=GeneratorOpt(epochs=8, width=16),
+    fd=FeatureDistance(encoder_arch="resnetc20", encoder_recipe=Recipe(epochs=8, batch_size=64, lr=0.05, flip=False)))
 DEMO_HACKERS = [HackerSpec("cnn", "normal", seed=1), HackerSpec("lenet", "normal"), HackerSpec("resnetc20", "normal"),
                 HackerSpec("lenet", "distill"), HackerSpec("resnetc20", "distill")]
 

@@ -240,28 +240,39 @@ def field_problems(obj, *, types: bool = True) -> list[str]:
     return out
 
 
-def validate(obj, owner: str, *, types: bool = True) -> None:
+def validate(obj, owner: str, *, types: bool = True, items=None) -> None:
     """Check every field of dataclass instance ``obj`` against its spec, then (when they all pass) its
-    ``cross_checks()``; raise one ConfigError ``"<owner>: <problem>; <problem>"`` naming each refused field."""
-    problems = field_problems(obj, types=types)
+    ``cross_checks()``; raise one ConfigError ``"<owner>: <problem>; <problem>"`` naming each refused field.
+
+    ``items``: (name, spec, value) of each field to check instead of ``obj``'s own fields, for a class whose
+    fields are spelled otherwise outside (ProtectConfig: nested parts, flat keys)."""
+    if items is None:
+        problems = field_problems(obj, types=types)
+    else:
+        problems = [m for m in (problem(name, spec, value) for name, spec, value in items) if m]
     if not problems and hasattr(obj, "cross_checks"):
         problems = list(obj.cross_checks())
     if problems:
         raise ConfigError(f"{owner}: " + "; ".join(problems))
 
 
-def from_dict(cls, d: dict, what: str):
-    """Build dataclass ``cls`` from plain values ``d``, rejecting unknown keys and values of the wrong type
-    with a ConfigError that names them (the values' ranges are the class's own ``__post_init__``)."""
+def check_plain(d: dict, what: str, fields: dict[str, tuple[Param, Any]]) -> None:
+    """Refuse plain values ``d`` with a key outside ``fields`` (name -> (spec, annotation)) or a value of the
+    wrong type, in one ConfigError that names them (the values' ranges are checked on construction)."""
     if not isinstance(d, dict):
         raise ConfigError(f"{what} must be a table of keys and values, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(fields)
     if unknown:
         raise ConfigError(f"unknown {what} key(s): {', '.join(sorted(unknown))}; "
                           f"known: {', '.join(sorted(fields))}")
-    bad = [f"{k} must be {field_spec(cls, k).allowed()}, got {v!r} ({type(v).__name__})"
-           for k, v in d.items() if not _type_ok(v, fields[k].type)]
+    bad = [f"{k} must be {fields[k][0].allowed()}, got {v!r} ({type(v).__name__})"
+           for k, v in d.items() if not _type_ok(v, fields[k][1])]
     if bad:
         raise ConfigError(f"{what}: " + "; ".join(bad))
+
+
+def from_dict(cls, d: dict, what: str):
+    """Build dataclass ``cls`` from plain values ``d``, rejecting unknown keys and values of the wrong type
+    with a ConfigError that names them (the values' ranges are the class's own ``__post_init__``)."""
+    check_plain(d, what, {f.name: (field_spec(cls, f.name), f.type) for f in dataclasses.fields(cls)})
     return cls(**d)

@@ -28,7 +28,7 @@ def _protected_trajectories(objective: UGEObjective, cfg: ProtectConfig, data_u:
     run adds the same ones)."""
     for k, spec in enumerate(cfg.authorized):
         states = _recorded(work.file(f"trajectory_{k}_round{r}.safetensors"), spec, cfg, data_u, device,
-                           derive(cfg.seed, "trajectory", k, cfg.gm_trajectories + r), progress)
+                           derive(cfg.seed, "trajectory", k, cfg.gm.trajectories + r), progress)
         models = [_load(spec.arch, data_u, s, device).train() for s in states[1:]]
         objective.gm_models[k].extend(models)
         objective.gm_params[k].extend(matched_parameters(m) for m in models)
@@ -49,16 +49,16 @@ def _optimize_delta(objective: UGEObjective, cfg: ProtectConfig, data: ImageData
     diagnostics of the final δ.
     """
     images, labels = data.tensors(device)
-    n, bs, rho = len(data), min(cfg.generator_batch_size, len(data)), cfg.rho
+    n, bs, rho = len(data), min(cfg.batch_size, len(data)), cfg.rho
     delta = uniform_start(images.shape, rho, cfg.seed, device)
     ckpt, start_round, done = work.file("delta.pt"), 0, 0
-    sums = [dict() for _ in range(cfg.delta_steps)]
+    sums = [dict() for _ in range(cfg.delta.steps)]
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         delta, done, sums, start_round = state["delta"], state["done"], state["sums"], state.get("round", 0)
-    step = 2.5 * rho / cfg.delta_steps
+    step = 2.5 * rho / cfg.delta.steps
     starts = list(range(0, n, bs))
-    for r in range(cfg.gm_rounds):
+    for r in range(cfg.delta.gm_rounds):
         if r > 0:
             x_u = quantize((images.float() / 255 + delta).clamp(0, 1), images, cfg.rho)
             data_u = ImageDataset(x_u.permute(0, 2, 3, 1).cpu().numpy(), data.labels.copy(), list(data.classes))
@@ -66,8 +66,8 @@ def _optimize_delta(objective: UGEObjective, cfg: ProtectConfig, data: ImageData
         if r < start_round:
             continue
         if r > start_round:
-            done, sums = 0, [dict() for _ in range(cfg.delta_steps)]
-        for b in tqdm(range(done, len(starts)), desc="δ" if cfg.gm_rounds == 1 else f"δ, round {r + 1}",
+            done, sums = 0, [dict() for _ in range(cfg.delta.steps)]
+        for b in tqdm(range(done, len(starts)), desc="δ" if cfg.delta.gm_rounds == 1 else f"δ, round {r + 1}",
                       disable=None if progress else True, leave=False, initial=done, total=len(starts)):
             # Each batch draws from its own seeds: a resumed run repeats an uninterrupted one exactly.
             rng = np.random.default_rng(sequence(cfg.seed, "delta_batch", b, r))
@@ -82,13 +82,13 @@ def _optimize_delta(objective: UGEObjective, cfg: ProtectConfig, data: ImageData
                     entry[k] = entry.get(k, 0.0) + v.item() * len(y) / n
                 return sum(terms.values())
 
-            delta[sl] = pgd(loss, x, delta[sl], rho, cfg.delta_steps, step, minimize=True)
+            delta[sl] = pgd(loss, x, delta[sl], rho, cfg.delta.steps, step, minimize=True)
             with atomic_file(ckpt) as tmp:
                 torch.save({"delta": delta, "done": b + 1, "sums": sums, "round": r}, tmp)
     history = [{"epoch": i + 1, **s, "total": sum(s.values())} for i, s in enumerate(sums)]
-    if cfg.gm_rounds > 1:
+    if cfg.delta.gm_rounds > 1:
         for h in history:
-            h["round"] = cfg.gm_rounds
+            h["round"] = cfg.delta.gm_rounds
     x_u = (images.float() / 255 + delta).clamp(0, 1)
     if cfg.diagnostics:
         idx = _diagnostic_indices(data, cfg, device)

@@ -100,8 +100,8 @@ def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDat
                      progress: bool) -> tuple[Generator, list[dict]]:
     """Algorithm 1, lines 6–15: minimize L_all over the generator, checkpointing after every epoch."""
     torch.manual_seed(derive(cfg.seed, "generator"))
-    gen = Generator(data.channels, cfg.rho, width=cfg.generator_width, center=cfg.generator_center).to(device)
-    opt = torch.optim.Adam(gen.parameters(), lr=cfg.generator_lr)
+    gen = Generator(data.channels, cfg.rho, width=cfg.generator.width, center=cfg.generator.center).to(device)
+    opt = torch.optim.Adam(gen.parameters(), lr=cfg.generator.lr)
     history, start = [], 0
     ckpt = work.file("generator.pt")
     if ckpt.exists():
@@ -109,16 +109,16 @@ def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDat
         gen.load_state_dict(state["generator"])
         opt.load_state_dict(state["optimizer"])
         history, start = state["history"], state["epoch"]
-        log.info("generator resumed after epoch %d of %d", start, cfg.generator_epochs)
+        log.info("generator resumed after epoch %d of %d", start, cfg.generator.epochs)
     images, labels = data.tensors(device)
-    n, bs = len(data), min(cfg.generator_batch_size, len(data))
+    n, bs = len(data), min(cfg.batch_size, len(data))
     steps = max(1, n // bs)
     # With a clean-gradient cache the batches are one fixed partition visited in a new order every epoch
     # (so clean targets repeat); without it, every epoch reshuffles the images (the reference behaviour).
-    fixed = cfg.clean_grad_cache_mb > 0 and "gm" in cfg.losses
+    fixed = cfg.gm.cache_mb > 0 and "gm" in cfg.losses
     partition = torch.from_numpy(np.random.default_rng(sequence(cfg.seed, "partition")).permutation(n)).to(device)
-    bar = tqdm(range(start, cfg.generator_epochs), desc="generator", disable=None if progress else True, leave=False,
-               initial=start, total=cfg.generator_epochs)
+    bar = tqdm(range(start, cfg.generator.epochs), desc="generator", disable=None if progress else True, leave=False,
+               initial=start, total=cfg.generator.epochs)
     for epoch in bar:
         # Every epoch draws from its own seeds (numpy: batch order and checkpoints; torch: dropout, augmentation),
         # so a run resumed from the checkpoint of the epoch before publishes the same bytes as one never stopped.
@@ -133,7 +133,7 @@ def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDat
             idx = order[j * bs:(j + 1) * bs]
             x, y = images[idx].float().div_(255), labels[idx]
             terms = objective.terms(x, gen(x), y, rng, batch_id=j if fixed else None,
-                                    gm=epoch >= cfg.gm_warmup_epochs)
+                                    gm=epoch >= cfg.generator.gm_warmup_epochs)
             terms["total"] = loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward(inputs=list(gen.parameters()))  # the networks inside the losses stay untouched

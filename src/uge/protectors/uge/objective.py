@@ -36,21 +36,21 @@ log = logging.getLogger("uge")
 
 def _feature_space(cfg, data, device, work, progress):
     """The L_fd feature space: CLIP (the paper) or an encoder trained on the clean data (offline fallback)."""
-    if cfg.feature_space == "clip":
-        return build_feature_space("clip", classes=data.classes, device=device, model_name=cfg.clip_model,
-                                   pretrained=cfg.clip_checkpoint)
+    if cfg.fd.space == "clip":
+        return build_feature_space("clip", classes=data.classes, device=device, model_name=cfg.fd.clip_model,
+                                   pretrained=cfg.fd.clip_checkpoint)
     log.warning("L_fd uses the offline fallback feature space (a %s encoder trained on the clean data, "
-                "class means as class features), not CLIP as in the paper", cfg.encoder_arch)
-    encoder = create_model(cfg.encoder_arch, data.num_classes, data.channels, seed=derive(cfg.seed, "encoder"))
+                "class means as class features), not CLIP as in the paper", cfg.fd.encoder_arch)
+    encoder = create_model(cfg.fd.encoder_arch, data.num_classes, data.channels, seed=derive(cfg.seed, "encoder"))
     f = work.file("encoder.safetensors")
     if f.exists():
         encoder.load_state_dict(load_weights(f))
     else:
-        train(encoder, data, cfg.encoder_recipe, device=device, seed=derive(cfg.seed, "encoder"), progress=progress,
+        train(encoder, data, cfg.fd.encoder_recipe, device=device, seed=derive(cfg.seed, "encoder"), progress=progress,
               desc="feature encoder")
         save_weights(f, encoder.state_dict())
     return build_feature_space("encoder", classes=data.classes, train_set=data, device=device, model=encoder,
-                               arch=cfg.encoder_arch)
+                               arch=cfg.fd.encoder_arch)
 
 
 def _frozen(model: nn.Module, device) -> nn.Module:
@@ -95,24 +95,24 @@ class UGEObjective:
         self.probe = probe  # a network of the authorized architecture from another init (diagnostics only)
         self.class_feats = space.class_features() if space is not None else None
         self.gm_params = [[matched_parameters(m) for m in models] for models in gm_models]
-        self.grad_cache = CleanGradientCache(cfg.clean_grad_cache_mb * 2 ** 20)
+        self.grad_cache = CleanGradientCache(cfg.gm.cache_mb * 2 ** 20)
 
     def target(self, f_clean: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """L_fd's target class per sample: the least similar class (Eq. 9) or y + 1 (``fd_target``)."""
-        if self.cfg.fd_target == "next":
+        if self.cfg.fd.target == "next":
             return (y + 1) % self.class_feats.shape[0]
         return least_similar_class(f_clean, self.class_feats, y)
 
     def gm_distance(self, model: nn.Module, params, x, x_u, y, key=None) -> torch.Tensor:
         """Eq. 6 at one checkpoint, in the configured reading (granularity, BatchNorm mode)."""
         cfg = self.cfg
-        if cfg.gm_batchnorm == "frozen":
+        if cfg.gm.batchnorm == "frozen":
             freeze_batchnorm(model, x)
         else:
             model.train()
-        if cfg.gm_granularity == "sample":
+        if cfg.gm.granularity == "sample":
             return per_sample_gradient_distance(model, x, x_u, y, params)
-        if cfg.gm_granularity == "class":
+        if cfg.gm.granularity == "class":
             return per_class_gradient_distance(model, x, x_u, y, params)
         g_clean = self.grad_cache.get(key, lambda: clean_gradient(model, x, y, params))
         return gradient_matching_loss(model, x, x_u, y, params, g_clean=g_clean)
@@ -128,7 +128,7 @@ class UGEObjective:
         if self.gm_models and gm:  # Eq. 6, averaged over authorized networks (Eq. 12); a random θt per step
             gm = []
             xa, xua = x, x_u
-            if cfg.gm_augment:  # one crop + flip draw for each pair (x, x_u): the recipe's view of both
+            if cfg.gm.augment:  # one crop + flip draw for each pair (x, x_u): the recipe's view of both
                 xa, xua = augment(torch.cat([x, x_u], 1), cfg.recipe.crop, cfg.recipe.flip).split(x.shape[1], 1)
                 batch_id = None
             for k, models in enumerate(self.gm_models):
@@ -139,13 +139,14 @@ class UGEObjective:
         if self.space is not None:  # Eqs. 7–9
             with torch.no_grad():
                 f_clean = self.space.image_features(x)
-            terms["fd"] = cfg.lambda_fd * feature_distance_loss(f_clean, self.space.image_features(x_u),
-                                                                self.class_feats, y, cfg.alpha,
+            terms["fd"] = cfg.fd.weight * feature_distance_loss(f_clean, self.space.image_features(x_u),
+                                                                self.class_feats, y, cfg.fd.alpha,
                                                                 target=self.target(f_clean, y))
         if self.ud_models:  # Eq. 11, averaged over authorized networks (Eq. 12)
             h = self.hacker(x_u)
-            terms["ud"] = cfg.lambda_ud * torch.stack([undistill_loss(m(x_u), h, y, cfg.omega, cfg.temperature)
-                                                       for m in self.ud_models]).mean()
+            ud = cfg.ud
+            terms["ud"] = ud.weight * torch.stack([undistill_loss(m(x_u), h, y, ud.omega, ud.temperature)
+                                                   for m in self.ud_models]).mean()
         return terms
 
     def diagnose(self, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor) -> dict:
@@ -190,18 +191,18 @@ def _objective(cfg: ProtectConfig, data: ImageDataset, device, work: _Workdir, p
         states = _trajectory(k, spec, cfg, data, device, work, progress)
         theta0.append(states[0])
         if "gm" in use:  # θ0..θT-1 of the first data order, θ1..θT-1 of the others (θ0 is shared)
-            more = [s for j in range(1, cfg.gm_trajectories)
+            more = [s for j in range(1, cfg.gm.trajectories)
                     for s in _trajectory(k, spec, cfg, data, device, work, progress, j)[1:-1]]
             gm_models.append([_load(spec.arch, data, s, device).train() for s in states[:-1] + more])
         if "ud" in use:
-            teacher = states[-1] if cfg.ud_teacher == "checkpoint" else _trained(k, spec, cfg, data, device, work,
+            teacher = states[-1] if cfg.ud.teacher == "checkpoint" else _trained(k, spec, cfg, data, device, work,
                                                                                progress)
             ud_models.append(_frozen(_load(spec.arch, data, teacher, device), device))
     seconds["trajectory"], timer = time.perf_counter() - timer, time.perf_counter()
     space = _frozen(_feature_space(cfg, data, device, work, progress), device) if "fd" in use else None
     hacker = None
     if "ud" in use:
-        hacker = _frozen(create_model(cfg.hacker_arch or cfg.authorized[0].arch, data.num_classes, data.channels,
+        hacker = _frozen(create_model(cfg.ud.hacker_arch or cfg.authorized[0].arch, data.num_classes, data.channels,
                                       seed=derive(cfg.seed, "hacker")), device)
     seconds["feature_space"] = time.perf_counter() - timer
     probe = None

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from ...config import AuthorizedSpec, ProtectConfig
+from ...config import FLAT_KEYS, AuthorizedSpec, ProtectConfig
 from ...data.dataset import ImageDataset
 from ...errors import ConfigError
 from ...models import create_model
-from ...params import Param, from_dict, specs
+from ...params import Param
 from ...result import Protection, quantize
 from ...utils import resolve_device
 from ..base import Protector, register_protector, result_of
@@ -80,8 +80,8 @@ def _run(data: ImageDataset, cfg: ProtectConfig, device, work_dir, progress: boo
 class UGEProtector(Protector):
     """Ungeneralizable Examples (Ye & Wang, CVPR 2024): :func:`protect` behind the protector API.
 
-    Parameters are the fields of :class:`~uge.config.ProtectConfig` but ``seed`` (the run's seed is
-    :meth:`protect`'s, as for every method), as plain values (``authorized`` as a list of
+    Parameters are the flat keys of :class:`~uge.config.ProtectConfig` (:data:`~uge.config.FLAT_KEYS`) but
+    ``seed`` (the run's seed is :meth:`protect`'s, as for every method), as plain values (``authorized`` as a list of
     {"arch", "seed", "theta0"} tables or "ARCH:SEED" strings, recipes as tables).
     """
 
@@ -101,7 +101,7 @@ class UGEProtector(Protector):
             params["authorized"] = [AuthorizedSpec.parse(a) if isinstance(a, str) else a
                                     for a in params["authorized"]]
         try:
-            self.config = from_dict(ProtectConfig, params, "protect config")
+            self.config = ProtectConfig.from_dict(params)
         except (ConfigError, TypeError) as e:  # TypeError: a value of the wrong shape inside a nested table
             raise ConfigError(f"protector {self.name!r}: {e}") from None
 
@@ -118,13 +118,13 @@ class UGEProtector(Protector):
 
     @classmethod
     def parameter_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(ProtectConfig) if f.name not in cls.fixed and f.name != "seed"]
+        return [k for k in FLAT_KEYS if k not in cls.fixed and k != "seed"]
 
     @classmethod
     def specs(cls) -> dict[str, Param]:
         """ProtectConfig's specs of the parameters (what :func:`uge.params.validate` checks on construction)."""
         names = cls.parameter_names()
-        return {k: v for k, v in specs(ProtectConfig).items() if k in names}
+        return {k: v for k, v in ProtectConfig.flat_specs().items() if k in names}
 
     @property
     def rho(self) -> float:
