@@ -39,6 +39,7 @@ EXAMPLES = {
     "mixup": "mixup:alpha=0.4", "cutmix": "cutmix:alpha=1", "ueraser": "ueraser:strength=0.7",
     "adv": "adv:eps=4,steps=2", "copy-input": "copy-input", "pca": "pca:patch=2,k=2",
     "classmean": "classmean:strength=0.5", "orthogonal": "orthogonal:steps=5", "spectral": "spectral:k=8,ratio=1.5",
+    "jpeg-grid": "jpeg-grid:quality=30,offset=3",
 }
 # One bad parameter per countermeasure: (spec, words the message must contain).
 BAD = {
@@ -55,6 +56,7 @@ BAD = {
     "classmean": ("classmean:strength=0", ["strength=0", "> 0"]),
     "orthogonal": ("orthogonal:steps=0", ["steps=0", "1..10000"]),
     "spectral": ("spectral:zero=2", ["zero=2", "0..1"]),
+    "jpeg-grid": ("jpeg-grid:offset=8", ["offset=8", "1..7"]),
 }
 INPUTS = [n for n in list_countermeasures() if get_countermeasure(n).kind == "input"]
 BATCHES = [n for n in list_countermeasures() if get_countermeasure(n).kind == "batch"]

@@ -44,3 +44,43 @@ def test_default_patch_is_unchanged_by_the_new_options():
     a = _delta()[0]
     b = _delta(luminance=False, shift=False)[0]
     assert np.array_equal(a, b)
+
+
+# ----------------------------------------------------------------- the JPEG-basis patch and JPEG on a moved grid
+def _jpeg_patch(data, **params):
+    return build_protector("jpeg-patch", rho=10 / 255, **params).protect(data, seed=0).protected
+
+
+def test_jpeg_patch_blocks_are_signed_dct_basis_functions_on_the_jpeg_grid():
+    data = random_dataset(n=60, size=32, channels=3, num_classes=3)
+    data.images[:] = 128
+    d = _jpeg_patch(data).images.astype(int) - 128
+    assert (d[..., 0] == d[..., 1]).all() and (d[..., 1] == d[..., 2]).all()  # luminance: grayscale keeps it
+    t = (2 * np.arange(8) + 1) * np.pi / 16
+    allowed = [s * np.sign(np.outer(np.cos(v * t), np.cos(u * t))) * 10 for u, v in [(4, 0), (0, 4)] for s in (1, -1)]
+    for img in d[..., 0]:  # every 8x8 block of the grid, wherever the image's shift put the tile
+        for by in range(0, 32, 8):
+            for bx in range(0, 32, 8):
+                assert any(np.array_equal(img[by:by + 8, bx:bx + 8], a) for a in allowed)
+    assert len({img.tobytes() for img in d[data.labels == 0]}) > 1  # shifted per image (by multiples of 8)
+
+
+def test_jpeg_keeps_a_block_aligned_jpeg_patch_and_a_moved_grid_removes_half_of_it():
+    """The protector's claim and the attack on it, on smooth images (a JPEG-friendly stand-in for photos)."""
+    from uge.countermeasures import parse_countermeasures
+    from uge.data.dataset import ImageDataset
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32] / 32
+    base = np.stack([128 + 60 * np.sin(2 * np.pi * (a * yy + b * xx)) for a, b in rng.uniform(0, 1, (40, 2))])
+    clean = ImageDataset(np.repeat(base[..., None], 3, -1).round().astype(np.uint8), np.arange(40) % 2, ["a", "b"])
+    pub = _jpeg_patch(clean)
+    d0 = pub.images.astype(float) - clean.images
+
+    def kept(spec):
+        (c,) = parse_countermeasures(spec)
+        d1 = c(pub, clean, False).images.astype(float) - c(clean, clean, False).images
+        return (d0 * d1).sum() / (d0 ** 2).sum()
+
+    assert kept("jpeg:quality=10") > 0.8
+    assert kept("jpeg-grid:quality=10,offset=4") < 0.65

@@ -28,17 +28,33 @@ class JPEG(InputTransform):
     summary = "JPEG-compress every training image at the given quality (Pillow)."
     params: ClassVar[dict[str, Param]] = {
         "quality": Param(int, 10, 10, 95, help="JPEG quality; lower removes more")}
+    offset = 0  # pixels by which JPEG's 8x8 block grid is moved (see ShiftedJPEG)
 
     def transform(self, images: np.ndarray) -> np.ndarray:
         out = np.empty_like(images)
         gray = images.shape[-1] == 1
+        o, (h, w) = self.offset, images.shape[1:3]
         for i, img in enumerate(images):
+            if o:  # the grid moves by o: pad by reflection, compress, crop back
+                img = np.pad(img, ((o, 8 - o), (o, 8 - o), (0, 0)), mode="reflect")
             buf = io.BytesIO()
             Image.fromarray(img[..., 0] if gray else img).save(buf, format="JPEG", quality=self.quality)
             buf.seek(0)
             dec = np.asarray(Image.open(buf).convert("L" if gray else "RGB"))
-            out[i] = dec[..., None] if gray else dec
+            out[i] = (dec[..., None] if gray else dec)[o:o + h, o:o + w]
         return out
+
+
+@register_countermeasure
+class ShiftedJPEG(JPEG):
+    """JPEG on a block grid moved by ``offset`` pixels down and right (the image padded by reflection, compressed
+    and cropped back): a hacker's answer to a pattern aligned with JPEG's 8×8 blocks, which JPEG on the usual
+    grid keeps (the ``jpeg-patch`` protector)."""
+
+    name = "jpeg-grid"
+    summary = "JPEG-compress every training image on an 8x8 grid moved by OFFSET pixels (against block-aligned patterns)."
+    params: ClassVar[dict[str, Param]] = {
+        **JPEG.params, "offset": Param(int, 4, 1, 7, help="pixels by which the 8x8 block grid is moved")}
 
 
 @register_countermeasure
