@@ -276,7 +276,7 @@ def test_interrupted_run_resumes_from_the_work_folder(digits_small, tmp_path, mo
     assert {p.name for p in work.iterdir()} >= {"config.json", "trajectory_0.safetensors", "encoder.safetensors",
                                                  "generator.pt"}
     ckpt = torch.load(work / "generator.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1
+    assert ckpt["done"] == 1 and len(ckpt["history"]) == 1
     epoch1 = ckpt["history"][0]
 
     # another config must not be mixed into this work folder
@@ -292,7 +292,7 @@ def test_interrupted_run_resumes_from_the_work_folder(digits_small, tmp_path, mo
     assert result.history[0] == epoch1
     assert _equal_states(result.theta0[0], create_model("cnn", 10, 1, seed=0).state_dict())
     assert _levels(result.protected.images, digits_small.images) <= 10
-    assert torch.load(work / "generator.pt", weights_only=True)["epoch"] == 2
+    assert torch.load(work / "generator.pt", weights_only=True)["done"] == 2
     assert json.loads((work / "config.json").read_text()) == cfg.to_dict()
 
     # a finished run reruns nothing and regenerates the same images

@@ -31,6 +31,7 @@ protect_mod = importlib.import_module("uge.protectors.uge")
 # the modules whose names the tests below patch (where the code that calls them looks them up)
 objective_mod = importlib.import_module("uge.protectors.uge.objective")
 delta_mod = importlib.import_module("uge.protectors.uge.delta")
+loop_mod = importlib.import_module("uge.protectors.uge.loop")
 workdir_mod = importlib.import_module("uge.protectors.uge.workdir")
 
 
@@ -155,7 +156,7 @@ def test_generator_resumes_to_the_same_bytes(digits_small, tmp_path, monkeypatch
     whole = protect(digits_small, cfg, device="cpu", progress=False).protected.images
     steps = len(digits_small) // cfg.batch_size
     _interrupt(monkeypatch, digits_small, cfg, tmp_path / "w", at_call=steps + 3)
-    assert torch.load(tmp_path / "w" / "generator.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "w" / "generator.pt", weights_only=True)["done"] == 1
     resumed = protect(digits_small, cfg, device="cpu", progress=False, work_dir=tmp_path / "w").protected.images
     assert np.array_equal(resumed, whole)
 
@@ -457,3 +458,49 @@ def test_cli_takes_the_objective_options_and_rejects_bad_combinations(tmp_path, 
     cfg = manifest["params"]
     assert (cfg["parametrization"], cfg["delta_steps"], cfg["gm_granularity"], cfg["fd_target"]) == \
         ("delta", 2, "sample", "next")
+
+
+class _Counting(loop_mod.Parametrization):
+    """A toy parametrization for the shared loop: 2 rounds of 3 units; each unit adds a draw of its seeds."""
+
+    name, stream, unit, rounds = "toy", "delta_batch", "batch", 2
+
+    def __init__(self, die_at=None):
+        self.value, self.ran, self.begun, self.die_at = torch.zeros(()), [], [], die_at
+
+    def units(self):
+        return 3
+
+    def seed_index(self, r, u):
+        return (u, r)
+
+    def begin_round(self, r):
+        self.begun.append(r)
+
+    def step(self, r, u, rng):
+        if (r, u) == self.die_at:
+            raise KeyboardInterrupt
+        self.ran.append((r, u))
+        self.value += float(rng.random()) + float(torch.rand(()))
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+def test_the_shared_loop_resumes_after_the_last_saved_unit_with_the_same_draws(tmp_path):
+    whole = _Counting()
+    loop_mod.optimize(whole, tmp_path / "a.pt", 5, "cpu", progress=False)
+    assert whole.ran == [(r, u) for r in range(2) for u in range(3)]
+    first = _Counting(die_at=(1, 1))  # killed in round 2's second unit: round 1 and one unit of round 2 are saved
+    with pytest.raises(KeyboardInterrupt):
+        loop_mod.optimize(first, tmp_path / "b.pt", 5, "cpu", progress=False)
+    assert {k: v for k, v in torch.load(tmp_path / "b.pt", weights_only=True).items() if k != "value"} == {
+        "round": 1, "done": 1}
+    torch.manual_seed(123)  # whatever the process drew before, each unit draws from its own seeds
+    again = _Counting()
+    loop_mod.optimize(again, tmp_path / "b.pt", 5, "cpu", progress=False)
+    assert again.ran == [(1, 1), (1, 2)] and again.begun == [0, 1]  # every round begun, only the rest run
+    assert torch.equal(again.value, whole.value)

@@ -7,6 +7,8 @@ Algorithm 1, one part per module:
     losses      L_gm (Eq. 6), L_fd (Eqs. 7–9) and L_ud (Eq. 11) as functions of networks, logits and features
     features/   L_fd's feature spaces: CLIP (the paper's) and the trained-encoder offline fallback
     objective   L_all (Eq. 4) and the frozen pieces it is built from (UGEObjective, CleanGradientCache)
+    loop        the one resumable optimisation loop (seeds per unit, checkpoint after each) that both
+                parametrizations run, each a small strategy (loop.Parametrization)
     generator   the generator G (supplement Table 4), its training on L_all, and the images it protects
     delta       the per-sample parametrization: δ of every image optimised directly on L_all (PGD)
     protector   protect() and the registered protectors ``uge`` (UGEProtector) and ``fd`` (FDProtector)

@@ -6,14 +6,13 @@ import logging
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ...config import ProtectConfig
 from ...data.dataset import ImageDataset
 from ...pgd import pgd, uniform_start
 from ...result import quantize
-from ...seeds import derive, sequence
-from ...utils import atomic_file
+from ...seeds import derive
+from .loop import Parametrization, optimize
 from .losses import matched_parameters
 from .objective import UGEObjective, _diagnostic_indices, _load
 from .workdir import _recorded, _Workdir
@@ -36,6 +35,63 @@ def _protected_trajectories(objective: UGEObjective, cfg: ProtectConfig, data_u:
                  len(models))
 
 
+class _DeltaOptimisation(Parametrization):
+    """δ of every image optimised directly on L_all, one batch a unit; ``gm_rounds`` passes over the set."""
+
+    name, stream, unit = "delta", "delta_batch", "batch"
+
+    def __init__(self, objective: UGEObjective, cfg: ProtectConfig, data: ImageDataset, device, work: _Workdir,
+                 progress: bool):
+        self.objective, self.cfg, self.data, self.device, self.work, self.progress = (objective, cfg, data, device,
+                                                                                      work, progress)
+        self.images, self.labels = data.tensors(device)
+        self.n, self.bs = len(data), min(cfg.batch_size, len(data))
+        self.delta = uniform_start(self.images.shape, cfg.rho, cfg.seed, device)
+        self.sums: list[dict] = [dict() for _ in range(cfg.delta.steps)]
+        self.step_size = 2.5 * cfg.rho / cfg.delta.steps
+        self.starts = list(range(0, self.n, self.bs))
+        self.rounds = cfg.delta.gm_rounds
+
+    def units(self) -> int:
+        return len(self.starts)
+
+    def seed_index(self, r: int, b: int) -> tuple[int, ...]:
+        return (b, r)
+
+    def label(self, r: int) -> str:
+        return "δ" if self.rounds == 1 else f"δ, round {r + 1}"
+
+    def begin_round(self, r: int) -> None:
+        if r > 0:
+            x_u = quantize((self.images.float() / 255 + self.delta).clamp(0, 1), self.images, self.cfg.rho)
+            data_u = ImageDataset(x_u.permute(0, 2, 3, 1).cpu().numpy(), self.data.labels.copy(),
+                                  list(self.data.classes))
+            _protected_trajectories(self.objective, self.cfg, data_u, self.device, self.work, self.progress, r)
+
+    def reset_round(self, r: int) -> None:
+        self.sums = [dict() for _ in range(self.cfg.delta.steps)]
+
+    def step(self, r: int, b: int, rng: np.random.Generator) -> None:
+        sl = slice(self.starts[b], self.starts[b] + self.bs)
+        x, y = self.images[sl].float().div_(255), self.labels[sl]
+        calls, objective, n = iter(self.sums), self.objective, self.n  # one loss call per step: add its terms
+
+        def loss(x_u):
+            terms, entry = objective.terms(x, x_u.clamp(0, 1), y, rng), next(calls)
+            for k, v in terms.items():
+                entry[k] = entry.get(k, 0.0) + v.item() * len(y) / n
+            return sum(terms.values())
+
+        self.delta[sl] = pgd(loss, x, self.delta[sl], self.cfg.rho, self.cfg.delta.steps, self.step_size,
+                             minimize=True)
+
+    def state_dict(self) -> dict:
+        return {"delta": self.delta, "sums": self.sums}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.delta, self.sums = state["delta"], state["sums"]
+
+
 def _optimize_delta(objective: UGEObjective, cfg: ProtectConfig, data: ImageDataset, device, work: _Workdir,
                     progress: bool) -> tuple[torch.Tensor, list[dict]]:
     """The per-sample parametrization: δ of every image optimised directly on L_all, batch by batch.
@@ -48,49 +104,14 @@ def _optimize_delta(objective: UGEObjective, cfg: ProtectConfig, data: ImageData
     loss terms after each step of the last pass (``epoch`` counts steps; ``round`` the pass) plus the
     diagnostics of the final δ.
     """
-    images, labels = data.tensors(device)
-    n, bs, rho = len(data), min(cfg.batch_size, len(data)), cfg.rho
-    delta = uniform_start(images.shape, rho, cfg.seed, device)
-    ckpt, start_round, done = work.file("delta.pt"), 0, 0
-    sums = [dict() for _ in range(cfg.delta.steps)]
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        delta, done, sums, start_round = state["delta"], state["done"], state["sums"], state.get("round", 0)
-    step = 2.5 * rho / cfg.delta.steps
-    starts = list(range(0, n, bs))
-    for r in range(cfg.delta.gm_rounds):
-        if r > 0:
-            x_u = quantize((images.float() / 255 + delta).clamp(0, 1), images, cfg.rho)
-            data_u = ImageDataset(x_u.permute(0, 2, 3, 1).cpu().numpy(), data.labels.copy(), list(data.classes))
-            _protected_trajectories(objective, cfg, data_u, device, work, progress, r)
-        if r < start_round:
-            continue
-        if r > start_round:
-            done, sums = 0, [dict() for _ in range(cfg.delta.steps)]
-        for b in tqdm(range(done, len(starts)), desc="δ" if cfg.delta.gm_rounds == 1 else f"δ, round {r + 1}",
-                      disable=None if progress else True, leave=False, initial=done, total=len(starts)):
-            # Each batch draws from its own seeds: a resumed run repeats an uninterrupted one exactly.
-            rng = np.random.default_rng(sequence(cfg.seed, "delta_batch", b, r))
-            torch.manual_seed(derive(cfg.seed, "delta_batch", b, r))
-            sl = slice(starts[b], starts[b] + bs)
-            x, y = images[sl].float().div_(255), labels[sl]
-            calls = iter(sums)  # one loss call per step: add the step's terms to its history entry
-
-            def loss(x_u, x=x, y=y, calls=calls):
-                terms, entry = objective.terms(x, x_u.clamp(0, 1), y, rng), next(calls)
-                for k, v in terms.items():
-                    entry[k] = entry.get(k, 0.0) + v.item() * len(y) / n
-                return sum(terms.values())
-
-            delta[sl] = pgd(loss, x, delta[sl], rho, cfg.delta.steps, step, minimize=True)
-            with atomic_file(ckpt) as tmp:
-                torch.save({"delta": delta, "done": b + 1, "sums": sums, "round": r}, tmp)
-    history = [{"epoch": i + 1, **s, "total": sum(s.values())} for i, s in enumerate(sums)]
+    opt = _DeltaOptimisation(objective, cfg, data, device, work, progress)
+    optimize(opt, work.file("delta.pt"), cfg.seed, device, progress)
+    history = [{"epoch": i + 1, **s, "total": sum(s.values())} for i, s in enumerate(opt.sums)]
     if cfg.delta.gm_rounds > 1:
         for h in history:
             h["round"] = cfg.delta.gm_rounds
-    x_u = (images.float() / 255 + delta).clamp(0, 1)
+    x_u = (opt.images.float() / 255 + opt.delta).clamp(0, 1)
     if cfg.diagnostics:
         idx = _diagnostic_indices(data, cfg, device)
-        history[-1].update(objective.diagnose(images[idx].float() / 255, x_u[idx], labels[idx]))
+        history[-1].update(objective.diagnose(opt.images[idx].float() / 255, x_u[idx], opt.labels[idx]))
     return x_u.cpu(), history

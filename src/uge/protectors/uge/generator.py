@@ -3,23 +3,19 @@ its training on L_all (Algorithm 1, lines 6–15) and the protected images it ma
 """
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...config import ProtectConfig
 from ...data.dataset import ImageDataset
 from ...result import quantize
 from ...seeds import derive, sequence
-from ...utils import atomic_file, resolve_device
+from ...utils import resolve_device
+from .loop import Parametrization, optimize
 from .objective import UGEObjective, _diagnostic_indices
 from .workdir import _Workdir
-
-log = logging.getLogger("uge")
 
 
 def _conv_block(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequential:
@@ -96,67 +92,80 @@ def project(x_u: torch.Tensor, x: torch.Tensor, rho: float) -> torch.Tensor:
     return torch.clamp(torch.minimum(torch.maximum(x_u, x - rho), x + rho), 0.0, 1.0)
 
 
-def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDataset, device, work: _Workdir,
-                     progress: bool) -> tuple[Generator, list[dict]]:
-    """Algorithm 1, lines 6–15: minimize L_all over the generator, checkpointing after every epoch."""
-    torch.manual_seed(derive(cfg.seed, "generator"))
-    gen = Generator(data.channels, cfg.rho, width=cfg.generator.width, center=cfg.generator.center).to(device)
-    opt = torch.optim.Adam(gen.parameters(), lr=cfg.generator.lr)
-    history, start = [], 0
-    ckpt = work.file("generator.pt")
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        gen.load_state_dict(state["generator"])
-        opt.load_state_dict(state["optimizer"])
-        history, start = state["history"], state["epoch"]
-        log.info("generator resumed after epoch %d of %d", start, cfg.generator.epochs)
-    images, labels = data.tensors(device)
-    n, bs = len(data), min(cfg.batch_size, len(data))
-    steps = max(1, n // bs)
-    # With a clean-gradient cache the batches are one fixed partition visited in a new order every epoch
-    # (so clean targets repeat); without it, every epoch reshuffles the images (the reference behaviour).
-    fixed = cfg.gm.cache_mb > 0 and "gm" in cfg.losses
-    partition = torch.from_numpy(np.random.default_rng(sequence(cfg.seed, "partition")).permutation(n)).to(device)
-    bar = tqdm(range(start, cfg.generator.epochs), desc="generator", disable=None if progress else True, leave=False,
-               initial=start, total=cfg.generator.epochs)
-    for epoch in bar:
-        # Every epoch draws from its own seeds (numpy: batch order and checkpoints; torch: dropout, augmentation),
-        # so a run resumed from the checkpoint of the epoch before publishes the same bytes as one never stopped.
-        rng = np.random.default_rng(sequence(cfg.seed, "generator_epoch", epoch))
-        torch.manual_seed(derive(cfg.seed, "generator_epoch", epoch))
+class _GeneratorTraining(Parametrization):
+    """Algorithm 1, lines 6–15, one epoch a unit: minimize L_all over the generator's weights (Adam)."""
+
+    name, stream, unit = "generator", "generator_epoch", "epoch"
+
+    def __init__(self, objective: UGEObjective, cfg: ProtectConfig, data: ImageDataset, device):
+        self.objective, self.cfg, self.data, self.device = objective, cfg, data, device
+        torch.manual_seed(derive(cfg.seed, "generator"))
+        self.gen = Generator(data.channels, cfg.rho, width=cfg.generator.width, center=cfg.generator.center).to(device)
+        self.opt = torch.optim.Adam(self.gen.parameters(), lr=cfg.generator.lr)
+        self.history: list[dict] = []
+        self.images, self.labels = data.tensors(device)
+        n = len(data)
+        self.bs = min(cfg.batch_size, n)
+        self.steps = max(1, n // self.bs)
+        # With a clean-gradient cache the batches are one fixed partition visited in a new order every epoch
+        # (so clean targets repeat); without it, every epoch reshuffles the images (the reference behaviour).
+        self.fixed = cfg.gm.cache_mb > 0 and "gm" in cfg.losses
+        self.partition = torch.from_numpy(np.random.default_rng(sequence(cfg.seed, "partition")).permutation(n)).to(
+            device)
+
+    def units(self) -> int:
+        return self.cfg.generator.epochs
+
+    def seed_index(self, r: int, u: int) -> tuple[int, ...]:
+        return (u,)
+
+    def step(self, r: int, epoch: int, rng: np.random.Generator) -> dict:
+        cfg, gen, images, labels, bs = self.cfg, self.gen, self.images, self.labels, self.bs
         gen.train()
         sums: dict[str, torch.Tensor] = {}
-        batch_order = rng.permutation(steps) if fixed else range(steps)
-        order = partition if fixed else torch.from_numpy(rng.permutation(n)).to(device)
-        for i in range(steps):
+        batch_order = rng.permutation(self.steps) if self.fixed else range(self.steps)
+        order = self.partition if self.fixed else torch.from_numpy(rng.permutation(len(self.data))).to(self.device)
+        for i in range(self.steps):
             j = int(batch_order[i])
             idx = order[j * bs:(j + 1) * bs]
             x, y = images[idx].float().div_(255), labels[idx]
-            terms = objective.terms(x, gen(x), y, rng, batch_id=j if fixed else None,
-                                    gm=epoch >= cfg.generator.gm_warmup_epochs)
+            terms = self.objective.terms(x, gen(x), y, rng, batch_id=j if self.fixed else None,
+                                         gm=epoch >= cfg.generator.gm_warmup_epochs)
             terms["total"] = loss = sum(terms.values())
-            opt.zero_grad(set_to_none=True)
+            self.opt.zero_grad(set_to_none=True)
             loss.backward(inputs=list(gen.parameters()))  # the networks inside the losses stay untouched
-            opt.step()
+            self.opt.step()
             for k, v in terms.items():  # summed on the device: one synchronization per epoch, not per step
                 sums[k] = sums.get(k, 0) + v.detach()
         sums = {k: v.item() for k, v in sums.items()}
         if not all(np.isfinite(v) for v in sums.values()) or not all(torch.isfinite(p).all() for p in gen.parameters()):
             raise FloatingPointError(f"generator training diverged in epoch {epoch + 1} (losses {sums}); "
                                      "lower generator_lr, or report this with the config")
-        record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
+        record = {"epoch": epoch + 1, **{k: v / self.steps for k, v in sums.items()}}
         if cfg.diagnostics:
-            idx = _diagnostic_indices(data, cfg, device)
+            idx = _diagnostic_indices(self.data, cfg, self.device)
             xd = images[idx].float().div_(255)
             with torch.no_grad():
                 xd_u = gen(xd)
-            record.update(objective.diagnose(xd, xd_u, labels[idx]))
-        history.append(record)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "epoch"})
-        with atomic_file(ckpt) as tmp:  # a kill mid-save must not corrupt the resume point
-            torch.save({"generator": gen.state_dict(), "optimizer": opt.state_dict(), "history": history,
-                        "epoch": epoch + 1}, tmp)
-    return gen, history
+            record.update(self.objective.diagnose(xd, xd_u, labels[idx]))
+        self.history.append(record)
+        return {k: v for k, v in record.items() if k != "epoch"}
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.state_dict(), "optimizer": self.opt.state_dict(), "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.load_state_dict(state["generator"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.history = state["history"]
+
+
+def _train_generator(objective: UGEObjective, cfg: ProtectConfig, data: ImageDataset, device, work: _Workdir,
+                     progress: bool) -> tuple[Generator, list[dict]]:
+    """Algorithm 1, lines 6–15: minimize L_all over the generator, checkpointing after every epoch."""
+    training = _GeneratorTraining(objective, cfg, data, device)
+    optimize(training, work.file("generator.pt"), cfg.seed, device, progress)
+    return training.gen, training.history
 
 
 @torch.no_grad()
