@@ -84,3 +84,25 @@ def test_jpeg_keeps_a_block_aligned_jpeg_patch_and_a_moved_grid_removes_half_of_
 
     assert kept("jpeg:quality=10") > 0.8
     assert kept("jpeg-grid:quality=10,offset=4") < 0.65
+
+
+def test_jpeg_patch_mix_puts_its_energy_on_the_listed_frequencies_and_signs_flips_vary_it_per_image():
+    data = random_dataset(n=200, size=16, channels=1, num_classes=2)
+    data.images[:] = 128
+    low = ["1,0", "0,1", "2,0", "0,2", "1,1"]
+    d = _jpeg_patch(data, size=8, mix=True, freqs=low, shift=False).images[..., 0].astype(float) - 128
+    assert set(np.unique(d)) == {-10, 10}
+    t = (2 * np.arange(8) + 1) * np.pi / 16
+    basis = {(u, v): np.outer(np.cos(v * t), np.cos(u * t)) for u in range(8) for v in range(8)}
+    energy = {f: (d[0, :8, :8] * b).sum() ** 2 / (b ** 2).sum() for f, b in basis.items()}
+    listed = sum(energy[tuple(map(int, f.split(",")))] for f in low)
+    assert listed / sum(energy.values()) > 0.5  # a random ±1 block puts about 5/64 there
+    fixed = d[data.labels == 0]
+    assert (fixed == fixed[0]).all()  # no shift, signs or flips: one pattern per class
+    v = _jpeg_patch(data, size=8, mix=True, freqs=low, shift=False, signs=True, flips=True)
+    v = v.images[..., 0].astype(float) - 128
+    cls = v[data.labels == 0]
+    p = fixed[0]
+    variants = [s * q for s in (1, -1) for q in (p, p[::-1], p[:, ::-1], p[::-1, ::-1])]
+    assert all(any(np.array_equal(img, q) for q in variants) for img in cls)
+    assert len({img.tobytes() for img in cls}) > 4 and np.abs(cls.mean(0)).mean() < 3  # the class mean fades

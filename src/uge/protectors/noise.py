@@ -108,6 +108,9 @@ class JpegBlockPatch(Protector):
     size: int = param(32, low=8, high=64, note="pixels (a multiple of 8)")
     freqs: list = param(default_factory=lambda: ["4,0", "0,4"], choices=JPEG_FREQS, many=True)  # DCT (u, v): u across, v down
     shift: bool = True  # each image's tiling cyclically shifted by its own random multiple of 8 pixels
+    mix: bool = False  # each block the sign of a random combination of every basis in freqs (not one of them)
+    signs: bool = False  # each image's pattern times its own random ±1: the class means hold nothing
+    flips: bool = False  # each image's pattern flipped up-down and left-right at random (the grid stays aligned)
 
     def cross_checks(self):
         return [] if self.size % 8 == 0 else [f"size must be a multiple of 8, got {self.size}"]
@@ -115,17 +118,34 @@ class JpegBlockPatch(Protector):
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:
         g = torch.Generator().manual_seed(seed)
-        k, blocks = data.num_classes, self.size // 8
-        basis = torch.stack([_dct_sign(*map(int, f.split(","))) for f in self.freqs])  # (F, 8, 8)
-        which = torch.randint(0, len(self.freqs), (k, blocks, blocks), generator=g)
-        signs = torch.randint(0, 2, (k, blocks, blocks), generator=g) * 2 - 1
-        cells = basis[which] * signs[..., None, None]  # (K, by, bx, 8, 8)
+        k, blocks, n = data.num_classes, self.size // 8, len(data)
+        uv = [tuple(map(int, f.split(","))) for f in self.freqs]
+        if self.mix:  # a class's block: the sign of Σ_f c_f·basis_f, c ~ N(0, 1): energy on every listed frequency
+            basis = torch.stack([_dct(u, v) for u, v in uv])  # (F, 8, 8)
+            coef = torch.randn((k, blocks, blocks, len(uv)), generator=g)
+            cells = _sign(torch.einsum("kyxf,fij->kyxij", coef, basis))
+        else:
+            basis = torch.stack([_sign(_dct(u, v)) for u, v in uv])
+            which = torch.randint(0, len(uv), (k, blocks, blocks), generator=g)
+            sign = torch.randint(0, 2, (k, blocks, blocks), generator=g) * 2 - 1
+            cells = basis[which] * sign[..., None, None]  # (K, by, bx, 8, 8)
         tiles = cells.permute(0, 1, 3, 2, 4).reshape(k, 1, self.size, self.size)
         patches = (tiles * self.rho).expand(-1, data.channels, -1, -1)
-        return noise_result(self, data, _place(patches, data, self.size, 8, self.shift, g), seed)
+        delta = _place(patches, data, self.size, 8, self.shift, g)
+        if self.signs:
+            delta = delta * (torch.randint(0, 2, (n, 1, 1, 1), generator=g) * 2 - 1)
+        if self.flips:
+            flip = torch.randint(0, 2, (n, 2), generator=g).bool()
+            delta = torch.where(flip[:, 0, None, None, None], delta.flip(2), delta)
+            delta = torch.where(flip[:, 1, None, None, None], delta.flip(3), delta)
+        return noise_result(self, data, delta, seed)
 
 
-def _dct_sign(u: int, v: int) -> torch.Tensor:
-    """sign(cos((2x+1)uπ/16)·cos((2y+1)vπ/16)) on an 8×8 block, rows y, columns x (no zeros for u, v < 8)."""
+def _dct(u: int, v: int) -> torch.Tensor:
+    """JPEG's DCT basis function cos((2x+1)uπ/16)·cos((2y+1)vπ/16) on an 8×8 block (rows y, columns x)."""
     t = (2 * torch.arange(8, dtype=torch.float64) + 1) * torch.pi / 16
-    return torch.sign(torch.outer(torch.cos(v * t), torch.cos(u * t))).float()
+    return torch.outer(torch.cos(v * t), torch.cos(u * t)).float()
+
+
+def _sign(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0, 1.0, -1.0)  # never 0: every pixel at ±ρ
