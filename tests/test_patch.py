@@ -3,8 +3,10 @@ channel) and a per-image cyclic shift of the class's tiling."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from conftest import random_dataset
+from uge.errors import ConfigError
 from uge.protectors import build_protector
 
 RHO = 8 / 255
@@ -106,3 +108,18 @@ def test_jpeg_patch_mix_puts_its_energy_on_the_listed_frequencies_and_signs_flip
     variants = [s * q for s in (1, -1) for q in (p, p[::-1], p[:, ::-1], p[::-1, ::-1])]
     assert all(any(np.array_equal(img, q) for q in variants) for img in cls)
     assert len({img.tobytes() for img in cls}) > 4 and np.abs(cls.mean(0)).mean() < 3  # the class mean fades
+
+
+def test_jpeg_patch_distinct_gives_every_class_its_own_basis_and_refuses_too_few():
+    data = random_dataset(n=60, size=16, channels=1, num_classes=3)
+    data.images[:] = 128
+    freqs = ["1,0", "0,1", "4,0"]
+    d = _jpeg_patch(data, size=8, freqs=freqs, distinct=True, shift=False).images[..., 0].astype(int) - 128
+    blocks = {d[data.labels == c][0, :8, :8].tobytes() for c in range(3)}
+    t = (2 * np.arange(8) + 1) * np.pi / 16
+    used = {f for c in range(3) for f in freqs
+            if abs((d[data.labels == c][0, :8, :8] * np.sign(np.outer(np.cos(int(f[2]) * t), np.cos(int(f[0]) * t))))
+                   .sum()) == 640}
+    assert len(blocks) == 3 and used == set(freqs)  # each class one basis, no basis twice
+    with pytest.raises(ConfigError, match="distinct needs a basis per block, 3 for 3 classes"):
+        _jpeg_patch(data, size=8, freqs=freqs[:2], distinct=True)

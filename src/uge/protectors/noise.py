@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..data.dataset import ImageDataset
+from ..errors import ConfigError
 from ..params import budget, param
 from ..pgd import uniform_start
 from ..result import Protection
@@ -109,6 +110,7 @@ class JpegBlockPatch(Protector):
     freqs: list = param(default_factory=lambda: ["4,0", "0,4"], choices=JPEG_FREQS, many=True)  # DCT (u, v): u across, v down
     shift: bool = True  # each image's tiling cyclically shifted by its own random multiple of 8 pixels
     mix: bool = False  # each block the sign of a random combination of every basis in freqs (not one of them)
+    distinct: bool = False  # no basis in two blocks (of any class): a random permutation of freqs, not draws
     signs: bool = False  # each image's pattern times its own random ±1: the class means hold nothing
     flips: bool = False  # each image's pattern flipped up-down and left-right at random (the grid stays aligned)
 
@@ -117,6 +119,10 @@ class JpegBlockPatch(Protector):
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:
+        need = data.num_classes * (self.size // 8) ** 2
+        if self.distinct and not self.mix and len(self.freqs) < need:
+            raise ConfigError(f"protector 'jpeg-patch': distinct needs a basis per block, {need} for "
+                              f"{data.num_classes} classes at size {self.size}; freqs has {len(self.freqs)}")
         g = torch.Generator().manual_seed(seed)
         k, blocks, n = data.num_classes, self.size // 8, len(data)
         uv = [tuple(map(int, f.split(","))) for f in self.freqs]
@@ -126,7 +132,8 @@ class JpegBlockPatch(Protector):
             cells = _sign(torch.einsum("kyxf,fij->kyxij", coef, basis))
         else:
             basis = torch.stack([_sign(_dct(u, v)) for u, v in uv])
-            which = torch.randint(0, len(uv), (k, blocks, blocks), generator=g)
+            which = torch.randperm(len(uv), generator=g)[:k * blocks ** 2].view(k, blocks, blocks) if self.distinct \
+                else torch.randint(0, len(uv), (k, blocks, blocks), generator=g)
             sign = torch.randint(0, 2, (k, blocks, blocks), generator=g) * 2 - 1
             cells = basis[which] * sign[..., None, None]  # (K, by, bx, 8, 8)
         tiles = cells.permute(0, 1, 3, 2, 4).reshape(k, 1, self.size, self.size)
