@@ -28,7 +28,7 @@ from uge.data.dataset import ImageDataset
 from uge.published import read_published
 from uge.utils import write_json
 
-DEFAULT = ["grayscale+jpeg:quality=10", "jpeg:quality=10", "grayscale", "pca:patch=8,k=64,ratio=1.2",
+DEFAULT = ["grayscale+jpeg:quality=10", "grayscale+jpeg-grid:quality=10,offset=4", "jpeg:quality=10", "grayscale", "pca:patch=8,k=64,ratio=1.2",
            "pca:patch=8,k=16", "pca", "orthogonal", "classmean", "spectral", "spectral:k=256,ratio=1.5,zero=1"]
 
 
