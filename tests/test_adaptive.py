@@ -130,3 +130,27 @@ def test_spectral_leaves_clean_data_alone_and_needs_a_reference():
     assert spectral.found == 0 and np.abs(out.images.astype(int) - clean.images).max() <= 1  # rounding only
     with pytest.raises(ConfigError, match="clean images from elsewhere"):
         transform_data(parse_countermeasures("spectral"), clean)
+
+
+def test_blockdct_removes_a_block_aligned_jpeg_basis_pattern_that_block_signs_hide_from_spectral():
+    """The jpeg-patch grating code (one DCT basis per class): ``blockdct`` finds its coefficients in JPEG's basis
+    whether or not every block has its own sign; a sign per block spreads the tiling's comb of frequencies, so
+    ``spectral`` removes much less of it."""
+    from uge.protectors import build_protector
+
+    clean, reference = dataset(natural(300, size=32)), dataset(natural(300, size=32, seed=7))
+    kept = {}
+    for block_signs in (False, True):
+        prot = build_protector("jpeg-patch", rho=8 / 255, size=8, freqs=["4,0", "0,4", "3,0", "0,3"], distinct=True,
+                               shift=False, block_signs=block_signs).protect(clean, seed=0).protected
+        left, harm = _along(prot, clean, "blockdct:k=64,ratio=1.5", reference)
+        assert left < 0.2 and harm < 8  # less change to clean images than the pattern (8 levels) itself
+        kept[block_signs] = _along(prot, clean, "spectral:k=256,ratio=1.5,zero=1", reference)[0]
+    assert kept[False] < 0.1 and kept[True] > kept[False] + 0.3
+
+
+def test_blockdct_leaves_clean_data_alone():
+    clean = dataset(natural(400))
+    cm = parse_countermeasures("blockdct")[0]
+    out = transform_data([cm], clean, reference=dataset(natural(400, seed=7)))
+    assert cm.found == 0 and np.abs(out.images.astype(int) - clean.images).max() <= 1

@@ -39,7 +39,7 @@ EXAMPLES = {
     "mixup": "mixup:alpha=0.4", "cutmix": "cutmix:alpha=1", "ueraser": "ueraser:strength=0.7",
     "adv": "adv:eps=4,steps=2", "copy-input": "copy-input", "pca": "pca:patch=2,k=2",
     "classmean": "classmean:strength=0.5", "orthogonal": "orthogonal:steps=5", "spectral": "spectral:k=8,ratio=1.5",
-    "jpeg-grid": "jpeg-grid:quality=30,offset=3",
+    "jpeg-grid": "jpeg-grid:quality=30,offset=3", "blockdct": "blockdct:k=4,ratio=1.5",
 }
 # One bad parameter per countermeasure: (spec, words the message must contain).
 BAD = {
@@ -57,6 +57,7 @@ BAD = {
     "orthogonal": ("orthogonal:steps=0", ["steps=0", "1..10000"]),
     "spectral": ("spectral:zero=2", ["zero=2", "0..1"]),
     "jpeg-grid": ("jpeg-grid:offset=8", ["offset=8", "1..7"]),
+    "blockdct": ("blockdct:ratio=1", ["ratio=1", "> 1"]),
 }
 INPUTS = [n for n in list_countermeasures() if get_countermeasure(n).kind == "input"]
 BATCHES = [n for n in list_countermeasures() if get_countermeasure(n).kind == "batch"]
@@ -136,7 +137,7 @@ def test_bad_parameter_raises_one_line_config_error(name):
 
 
 @pytest.mark.parametrize("text, words", [
-    ("jepg:quality=10", ["unknown countermeasure 'jepg'", "known: adv, blur"]),
+    ("jepg:quality=10", ["unknown countermeasure 'jepg'", "known: adv, blockdct, blur"]),
     ("jpeg:q=10", ["no parameter 'q'", "quality (an int in 10..95, default 10"]),
     ("jpeg:quality", ["bad parameter 'quality'", "key=value"]),
     ("jpeg:", ["bad countermeasure 'jpeg:'", "NAME[:key=value"]),

@@ -123,3 +123,14 @@ def test_jpeg_patch_distinct_gives_every_class_its_own_basis_and_refuses_too_few
     assert len(blocks) == 3 and used == set(freqs)  # each class one basis, no basis twice
     with pytest.raises(ConfigError, match="distinct needs a basis per block, 3 for 3 classes"):
         _jpeg_patch(data, size=8, freqs=freqs[:2], distinct=True)
+
+
+def test_jpeg_patch_block_signs_flip_each_block_on_its_own():
+    data = random_dataset(n=40, size=32, channels=1, num_classes=2)
+    data.images[:] = 128
+    kw = dict(size=8, freqs=["4,0", "0,4"], distinct=True, shift=False)
+    plain = _jpeg_patch(data, **kw).images[..., 0].astype(int) - 128
+    signed = _jpeg_patch(data, block_signs=True, **kw).images[..., 0].astype(int) - 128
+    ratio = (signed * plain).reshape(40, 4, 8, 4, 8).transpose(0, 1, 3, 2, 4).reshape(40, 16, 64) // 100
+    assert (np.abs(ratio) == 1).all() and (ratio == ratio[..., :1]).all()  # one sign per block ...
+    assert len({tuple(r[:, 0]) for r in ratio}) > 20  # ... drawn per block and per image

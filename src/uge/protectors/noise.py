@@ -112,6 +112,7 @@ class JpegBlockPatch(Protector):
     mix: bool = False  # each block the sign of a random combination of every basis in freqs (not one of them)
     distinct: bool = False  # no basis in two blocks (of any class): a random permutation of freqs, not draws
     signs: bool = False  # each image's pattern times its own random ±1: the class means hold nothing
+    block_signs: bool = False  # every 8x8 block of every image times its own random ±1: no periodic spectrum
     flips: bool = False  # each image's pattern flipped up-down and left-right at random (the grid stays aligned)
 
     def cross_checks(self):
@@ -141,6 +142,10 @@ class JpegBlockPatch(Protector):
         delta = _place(patches, data, self.size, 8, self.shift, g)
         if self.signs:
             delta = delta * (torch.randint(0, 2, (n, 1, 1, 1), generator=g) * 2 - 1)
+        if self.block_signs:  # a sign per 8x8 block spreads the tiling's comb of frequencies into broad bands
+            h, w = data.image_size
+            s = torch.randint(0, 2, (n, 1, -(-h // 8), -(-w // 8)), generator=g) * 2 - 1
+            delta = delta * s.repeat_interleave(8, 2).repeat_interleave(8, 3)[:, :, :h, :w]
         if self.flips:
             flip = torch.randint(0, 2, (n, 2), generator=g).bool()
             delta = torch.where(flip[:, 0, None, None, None], delta.flip(2), delta)
