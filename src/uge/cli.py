@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -9,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
+from . import __version__, distributed
 from .config import (
     CHOICES,
     COUNTERMEASURE_SYNTAX,
@@ -129,7 +130,8 @@ def load_source(source: dict, root=None, download=False, flag: str = "--original
 
 
 def _print(text: str = ""):
-    print(text, flush=True)
+    if distributed.is_main():  # under torchrun, rank 0 speaks for every process
+        print(text, flush=True)
 
 
 # ---------------------------------------------------------------- protect
@@ -291,19 +293,26 @@ def cmd_train(args) -> int:
     recipe = _recipe(args)
     start = time.perf_counter()
     train(model, data, recipe, task=wrap_task(cms, task or SupervisedTask()), device=args.device, seed=args.seed,
-          progress=not args.quiet, desc=f"train {args.arch}", batch_augment=make_batch_augment(cms, data.num_classes))
+          progress=not args.quiet, desc=f"train {args.arch}", batch_augment=make_batch_augment(cms, data.num_classes),
+          checkpoint=args.checkpoint, sync_bn=args.sync_bn)
     rec = {"arch": args.arch, "mode": "distill" if task else "normal", "init": args.init or f"seed:{args.seed}",
            "data": src, "test": test_src, "test_acc": accuracy(model, test), "train_acc": accuracy(model, data),
            "seconds": round(time.perf_counter() - start, 2), "recipe": recipe.to_dict(),
-           "countermeasures": format_countermeasures(cms) or None}
+           "countermeasures": format_countermeasures(cms) or None, **_processes()}
     _print(f"{args.arch} ({rec['mode']}): test accuracy {rec['test_acc']:.2f}% "
            f"(train {rec['train_acc']:.2f}%) in {rec['seconds']:.1f} s")
     if args.save:
-        save_weights(args.save, model.state_dict(), metadata={"arch": args.arch})
+        distributed.on_main(save_weights, args.save, model.state_dict(), metadata={"arch": args.arch})
         _print(f"weights saved to {args.save}")
     if args.record:
-        write_json(args.record, rec)
+        distributed.on_main(write_json, args.record, rec)
     return 0
+
+
+def _processes() -> dict:
+    """The number of training processes, in a record of a run under torchrun (one process: nothing, as before)."""
+    size = distributed.world().size
+    return {"processes": size} if size > 1 else {}
 
 
 def _default_test_source(src: dict) -> dict:
@@ -365,7 +374,7 @@ def cmd_evaluate(args) -> int:
     table = format_table(records, num_classes=test.num_classes)
     # one table per countermeasure setting, like the records ("table.md" without countermeasures)
     tag = "".join(f"__{p}{countermeasure_slug(c)}" for p, c in (("", cms), ("authorized-", auth_cms)) if c)
-    (out / f"table{tag}.md").write_text(table + "\n")
+    distributed.on_main((out / f"table{tag}.md").write_text, table + "\n")
     _print(table)
     _print(f"\n{len(records)} records and table{tag}.md in {out} ({time.perf_counter() - start:.1f} s)")
     return 0
@@ -558,8 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--temperature", type=float, default=4.0)
     t.add_argument("--save", help="write the trained weights here (safetensors)")
     t.add_argument("--record", help="write a JSON record here")
+    t.add_argument("--checkpoint", metavar="FILE", help="write the run's state here after every epoch and resume "
+                   "from it when it exists (a rerun of a killed run ends as one never stopped)")
+    t.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm with the statistics "
+                   "of the global batch, not of each process's part")
     _add_countermeasure_arg(t, who="this training run")
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=cmd_train, processes=True)
 
     e = sub.add_parser("evaluate", help="the paper's threat model on a published set")
     e.add_argument("published")
@@ -581,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "originals restored with it (uge unseal), from a random initialization; hackers on the set")
     e.add_argument("--key-archs", metavar="ARCH,ARCH", help="with --key: the authorized networks' architectures "
                    "(default: the published authorized networks', else resnetc20 for colour, cnn for grayscale)")
-    e.set_defaults(func=cmd_evaluate)
+    e.set_defaults(func=cmd_evaluate, processes=True)
 
     v = sub.add_parser("verify", help="check a published set's budget, labels, order and hashes")
     v.add_argument("published")
@@ -638,13 +651,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(message)s")
     try:
-        return args.func(args)
+        with _process_group(args):
+            return args.func(args)
     except UGEError as e:
         print(f"uge: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)  # 1 for a sealed set that cannot be opened (uge.sealing.SealError)
     except KeyboardInterrupt:
         print("uge: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _process_group(args):
+    """torchrun's process group for the commands that train on several processes (``processes`` among their
+    defaults: train, evaluate); any other command under torchrun is refused rather than run N times."""
+    if getattr(args, "processes", False):
+        if not distributed.is_main():  # one log: rank 0's
+            logging.getLogger("uge").setLevel(logging.WARNING)
+        return distributed.session(args.device)
+    if distributed.launched():
+        raise ConfigError(f"uge {args.command} runs in one process; under torchrun only train and evaluate run "
+                          "(every process would do the whole work and write the same files)")
+    return contextlib.nullcontext()
 
 
 if __name__ == "__main__":

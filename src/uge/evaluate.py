@@ -29,6 +29,7 @@ from .countermeasures import (
     wrap_task,
 )
 from .data.dataset import ImageDataset
+from .distributed import on_main
 from .errors import ConfigError
 from .models.registry import Classifier
 from .published import Published, given_theta0
@@ -201,9 +202,9 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
                     record = Record(**auth_common, role="authorized", index=k, arch=name, mode="normal", init=init,
                                     fresh=fresh, **res)
                     rec = record.to_dict()
-                    if rec_file:
-                        save_weights(weights, model.state_dict())
-                        write_record(rec_file, record)
+                    if rec_file:  # under torchrun by rank 0, and there for every rank afterwards
+                        on_main(save_weights, weights, model.state_dict())
+                        on_main(write_record, rec_file, record)
                 log.info("%s  authorized %-12s seed %d  test acc %.2f%%", auth_label, name, s, rec["test_acc"])
             records.append(rec)
             if is_teacher:
@@ -239,7 +240,7 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
                             **init, **res)
             rec = record.to_dict()
             if rec_file:
-                write_record(rec_file, record)
+                on_main(write_record, rec_file, record)
         records.append(rec)
         log.info("%s  hacker %-12s %-7s test acc %.2f%%", data_label, h.arch, h.mode, res["test_acc"])
     return records

@@ -6,7 +6,11 @@ trajectory recording all run through :func:`train`.
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -16,9 +20,13 @@ from tqdm.auto import tqdm
 
 from .config import SCHEDULES, Recipe  # noqa: F401  (Recipe lives in the config layer; re-exported)
 from .data.dataset import ImageDataset
+from .distributed import is_main, mean, on_main, rank_device, shard, sync_buffers, wrap
 from .errors import ConfigError
 from .pgd import pgd
 from .utils import resolve_device
+from .weights import load_weights, read_metadata, save_weights
+
+log = logging.getLogger("uge")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
@@ -119,20 +127,26 @@ class AdversarialTask:
         return loss_at(self.perturb(model, x, y, loss_at))
 
 
-def augment(x: torch.Tensor, crop: bool = True, flip: bool = True) -> torch.Tensor:
-    """Random crop (zero padding of size/8, at least 1 px) and horizontal flip of a batch, on its device."""
+def augment(x: torch.Tensor, crop: bool = True, flip: bool = True, *, batch: int | None = None,
+            part: slice | None = None) -> torch.Tensor:
+    """Random crop (zero padding of size/8, at least 1 px) and horizontal flip of a batch, on its device.
+
+    With ``part``, x is that slice of a batch of ``batch`` samples (one rank's under DDP): the random numbers
+    are drawn for the whole batch and sliced, so the ranks together augment it exactly as one process does.
+    """
     b, c, h, w = x.shape
+    draw, take = (b, slice(None)) if part is None else (batch, part)
     if crop:
         p = max(1, round(min(h, w) / 8))
         xp = F.pad(x, (p, p, p, p))
-        oy = torch.randint(0, 2 * p + 1, (b, 1), device=x.device)
-        ox = torch.randint(0, 2 * p + 1, (b, 1), device=x.device)
+        oy = torch.randint(0, 2 * p + 1, (draw, 1), device=x.device)[take]
+        ox = torch.randint(0, 2 * p + 1, (draw, 1), device=x.device)[take]
         rows = (oy + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (ox + torch.arange(w, device=x.device))[:, None, None, :]
         x = xp[torch.arange(b, device=x.device)[:, None, None, None],
                torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
     if flip:
-        mask = torch.rand(b, 1, 1, 1, device=x.device) < 0.5
+        mask = torch.rand(draw, 1, 1, 1, device=x.device)[take] < 0.5
         x = torch.where(mask, x.flip(3), x)
     return x
 
@@ -145,7 +159,7 @@ def train(model: nn.Module, data: ImageDataset, recipe: Recipe, *, task=None, de
           stop_after: int | None = None, on_epoch: Callable[[int, nn.Module], None] | None = None,
           progress: bool = True, desc: str = "train",
           batch_augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-          ) -> nn.Module:
+          checkpoint: str | os.PathLike | None = None, sync_bn: bool = False) -> nn.Module:
     """Train ``model`` in place on ``data`` with ``recipe`` and return it.
 
     Args:
@@ -156,9 +170,21 @@ def train(model: nn.Module, data: ImageDataset, recipe: Recipe, *, task=None, de
             (B, K). A hacker's countermeasures (:func:`uge.countermeasures.make_batch_augment`) come in here.
         stop_after: stop after this many epochs while keeping the schedule of ``recipe.epochs``
             (trajectory recording uses the first T epochs of the authorized recipe).
-        on_epoch: called as ``on_epoch(epoch, model)`` after each epoch (epoch counts from 1).
+        on_epoch: called as ``on_epoch(epoch, model)`` after each epoch trained in this call (epoch counts from 1).
+        checkpoint: a file written after every epoch (the model, the optimizer's momentum, the random states of
+            the data order and the augmentation) and resumed from when it exists, so a rerun of a killed run
+            ends with the parameters of one never stopped; a checkpoint of another run is refused.
+        sync_bn: under DDP on GPUs, BatchNorm with the global batch's statistics (torch's SyncBatchNorm).
+
+    Under ``torchrun`` (:mod:`uge.distributed`) every rank draws the same data order and augmentation from
+    ``seed`` and trains on its equal part of each global batch of ``recipe.batch_size``; DDP averages the
+    ranks' gradients, the gradient of the global batch's mean loss, so a network without BatchNorm ends as in
+    one process up to float rounding. BatchNorm normalizes each part by its own statistics (unless
+    ``sync_bn``) and keeps rank 0's running statistics. ``batch_augment`` and adversarial training draw their
+    random numbers per part: the same kind of training, not one process's draws. Rank 0 writes the checkpoint
+    and every rank resumes from it.
     """
-    device = resolve_device(device)
+    device = rank_device(resolve_device(device))
     task = task or SupervisedTask()
     task.to(device)  # tasks that hold networks (a distillation teacher) move them to the device
     model.to(device).train()
@@ -166,26 +192,28 @@ def train(model: nn.Module, data: ImageDataset, recipe: Recipe, *, task=None, de
         model.to(memory_format=torch.channels_last)
     images, labels = data.tensors(device)
     n, bs = len(data), min(recipe.batch_size, len(data))
+    part = shard(bs)  # this rank's slice of every global batch (None: one process, all of it)
     steps_per_epoch = n // bs  # drop the last partial batch: BatchNorm needs more than one sample
     total = steps_per_epoch * recipe.epochs
     epochs = recipe.epochs if stop_after is None else min(stop_after, recipe.epochs)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.ndim > 1 else no_decay).append(p)
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0)
+    opt = _optimizer(model, recipe)
     gen = torch.Generator().manual_seed(seed)
-    step = 0
+    run = {"recipe": recipe.to_dict(), "seed": seed, "samples": n, "task": task.name}  # what a checkpoint must match
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        bar = tqdm(range(1, epochs + 1), desc=desc, disable=None if progress else True, leave=False)
+        done = _resume(checkpoint, run, model, opt, gen, device) if checkpoint else 0
+        net = wrap(model, device, sync_bn)  # the model itself in one process
+        step = done * steps_per_epoch
+        bar = tqdm(range(done + 1, epochs + 1), desc=desc, disable=None if progress and is_main() else True,
+                   leave=False)
         for epoch in bar:
             order = torch.randperm(n, generator=gen).to(device)
             running = torch.zeros((), device=device)
             for i in range(steps_per_epoch):
                 idx = order[i * bs:(i + 1) * bs]
-                x = augment(images[idx].float().div_(255), recipe.crop, recipe.flip)
+                if part is not None:
+                    idx = idx[part]
+                x = augment(images[idx].float().div_(255), recipe.crop, recipe.flip, batch=bs, part=part)
                 y = labels[idx]
                 if batch_augment is not None:
                     x, y = batch_augment(x, y)
@@ -194,19 +222,69 @@ def train(model: nn.Module, data: ImageDataset, recipe: Recipe, *, task=None, de
                 for g in opt.param_groups:
                     g["lr"] = recipe.lr_at(step, total)
                 with _autocast(device):
-                    loss = task.loss(model, x, y)
+                    loss = task.loss(net, x, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 running += loss.detach()
                 step += 1
-            loss_value = (running / steps_per_epoch).item()
+            loss_value = mean(running / steps_per_epoch).item()  # every rank: all stop together on divergence
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"training diverged at epoch {epoch} (loss {loss_value}); lower the lr")
             bar.set_postfix(loss=f"{loss_value:.3f}")
+            sync_buffers(model)  # one network on every rank, for on_epoch and the checkpoint
             if on_epoch is not None:
                 on_epoch(epoch, model)
+            if checkpoint:
+                on_main(_save_checkpoint, checkpoint, run, epoch, model, opt, gen, device)
     return model.eval()
+
+
+def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.SGD:
+    """SGD with the recipe's momentum; weight decay on weights only, not on biases and norm scales."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)
+    return torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0)
+
+
+def _save_checkpoint(path, run: dict, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
+                     gen: torch.Generator, device: torch.device) -> None:
+    """Everything a rerun needs to go on after ``epoch`` as if never stopped (safetensors, atomically)."""
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    for i, state in opt.state_dict()["state"].items():
+        tensors.update({f"opt/{i}/{k}": v for k, v in state.items() if torch.is_tensor(v)})
+    tensors.update({"rng/order": gen.get_state(), "rng/cpu": torch.get_rng_state()})
+    if device.type == "cuda":
+        tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
+    save_weights(path, tensors, metadata={"epoch": str(epoch), "run": json.dumps(run, sort_keys=True)})
+
+
+def _resume(path, run: dict, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+            device: torch.device) -> int:
+    """Load the checkpoint at ``path`` into the run's state; the epochs it had trained (0 without one)."""
+    if not Path(path).is_file():
+        return 0
+    meta = read_metadata(path)
+    if json.loads(meta.get("run", "null")) != json.loads(json.dumps(run)):
+        raise ConfigError(f"checkpoint {path} is of another run ({meta.get('run')}; now {json.dumps(run)}); "
+                          "delete it, or rerun with the same settings to resume")
+    saved = load_weights(path)
+    part = lambda prefix: {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}  # noqa: E731
+    model.load_state_dict(part("model/"))
+    state = {}
+    for key, v in part("opt/").items():
+        i, _, name = key.partition("/")
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({**opt.state_dict(), "state": state})
+    gen.set_state(saved["rng/order"])
+    torch.set_rng_state(saved["rng/cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(saved["rng/cuda"], device)
+    log.info("%s: resumed after epoch %s", path, meta["epoch"])
+    return int(meta["epoch"])
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -29,6 +29,15 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ConfigError(f"{path} is not a valid safetensors weights file: {e}") from None
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The text metadata stored beside a safetensors file's tensors ({} when there is none)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not a valid safetensors file: {e}") from None
 
 
 def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
