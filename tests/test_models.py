@@ -8,7 +8,7 @@ from torch import nn
 from uge.errors import ConfigError
 from uge.models import create_model, list_models
 
-EXPECTED = {"cnn", "lenet", "resnetc20", "resnetc32", "resnet18", "mobilenetv2", "shufflenetv2"}
+EXPECTED = {"cnn", "smallcnn", "lenet", "resnetc20", "resnetc32", "resnet18", "mobilenetv2", "shufflenetv2"}
 
 
 def test_zoo_is_registered():

@@ -8,6 +8,9 @@ Sources
     ``"digits"``
         scikit-learn's 8x8 grayscale digits (1797 images), split 80/20 into train/test by a fixed,
         stratified split. No files, no network.
+    ``"shapes"``
+        a synthetic 32x32 RGB set of ten simple objects drawn in code from a fixed seed (2,000 train,
+        1,000 test; :mod:`uge.data.shapes`). No files, no network.
     ``"cifar10"``, ``"cifar100"``
         torchvision's CIFAR sets, stored under ``root`` (default ``<cache_dir>/torchvision``);
         ``download=True`` fetches them.
@@ -23,6 +26,9 @@ Sources
         Images are RGB unless every image is grayscale (PIL mode ``"L"``), then C=1.
     ``path/to/unsealed``
         A folder written by ``uge unseal`` (``data.npz`` beside ``unsealed.json``): read as that ``.npz``.
+    ``path/to/store``
+        A store folder (``images.npy``, ``labels.npy``, ``store.json``; :mod:`uge.data.store`), a set larger
+        than memory: with ``stream=True`` its images stay a memmap, otherwise they are read into memory.
     ``path/to/tree.tar`` (also ``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``)
         The same tree inside a tar archive, read in place (nothing is extracted to disk).
 
@@ -34,7 +40,8 @@ Folder and tar sources are decoded once and cached as an uncompressed ``.npz`` i
 (default: ``$UGE_CACHE`` or ``~/.cache/uge``). A tar archive's cache entry is keyed by its resolved
 path, size and modification time; a folder's by its resolved path and the name, size and
 modification time of every file in it, so editing an image invalidates the entry. An unreadable
-cache entry is ignored and rebuilt.
+cache entry is ignored and rebuilt. With ``stream=True`` they (and ``.npz`` files) are decoded chunk by chunk
+into a cached store folder instead, never holding every decoded image (a set larger than memory).
 """
 from __future__ import annotations
 
@@ -52,6 +59,9 @@ import numpy as np
 from ..errors import DataError
 from ..utils import atomic_file
 from .dataset import ImageDataset
+from .shapes import load_shapes
+from .store import IMAGES, LABELS, StoreWriter, chunk_rows, is_store, npz_chunks, npz_shape, open_images, \
+    open_store, read_rows, write_store_meta
 
 __all__ = ["load_dataset", "load_splits", "save_npz", "BUILTINS", "default_cache_dir"]
 
@@ -75,7 +85,7 @@ def default_cache_dir() -> Path:
 
 def load_dataset(source: str | os.PathLike, split: str = "train", *, root: str | os.PathLike | None = None,
                  download: bool = False, cache_dir: str | os.PathLike | None = None,
-                 per_class: int | None = None, seed: int = 0) -> ImageDataset:
+                 per_class: int | None = None, seed: int = 0, stream: bool = False) -> ImageDataset:
     """Load one split of ``source`` (see the module docstring for the kinds of source).
 
     Args:
@@ -87,13 +97,16 @@ def load_dataset(source: str | os.PathLike, split: str = "train", *, root: str |
         cache_dir: where decoded folder/tar sources are cached (default :func:`default_cache_dir`).
         per_class: if given, return a class-balanced subset of this many images per class.
         seed: seed of the ``per_class`` draw.
+        stream: a set larger than memory: folders, tars and ``.npz`` files are built chunk by chunk into a
+            cached store and a store stays one (images a memmap; :mod:`uge.data.store`). Built-in sets are
+            small and load into memory either way; a ``per_class`` subset is read into memory.
 
     Raises:
         DataError: the source is unknown, missing or malformed; the message names the file.
     """
     split = str(split)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    ds = _resolve(source)(source, split, root=root, download=download, cache_dir=cache)
+    ds = _resolve(source)(source, split, root=root, download=download, cache_dir=cache, stream=stream)
     if per_class is not None:
         ds = ds.per_class(int(per_class), seed)
     return ds
@@ -148,6 +161,8 @@ def _resolve(source: str | os.PathLike) -> Loader:
         raise DataError(f"no such data set: {str(source)!r} is neither a built-in name "
                         f"({', '.join(sorted(BUILTINS))}) nor an existing file or folder")
     if path.is_dir():
+        if is_store(path):  # a store folder (also `uge unseal`'s output of a set with images.npy)
+            return _load_store
         if (path / "unsealed.json").is_file() and (path / "data.npz").is_file():  # `uge unseal`'s output
             return lambda source, split, **kw: _load_npz(Path(source).expanduser() / "data.npz", split, **kw)
         return _load_directory
@@ -204,6 +219,7 @@ def _load_torchvision(cls_name: str) -> Loader:
 
 BUILTINS: dict[str, Loader] = {
     "digits": _load_digits,
+    "shapes": load_shapes,
     "cifar10": _load_torchvision("CIFAR10"),
     "cifar100": _load_torchvision("CIFAR100"),
 }
@@ -212,9 +228,19 @@ BUILTINS: dict[str, Loader] = {
 # ------------------------------------------------------------------------------------------- npz
 
 
-def _load_npz(source, split: str, **_) -> ImageDataset:
+def _load_store(source, split: str, *, stream: bool = False, **_) -> ImageDataset:
+    """A store folder is one split: ``split`` is ignored."""
+    ds = open_store(Path(source).expanduser())
+    return ds if stream else ds.in_memory()
+
+
+def _load_npz(source, split: str, *, stream: bool = False, cache_dir: Path | None = None, **_) -> ImageDataset:
     """One ``.npz`` is one split: ``split`` is ignored."""
     path = Path(source).expanduser()
+    if stream and cache_dir is not None:
+        st = path.stat()
+        key = _cache_key("npz", str(path.resolve()), st.st_size, st.st_mtime_ns)
+        return _cached_store(cache_dir, path.name, key, lambda out: _npz_to_store(path, out))
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {}
@@ -336,7 +362,7 @@ def _build_dataset(classes: Sequence[str], items: Iterable[Item], where: str) ->
     return ImageDataset(images, labels, classes)
 
 
-def _load_directory(source, split: str, *, cache_dir: Path, **_) -> ImageDataset:
+def _load_directory(source, split: str, *, cache_dir: Path, stream: bool = False, **_) -> ImageDataset:
     top = Path(source).expanduser()
 
     def children(parts: tuple[str, ...]) -> list[str]:
@@ -369,6 +395,16 @@ def _load_directory(source, split: str, *, cache_dir: Path, **_) -> ImageDataset
                     raise DataError(f"{base / cls / name}: cannot read ({e})") from e
         return _build_dataset(classes, items(), str(base))
 
+    if stream:  # files in (class, name) order, decoded one by one into the store
+        def blobs():
+            for pos, (cls, name, _st) in enumerate(files):
+                try:
+                    yield pos, (base / cls / name).read_bytes()
+                except OSError as e:
+                    raise DataError(f"{base / cls / name}: cannot read ({e})") from e
+        members = [(cls, name) for cls, name, _st in files]
+        return _cached_store(cache_dir, f"{top.name}-{split}", key,
+                             lambda out: _build_store(classes, members, blobs(), str(base), out))
     return _cached(cache_dir, f"{top.name}-{split}", key, build)
 
 
@@ -410,11 +446,58 @@ def _read_tar(path: Path, split: str) -> ImageDataset:
     return _build_dataset(classes, items, f"{path}:{'/'.join(root)}" if root else str(path))
 
 
-def _load_tar(source, split: str, *, cache_dir: Path, **_) -> ImageDataset:
+def _load_tar(source, split: str, *, cache_dir: Path, stream: bool = False, **_) -> ImageDataset:
     path = Path(source).expanduser()
     st = path.stat()
     key = _cache_key("tar", str(path.resolve()), st.st_size, st.st_mtime_ns, split)
+    if stream:
+        return _cached_store(cache_dir, f"{path.name}-{split}", key, lambda out: _stream_tar(path, split, out))
     return _cached(cache_dir, f"{path.name}-{split}", key, lambda: _read_tar(path, split))
+
+
+def _stream_tar(path: Path, split: str, out: Path) -> None:
+    """:func:`_read_tar` into a store folder in two passes over the archive: the headers (which files, in which
+    order), then each wanted file's bytes decoded into its place; no file's bytes are held past its decoding."""
+    suffixes = _image_suffixes()
+    dirs: set[tuple[str, ...]] = set()
+    candidates: list[tuple[int, tuple[str, ...]]] = []  # (member number, path parts)
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for k, m in enumerate(tf):
+                parts = _tar_parts(m.name)
+                if not parts or any(_hidden(p) for p in parts):
+                    continue
+                folder = parts if m.isdir() else parts[:-1]
+                for j in range(1, len(folder) + 1):
+                    dirs.add(folder[:j])
+                if not m.isfile() or os.path.splitext(parts[-1])[1].lower() not in suffixes:
+                    continue
+                if next((p for p in folder[:2] if p in _SPLIT_NAMES), split) == split:  # as _read_tar
+                    candidates.append((k, parts))
+    except (OSError, tarfile.TarError, EOFError) as e:
+        raise DataError(f"{path}: cannot read tar archive ({type(e).__name__}: {e})") from e
+
+    def children(parts: tuple[str, ...]) -> list[str]:
+        return sorted(d[-1] for d in dirs if len(d) == len(parts) + 1 and d[:-1] == parts)
+
+    root = _choose_root(children, split, str(path))
+    classes, depth = children(root), len(root)
+    kept = [(p[depth], p[depth + 1], k) for k, p in candidates if len(p) == depth + 2 and p[:depth] == root]
+    kept.sort(key=lambda t: (t[0], t[1]))  # stable: as _build_dataset orders them
+    position = {k: pos for pos, (_, _, k) in enumerate(kept)}
+
+    def blobs():
+        try:
+            with tarfile.open(path, "r:*") as tf:
+                for k, m in enumerate(tf):
+                    if k in position:
+                        f = tf.extractfile(m)
+                        yield position[k], f.read() if f is not None else b""
+        except (OSError, tarfile.TarError, EOFError) as e:
+            raise DataError(f"{path}: cannot read tar archive ({type(e).__name__}: {e})") from e
+
+    where = f"{path}:{'/'.join(root)}" if root else str(path)
+    _build_store(classes, [(c, n) for c, n, _ in kept], blobs(), where, out)
 
 
 _PATH_LOADERS: dict[str, Loader] = {".npz": _load_npz, **{s: _load_tar for s in _TAR_SUFFIXES}}
@@ -444,6 +527,102 @@ def _cached(cache_dir: Path, label: str, key: str, build: Callable[[], ImageData
     except OSError as e:
         warnings.warn(f"could not write cache file {file}: {e}")
     return ds
+
+
+def _cached_store(cache_dir: Path, label: str, key: str, build: Callable[[Path], None]) -> ImageDataset:
+    """The store folder ``<cache_dir>/<label>.<key>.store`` that ``build(folder)`` fills, built once (atomically)
+    and then opened with its images a memmap; an unreadable entry is rebuilt."""
+    from ..utils import atomic_dir
+
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)[:80]
+    folder = cache_dir / f"{safe}.{key}.store"
+    if is_store(folder):
+        try:
+            return open_store(folder)
+        except DataError as e:
+            warnings.warn(f"ignoring unreadable cache store {folder} ({e}); rebuilding")
+    with atomic_dir(folder, overwrite=True) as tmp:
+        build(tmp)
+    return open_store(folder)
+
+
+def _build_store(classes: Sequence[str], members: list[tuple[str, str]], blobs, where: str, out: Path) -> None:
+    """:func:`_build_dataset` into the store folder ``out``, chunk by chunk: ``members`` are (class, file name)
+    in the set's order (by class, then name), ``blobs`` yields (position in members, encoded bytes) in any
+    order. The same images, labels and errors as :func:`_build_dataset`."""
+    classes = sorted(classes)
+    if not classes:
+        raise DataError(f"{where}: no class folders found (expected <class>/<image> files)")
+    counts = {c: 0 for c in classes}
+    for cls, _ in members:
+        counts[cls] += 1
+    for cls in classes:
+        if not counts[cls]:
+            raise DataError(f"{where}/{cls}: class folder has no images")
+    n = len(members)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[c] for c, _ in members], dtype=np.int64)
+    gray = np.zeros(n, dtype=bool)
+    writer: StoreWriter | None = None
+    buf, buf_start, fill, first = None, 0, 0, ""
+    try:
+        for pos, data in blobs:
+            cls, name = members[pos]
+            try:
+                arr = _decode_image(data)
+            except Exception as e:
+                raise DataError(f"{where}/{cls}/{name}: cannot decode image ({type(e).__name__}: {e})") from e
+            if writer is None:
+                writer = StoreWriter(out / IMAGES, (n, arr.shape[0], arr.shape[1], 3))
+                buf = np.empty((chunk_rows(writer.shape[1:]), *writer.shape[1:]), np.uint8)
+                first = f"{where}/{cls}/{name}"
+            if arr.shape[:2] != writer.shape[1:3]:
+                raise DataError(f"{where}/{cls}/{name}: image is {arr.shape[1]}x{arr.shape[0]} (WxH) but "
+                                f"{first} is {writer.shape[2]}x{writer.shape[1]}; all images must have one size")
+            if arr.ndim == 2:  # same as PIL's L -> RGB: replicate the channel (kept as C=1 if every image is gray)
+                gray[pos] = True
+                arr = arr[..., None]
+            if fill and (pos != buf_start + fill or fill == len(buf)):  # not next in line, or full: write it out
+                writer.write(buf_start, buf[:fill])
+                fill = 0
+            if not fill:
+                buf_start = pos
+            buf[fill] = arr
+            fill += 1
+        if writer is not None and fill:
+            writer.write(buf_start, buf[:fill])
+        if writer is None:
+            raise DataError(f"{where}: no images")
+        writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if gray.all():  # every image grayscale: C = 1, the first channel
+        full = open_images(out / IMAGES)
+        with StoreWriter(out / "gray.npy", (n, *full.shape[1:3], 1)) as w:
+            rows = chunk_rows(full.shape[1:])
+            for start in range(0, n, rows):
+                w.write(start, read_rows(full, start, start + rows)[..., :1])
+        del full
+        os.replace(out / "gray.npy", out / IMAGES)
+    np.save(out / LABELS, labels)
+    write_store_meta(out, classes, open_images(out / IMAGES).shape)
+
+
+def _npz_to_store(path: Path, out: Path) -> None:
+    """An ``.npz`` data set as a store folder, its images copied chunk by chunk."""
+    with np.load(path, allow_pickle=False) as z:  # labels and classes only: the images stay in the file
+        missing = [k for k in ("images", "labels", "classes") if k not in z.files]
+        if missing:
+            raise DataError(f"{path}: missing array {missing[0]!r} (has {', '.join(z.files) or 'none'})")
+        labels, classes = z["labels"], z["classes"]
+    shape = npz_shape(path)
+    with StoreWriter(out / IMAGES, shape) as w:
+        for start, chunk in npz_chunks(path):
+            w.write(start, chunk)
+    np.save(out / LABELS, np.asarray(labels, np.int64))
+    write_store_meta(out, [str(c) for c in classes.reshape(-1)], shape)
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
