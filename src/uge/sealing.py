@@ -203,3 +203,151 @@ def unseal_images(published_images: np.ndarray, ciphertext: bytes, meta: dict, k
     if restored.min(initial=0) < 0 or restored.max(initial=0) > 255:
         raise SealError("the sealed residual does not restore 8-bit images (values outside 0..255)")
     return restored.astype(np.uint8)
+
+
+# ------------------------------------------------------------------------ streamed (sets larger than memory)
+
+_GCM_MAX = 2**36 - 32  # bytes GCM encrypts under one nonce (NIST SP 800-38D)
+
+
+def seal_stream(pairs, shape, key: bytes, out, *, bind: str) -> dict:
+    """:func:`seal` of a set read in chunks: ``pairs`` yields (original, published) uint8 chunks in order;
+    the ciphertext goes to ``out`` (a binary file) as it is made. The bytes are those :func:`seal` gives for
+    the same nonce (one zlib stream, AES-256-GCM with the tag at the end), so :func:`unseal_images` opens it.
+    Returns the manifest entry."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = _check_key(key)
+    shape = tuple(int(s) for s in shape)
+    nonce = os.urandom(NONCE_BYTES)
+    enc = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+    enc.authenticate_additional_data(_aad(bind, shape))
+    z, h, size, rows = zlib.compressobj(6), hashlib.sha256(), 0, 0
+
+    def emit(block: bytes) -> None:
+        nonlocal size
+        if block:
+            out.write(block)
+            h.update(block)
+            size += len(block)
+
+    for original, published in pairs:
+        if original.dtype != np.uint8 or published.dtype != np.uint8 or original.shape != published.shape \
+                or original.shape[1:] != shape[1:]:
+            raise ConfigError(f"seal takes uint8 chunks of one shape, got {original.dtype} {original.shape} and "
+                              f"{published.dtype} {published.shape}")
+        rows += len(original)
+        emit(enc.update(z.compress((original.astype("<i2") - published.astype("<i2")).tobytes())))
+        if size > _GCM_MAX:
+            raise ConfigError(f"the compressed residual passes {_GCM_MAX} bytes, the most one GCM nonce encrypts")
+    if rows != shape[0]:
+        raise ConfigError(f"seal was given {rows} images for a set of {shape[0]}")
+    emit(enc.update(z.flush()))
+    emit(enc.finalize())
+    emit(enc.tag)
+    return {"cipher": CIPHER, "compression": COMPRESSION, "nonce": nonce.hex(), "key_id": key_id(key),
+            "file": RESIDUAL_FILE, "sha256": h.hexdigest(), "bytes": size, "shape": list(shape), "dtype": DTYPE}
+
+
+def unseal_stream(published_chunks, ciphertext_file, meta: dict, key: bytes, write, *, shape, bind: str) -> None:
+    """:func:`unseal_images` of a set read in chunks: ``published_chunks`` yields (start, published images) in
+    order, the residual is read from ``ciphertext_file`` as needed, and ``write(start, originals)`` takes each
+    restored chunk. The tag is checked at the end: the caller must discard what was written when this raises
+    (SealError, one line, as :func:`unseal_images`)."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = _check_key(key)
+    shape = tuple(int(s) for s in shape)
+    if not isinstance(meta, dict):
+        raise SealError("the set is not sealed (its manifest has no \"sealed\" entry)")
+    if (meta.get("cipher"), meta.get("compression"), meta.get("dtype")) != (CIPHER, COMPRESSION, DTYPE):
+        raise SealError(f"the residual is sealed as {meta.get('cipher')}/{meta.get('compression')}/"
+                        f"{meta.get('dtype')}; this uge opens {CIPHER}/{COMPRESSION}/{DTYPE}")
+    if meta.get("key_id") != key_id(key):
+        raise SealError(f"the key given is not this set's key (the set was sealed with key id {meta.get('key_id')}, "
+                        f"the key given has id {key_id(key)})")
+    if list(shape) != list(meta.get("shape") or []):
+        raise SealError(f"the sealed residual has shape {meta.get('shape')}, the published images {list(shape)}")
+    try:
+        nonce = bytes.fromhex(meta.get("nonce") or "")
+    except ValueError:
+        nonce = b""
+    if len(nonce) != NONCE_BYTES:
+        raise SealError("the sealed residual's nonce in the manifest is malformed")
+    failed = SealError("the sealed residual fails authentication: it was tampered with or truncated, or it "
+                       "belongs to another set")
+    total = Path(ciphertext_file).stat().st_size
+    if total < 16:
+        raise failed
+    with open(ciphertext_file, "rb") as f:
+        f.seek(total - 16)
+        tag = f.read(16)
+        f.seek(0)
+        dec = Cipher(algorithms.AES(key), modes.GCM(nonce, tag)).decryptor()
+        dec.authenticate_additional_data(_aad(bind, shape))
+        z, left, pending = zlib.decompressobj(), total - 16, bytearray()
+
+        def feed() -> bool:
+            """Decrypt and decompress the next block of the file into ``pending``; False at its end."""
+            nonlocal left
+            if not left:
+                return False
+            block = f.read(min(left, 1 << 20))
+            if not block:
+                raise failed
+            left -= len(block)
+            plain = dec.update(block)
+            if plain and z.eof or z.unused_data:  # bytes after the end of the zlib stream
+                raise SealError("the sealed residual has bytes after its compressed data")
+            try:
+                pending.extend(z.decompress(plain))
+            except zlib.error as e:
+                raise SealError(f"the sealed residual does not decompress ({e})") from None
+            if z.unused_data:
+                raise SealError("the sealed residual has bytes after its compressed data")
+            return True
+
+        def authentic() -> bool:
+            while feed_raw():
+                pass
+            try:
+                dec.finalize()
+                return True
+            except InvalidTag:
+                return False
+
+        def feed_raw() -> bool:  # the rest of the ciphertext through the cipher only (to check the tag)
+            nonlocal left
+            block = f.read(min(left, 1 << 20)) if left else b""
+            left -= len(block)
+            dec.update(block)
+            return bool(block)
+
+        try:
+            for start, published in published_chunks:
+                need = published.size * 2
+                while len(pending) < need and feed():
+                    pass
+                if len(pending) < need:
+                    raise SealError("the sealed residual decompresses to fewer bytes than the published images "
+                                    f"{list(shape)} need")
+                raw = np.frombuffer(bytes(pending[:need]), "<i2").reshape(published.shape)
+                del pending[:need]
+                restored = published.astype(np.int16) + raw
+                if restored.min(initial=0) < 0 or restored.max(initial=0) > 255:
+                    raise SealError("the sealed residual does not restore 8-bit images (values outside 0..255)")
+                write(start, restored.astype(np.uint8))
+            while feed():
+                pass
+            if pending or not z.eof:
+                raise SealError(f"the sealed residual decompresses to {'more' if pending else 'fewer'} bytes than "
+                                f"the published images {list(shape)} need")
+        except SealError:
+            if not authentic():  # a tampered file says so, whatever it decompressed to
+                raise failed from None
+            raise
+        try:
+            dec.finalize()
+        except InvalidTag:
+            raise failed from None

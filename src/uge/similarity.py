@@ -23,11 +23,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     _check(a, b)
     if len(a) == 0:
         return float("nan")
+    return float(_psnr_per_image(a, b).mean())
+
+
+def _psnr_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     diff = a.reshape(len(a), -1).astype(np.float64) - b.reshape(len(b), -1).astype(np.float64)
     mse = (diff ** 2).mean(1)
     with np.errstate(divide="ignore"):
         per_image = np.where(mse > 0, 10 * np.log10(_L ** 2 / np.maximum(mse, 1e-300)), PSNR_CAP)
-    return float(np.minimum(per_image, PSNR_CAP).mean())
+    return np.minimum(per_image, PSNR_CAP)
 
 
 def _gaussian_band(n: int, size: int, sigma: float = 1.5) -> torch.Tensor:
@@ -55,13 +59,17 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 11, batch_size: int = 1000)
     _check(a, b)
     if len(a) == 0:
         return float("nan")
+    return _ssim_total(a, b, window, batch_size) / len(a)
+
+
+def _ssim_total(a: np.ndarray, b: np.ndarray, window: int = 11, batch_size: int = 1000, total: float = 0.0) -> float:
+    """``total`` plus the SSIM of every image, added batch by batch (:func:`ssim`)."""
     h, w = a.shape[1:3]
     size = min(window, h, w)
     size -= 1 - size % 2  # odd, so the window has a centre
     rows, cols = _gaussian_band(h, size).T, _gaussian_band(w, size)
     c1, c2 = (_K1 * _L) ** 2, (_K2 * _L) ** 2
     blur = lambda t: rows @ t @ cols
-    total = 0.0
     for i in range(0, len(a), batch_size):
         x = torch.from_numpy(a[i:i + batch_size]).permute(0, 3, 1, 2).double()
         y = torch.from_numpy(b[i:i + batch_size]).permute(0, 3, 1, 2).double()
@@ -69,9 +77,24 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 11, batch_size: int = 1000)
         vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
         s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
         total += s.mean(dim=(1, 2, 3)).sum().item()
-    return total / len(a)
+    return total
 
 
 def similarity(protected: np.ndarray, original: np.ndarray) -> dict[str, float]:
     """{"psnr": dB, "ssim": in [-1, 1]} of protected images to their originals, each a mean over images."""
     return {"psnr": round(psnr(protected, original), 4), "ssim": round(ssim(protected, original), 6)}
+
+
+def similarity_chunks(pairs) -> dict[str, float]:
+    """:func:`similarity` of a set read in chunks: ``pairs`` yields (protected, original) chunks in order. With
+    chunks of a multiple of 1,000 images (:func:`uge.data.store.chunk_rows`) the sums are added in the same
+    order as the whole-set one's, so the numbers are the same."""
+    per_image, total, n = [], 0.0, 0
+    for a, b in pairs:
+        _check(a, b)
+        per_image.append(_psnr_per_image(a, b))
+        total = _ssim_total(a, b, total=total)
+        n += len(a)
+    if not n:
+        return {"psnr": round(float("nan"), 4), "ssim": round(float("nan"), 6)}
+    return {"psnr": round(float(np.concatenate(per_image).mean()), 4), "ssim": round(total / n, 6)}
