@@ -190,7 +190,7 @@ def train(model: nn.Module, data: ImageDataset, recipe: Recipe, *, task=None, de
     model.to(device).train()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    images, labels = data.tensors(device)
+    images, labels = data.batch_source(device)  # a stored set: each batch's rows read from its file
     n, bs = len(data), min(recipe.batch_size, len(data))
     part = shard(bs)  # this rank's slice of every global batch (None: one process, all of it)
     steps_per_epoch = n // bs  # drop the last partial batch: BatchNorm needs more than one sample
@@ -304,6 +304,10 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> t
 def accuracy(model: nn.Module, data: ImageDataset, batch_size: int = 1000) -> float:
     """Top-1 accuracy (in %) of ``model`` on ``data``."""
     device = next(model.parameters()).device
+    if data.stored:  # chunk by chunk, never the whole set
+        hits = sum(int((predict(model, torch.from_numpy(x.transpose(0, 3, 1, 2)).to(device), batch_size).argmax(1).cpu()
+                        == torch.from_numpy(data.labels[a:a + len(x)])).sum()) for a, x in data.chunks())
+        return hits / len(data) * 100
     images, labels = data.tensors(device)
     return (predict(model, images, batch_size).argmax(1) == labels).float().mean().item() * 100
 

@@ -17,6 +17,8 @@ thing for every method: the run's seed, from which every random draw derives (:m
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from ..data.dataset import ImageDataset
+from ..data.store import StoreWriter, open_images
 from ..errors import ConfigError
 from ..params import Param, specs, validate
 from ..result import Protection, quantize
@@ -41,6 +44,9 @@ class Protector:
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
     norm_bounded: ClassVar[bool] = True
+    # per-sample methods protect a stored set (uge.data.store) chunk by chunk (chunked_result); the others read
+    # the set whole, and the command line refuses a stored set larger than memory for them (in_memory_limit)
+    streams: ClassVar[bool] = False
     rho: float | None
 
     def __post_init__(self):  # dataclass subclasses: every field's type and spec, then the cross-field rules
@@ -150,6 +156,49 @@ def noise_result(protector: Protector, data: ImageDataset, delta: torch.Tensor, 
 def image_result(protector: Protector, data: ImageDataset, images: np.ndarray, seed: int, **fields) -> Protection:
     """A :class:`Protection` holding ``images`` (uint8 (N, H, W, C)) with ``data``'s labels and classes."""
     return result_of(protector, ImageDataset(images, data.labels.copy(), list(data.classes)), seed, **fields)
+
+
+def noise_chunk(rho: float, delta_of):
+    """``protect_chunk`` for :func:`chunked_result` of a norm-bounded protector: images + ``delta_of(start, k)``
+    (float (k, C, H, W) on the [0, 1] scale, called once per chunk, in order), rounded as :func:`add_noise`."""
+    def protect_chunk(start: int, images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        x_u = quantize(x.float() / 255 + delta_of(start, len(images)).detach().cpu().float(), x, rho)
+        return x_u.permute(0, 2, 3, 1).numpy()
+    return protect_chunk
+
+
+def chunked_result(protector: Protector, data: ImageDataset, protect_chunk, seed: int,
+                   work_dir: str | Path | None = None, **fields) -> Protection:
+    """The :class:`Protection` of a per-sample protector: ``protect_chunk(start, images)`` maps uint8 (k, H, W, C)
+    images ``start`` … ``start + k − 1`` to their protected images, called once per chunk, in order.
+
+    An in-memory set is one chunk. A stored set (:mod:`uge.data.store`) is protected chunk by chunk into
+    ``<work_dir>/protected.npy`` (a new temporary folder without ``work_dir``), and the result's images are a
+    memmap of that file: nothing is held whole in memory."""
+    if not data.stored:
+        return image_result(protector, data, protect_chunk(0, data.images), seed, **fields)
+    folder = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="uge-protect-"))
+    with StoreWriter(folder / "protected.npy", data.images.shape) as w:
+        for start, chunk in data.chunks():
+            w.write(start, protect_chunk(start, chunk))
+    protected = ImageDataset(open_images(folder / "protected.npy"), data.labels.copy(), list(data.classes))
+    return result_of(protector, protected, seed, **fields)
+
+
+def in_memory_limit(protector: Protector, data: ImageDataset, limit_bytes: int | None = None) -> ImageDataset:
+    """``data`` as ``protector`` takes it: a stored set stays stored for a protector that streams; for one that
+    needs the whole set (EM, TAP, REM, NTGA, UGE) it is read into memory up to ``limit_bytes`` (default: half
+    the machine's memory), and refused (one line) above."""
+    if not data.stored or protector.streams:
+        return data
+    if limit_bytes is None:
+        limit_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    if data.images.nbytes > limit_bytes:
+        raise ConfigError(f"protector {protector.name!r} needs the whole set in memory ({data.images.nbytes / 2**30:.1f} "
+                          f"GiB of images, above the limit of {limit_bytes / 2**30:.1f} GiB); the methods that protect "
+                          "a set larger than memory chunk by chunk are random, patch, jpeg-patch, cuda and keyed")
+    return data.in_memory()
 
 
 def result_of(protector: Protector, protected: ImageDataset, seed: int, **fields) -> Protection:

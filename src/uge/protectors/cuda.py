@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..data.dataset import ImageDataset
 from ..params import param
 from ..result import Protection
-from .base import Protector, image_result, register_protector
+from .base import Protector, chunked_result, register_protector
 
 
 @register_protector
@@ -33,6 +33,7 @@ class ConvolutionFilters(Protector):
     name = "cuda"
     title = "Convolution-based unlearnable dataset, class-wise filters (Sadasivan et al., CVPR 2023)"
     norm_bounded: ClassVar[bool] = False
+    streams: ClassVar[bool] = True
     rho: ClassVar[None] = None
     kernel_size: int = param(3, low=3, odd=True)
     blur: float = param(0.3, low=0, high=1, low_open=True)
@@ -47,13 +48,17 @@ class ConvolutionFilters(Protector):
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:
         # On the CPU in float64: cheap (one small convolution per image), and identical on every machine.
-        images, labels = data.tensors("cpu")
         weights, p, c = self.filters(data.num_classes, data.channels, seed), self.kernel_size // 2, data.channels
-        out = torch.empty_like(images)
-        for y in range(data.num_classes):
-            idx = (labels == y).nonzero().flatten()
-            if len(idx):
-                x = F.pad(images[idx].double() / 255, (p, p, p, p), mode="replicate")
-                blurred = F.conv2d(x, weights[y].unsqueeze(1), groups=c)  # one filter per channel
-                out[idx] = torch.round(blurred.clamp(0, 1) * 255).to(torch.uint8)
-        return image_result(self, data, out.permute(0, 2, 3, 1).numpy(), seed)
+
+        def protect_chunk(start: int, chunk: np.ndarray) -> np.ndarray:
+            images = torch.from_numpy(np.ascontiguousarray(chunk.transpose(0, 3, 1, 2)))
+            labels = torch.from_numpy(data.labels[start:start + len(chunk)])
+            out = torch.empty_like(images)
+            for y in range(data.num_classes):
+                idx = (labels == y).nonzero().flatten()
+                if len(idx):
+                    x = F.pad(images[idx].double() / 255, (p, p, p, p), mode="replicate")
+                    blurred = F.conv2d(x, weights[y].unsqueeze(1), groups=c)  # one filter per channel
+                    out[idx] = torch.round(blurred.clamp(0, 1) * 255).to(torch.uint8)
+            return out.permute(0, 2, 3, 1).numpy()
+        return chunked_result(self, data, protect_chunk, seed, work_dir)

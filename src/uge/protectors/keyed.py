@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from ..params import budget, param
 from ..result import Protection
 from ..seeds import derive
 from ..training import Recipe
-from .base import Protector, image_result, register_protector
+from .base import Protector, chunked_result, register_protector
 
 
 def keyed_levels(images: np.ndarray, m: np.ndarray, direction) -> np.ndarray:
@@ -93,6 +94,7 @@ class Keyed(Protector):
 
     name = "keyed"
     title = "Keyed protection: a shortcut the authorized network's input stage cannot see"
+    streams: ClassVar[bool] = True
     rho: float = budget(0.04)
     # a registered network (not a blind one): its blind version is published
     arch: str = param("resnetc20", choices=list_models, note="(its blind version is published)")
@@ -132,7 +134,8 @@ class Keyed(Protector):
     def authorized_network(self, data: ImageDataset):
         """The published authorized network at θ0: ``blind-<arch>`` from ``init_seed``, blind along ``direction``."""
         if data.channels != 3:
-            raise ConfigError("keyed protection needs RGB images: it hides the perturbation in a colour direction")
+            raise ConfigError("keyed protection needs RGB images (it hides the perturbation in a colour direction); "
+                              "for grayscale data choose another method, e.g. --method patch (--method list)")
         return create_model(BLIND + self.arch, data.num_classes, 3, seed=self.init_seed).make_blind(self.direction)
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
@@ -142,18 +145,26 @@ class Keyed(Protector):
         (h, w) = data.image_size
         if self.encode == "label":
             patterns = tiled_patterns(data.num_classes, h, w, self.size, self.block, seed)
-            m = patterns[data.labels].astype(np.int64) * self.max_step
+
+            def levels(a: int, k: int) -> np.ndarray:
+                return patterns[data.labels[a:a + k]].astype(np.int64) * self.max_step
         else:  # one pattern per image: patterns indexed by the image's position
             cells = self.size // self.block
             v = teacher_cells(self._reference_logits(data, device, progress, seed), data.labels, cells * cells)
             amp = np.rint(v * self.max_step).astype(np.int64).reshape(len(data), cells, cells)
-            tile = amp.repeat(self.block, 1).repeat(self.block, 2)
-            m = np.tile(tile, (1, -(-h // self.size), -(-w // self.size)))[:, :h, :w]
-        m = keyed_levels(data.images, m, self.direction)
-        images = (data.images.astype(np.int16) + m[..., None] * np.asarray(self.direction, np.int16)).astype(np.uint8)
-        return image_result(self, data, images, seed, seconds={"protect": round(time.perf_counter() - start, 3)},
-                            authorized=[AuthorizedSpec(arch=BLIND + self.arch, seed=self.init_seed)],
-                            theta0=[net.state_dict()], recipe=Recipe.from_dict(self.recipe))
+
+            def levels(a: int, k: int) -> np.ndarray:
+                tile = amp[a:a + k].repeat(self.block, 1).repeat(self.block, 2)
+                return np.tile(tile, (1, -(-h // self.size), -(-w // self.size)))[:, :h, :w]
+
+        def protect_chunk(a: int, images: np.ndarray) -> np.ndarray:
+            m = keyed_levels(images, levels(a, len(images)), self.direction)
+            return (images.astype(np.int16) + m[..., None] * np.asarray(self.direction, np.int16)).astype(np.uint8)
+        result = chunked_result(self, data, protect_chunk, seed, work_dir,
+                                authorized=[AuthorizedSpec(arch=BLIND + self.arch, seed=self.init_seed)],
+                                theta0=[net.state_dict()], recipe=Recipe.from_dict(self.recipe))
+        result.seconds = {"protect": round(time.perf_counter() - start, 3)}
+        return result
 
     def _reference_logits(self, data: ImageDataset, device, progress: bool, seed: int) -> np.ndarray:
         """Logits on ``data`` of a reference authorized network: loaded from ``reference``, or θ0 trained by the
@@ -169,5 +180,5 @@ class Keyed(Protector):
             train(net, data, Recipe.from_dict(self.recipe), device=device, seed=derive(seed, "reference"), progress=progress,
                   desc="keyed: reference network")
         net.to(resolve_device(device))
-        images, _ = data.tensors("cpu")
-        return predict(net, images).cpu().numpy()
+        return np.concatenate([predict(net, torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).cpu().numpy()
+                               for _, x in data.chunks()]) if data.stored else predict(net, data.tensors("cpu")[0]).cpu().numpy()

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
 from ..params import budget, param
-from ..pgd import uniform_start
 from ..result import Protection
-from .base import Protector, noise_result, register_protector
+from .base import Protector, chunked_result, noise_chunk, register_protector
 
 
 @register_protector
@@ -25,12 +25,17 @@ class RandomNoise(Protector):
 
     name = "random"
     title = "Uniform random noise in the L-infinity ball (control)"
+    streams: ClassVar[bool] = True
     rho: float = budget(8 / 255)
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:
-        n, (h, w), c = len(data), data.image_size, data.channels
-        return noise_result(self, data, uniform_start((n, c, h, w), self.rho, seed, torch.device("cpu")), seed)
+        (h, w), c = data.image_size, data.channels
+        g = torch.Generator().manual_seed(seed)  # uge.pgd.uniform_start's draws, chunk after chunk
+
+        def delta_of(start: int, k: int) -> torch.Tensor:
+            return (torch.rand((k, c, h, w), generator=g) * 2 - 1) * self.rho
+        return chunked_result(self, data, noise_chunk(self.rho, delta_of), seed, work_dir)
 
 
 @register_protector
@@ -48,6 +53,7 @@ class TiledPatch(Protector):
 
     name = "patch"
     title = "Class-wise tiled ±ρ patches (synthetic shortcut; positive control)"
+    streams: ClassVar[bool] = True
     rho: float = budget(8 / 255)
     size: int = param(8, low=1, high=64, note="pixels")
     block: int = param(1, low=1, note="(a divisor of size)")  # cell size in pixels
@@ -65,23 +71,28 @@ class TiledPatch(Protector):
         signs = torch.randint(0, 2, (data.num_classes, 1 if self.luminance else c, cells, cells), generator=g) * 2 - 1
         patches = (signs * self.rho).expand(-1, c, -1, -1)
         patches = patches.repeat_interleave(self.block, 2).repeat_interleave(self.block, 3)
-        return noise_result(self, data, _place(patches, data, self.size, 1, self.shift, g), seed)
+        place = _placer(patches, data, self.size, 1, self.shift, g)
+        return chunked_result(self, data, noise_chunk(self.rho, place), seed, work_dir)
 
 
-def _place(patches: torch.Tensor, data: ImageDataset, size: int, step: int, shift: bool,
-           g: torch.Generator) -> torch.Tensor:
-    """Each image's δ: its class's ``size``-px patch tiled over the image, cyclically shifted per image by an
-    offset (dy, dx) drawn from ``g`` among the multiples of ``step`` below ``size`` when ``shift``."""
+def _placer(patches: torch.Tensor, data: ImageDataset, size: int, step: int, shift: bool, g: torch.Generator):
+    """``place(start, k)``: the δ of images start … start + k − 1, each its class's ``size``-px patch tiled over
+    the image, cyclically shifted per image by an offset (dy, dx) drawn from ``g`` (for every image, now) among
+    the multiples of ``step`` below ``size`` when ``shift``."""
     (h, w) = data.image_size
     reps = (1, 1, -(-h // size) + shift, -(-w // size) + shift)
     tiles = patches.repeat(*reps)  # one period more when shifted: every offset still covers the image
     labels = torch.from_numpy(data.labels).long()
     if not shift:
-        return tiles[:, :, :h, :w][labels]
+        return lambda start, k: tiles[:, :, :h, :w][labels[start:start + k]]
     # Per image, a cyclic shift of its class's tiling by (dy, dx): the class's pattern is no longer one fixed
     # image, so the class means and a linear classifier do not hold it (a key holder unseals).
     offsets = torch.randint(0, size // step, (len(data), 2), generator=g) * step
-    return torch.stack([tiles[y, :, dy:dy + h, dx:dx + w] for y, (dy, dx) in zip(labels.tolist(), offsets.tolist())])
+
+    def place(start: int, k: int) -> torch.Tensor:
+        return torch.stack([tiles[y, :, dy:dy + h, dx:dx + w] for y, (dy, dx)
+                            in zip(labels[start:start + k].tolist(), offsets[start:start + k].tolist())])
+    return place
 
 
 JPEG_FREQS = tuple(f"{u},{v}" for v in range(8) for u in range(8))
@@ -105,6 +116,7 @@ class JpegBlockPatch(Protector):
 
     name = "jpeg-patch"
     title = "Class-wise tiled ±ρ patterns of JPEG's 8×8 DCT basis, block-aligned"
+    streams: ClassVar[bool] = True
     rho: float = budget(8 / 255)
     size: int = param(32, low=8, high=64, note="pixels (a multiple of 8)")
     freqs: list = param(default_factory=lambda: ["4,0", "0,4"], choices=JPEG_FREQS, many=True)  # DCT (u, v): u across, v down
@@ -139,18 +151,25 @@ class JpegBlockPatch(Protector):
             cells = basis[which] * sign[..., None, None]  # (K, by, bx, 8, 8)
         tiles = cells.permute(0, 1, 3, 2, 4).reshape(k, 1, self.size, self.size)
         patches = (tiles * self.rho).expand(-1, data.channels, -1, -1)
-        delta = _place(patches, data, self.size, 8, self.shift, g)
-        if self.signs:
-            delta = delta * (torch.randint(0, 2, (n, 1, 1, 1), generator=g) * 2 - 1)
-        if self.block_signs:  # a sign per 8x8 block spreads the tiling's comb of frequencies into broad bands
-            h, w = data.image_size
-            s = torch.randint(0, 2, (n, 1, -(-h // 8), -(-w // 8)), generator=g) * 2 - 1
-            delta = delta * s.repeat_interleave(8, 2).repeat_interleave(8, 3)[:, :, :h, :w]
-        if self.flips:
-            flip = torch.randint(0, 2, (n, 2), generator=g).bool()
-            delta = torch.where(flip[:, 0, None, None, None], delta.flip(2), delta)
-            delta = torch.where(flip[:, 1, None, None, None], delta.flip(3), delta)
-        return noise_result(self, data, delta, seed)
+        place = _placer(patches, data, self.size, 8, self.shift, g)
+        # every image's draws first, in this order (small: a few numbers per image), then δ chunk by chunk
+        sign = torch.randint(0, 2, (n, 1, 1, 1), generator=g) * 2 - 1 if self.signs else None
+        h, w = data.image_size
+        blocks_sign = torch.randint(0, 2, (n, 1, -(-h // 8), -(-w // 8)), generator=g) * 2 - 1 \
+            if self.block_signs else None
+        flip = torch.randint(0, 2, (n, 2), generator=g).bool() if self.flips else None
+
+        def delta_of(start: int, k: int) -> torch.Tensor:
+            delta, part = place(start, k), slice(start, start + k)
+            if sign is not None:
+                delta = delta * sign[part]
+            if blocks_sign is not None:  # a sign per 8x8 block spreads the tiling's comb of frequencies into bands
+                delta = delta * blocks_sign[part].repeat_interleave(8, 2).repeat_interleave(8, 3)[:, :, :h, :w]
+            if flip is not None:
+                delta = torch.where(flip[part, 0, None, None, None], delta.flip(2), delta)
+                delta = torch.where(flip[part, 1, None, None, None], delta.flip(3), delta)
+            return delta
+        return chunked_result(self, data, noise_chunk(self.rho, delta_of), seed, work_dir)
 
 
 def _dct(u: int, v: int) -> torch.Tensor:
