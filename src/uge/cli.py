@@ -57,6 +57,11 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--download", action="store_true", help="allow torchvision to download cifar10/cifar100")
 
 
+def _add_stream(p: argparse.ArgumentParser, what: str):
+    p.add_argument("--stream", action="store_true",
+                   help=f"a set larger than memory: {what} (docs/large-sets.md)")
+
+
 def _add_recipe_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("training recipe (defaults: the published recipe, or Recipe())")
     g.add_argument("--epochs", type=int)
@@ -113,9 +118,12 @@ def _source_record(args, prefix: str = "") -> dict:
             "per_class": getattr(args, f"{prefix}per_class"), "subset_seed": getattr(args, f"{prefix}subset_seed")}
 
 
-def load_source(source: dict, root=None, download=False, flag: str = "--original-data") -> ImageDataset:
+def load_source(source: dict, root=None, download=False, flag: str = "--original-data",
+                stream: bool = False) -> ImageDataset:
     """Load a data set described by a source record (``data`` or a built-in ``name``, ``split``, ``per_class``,
-    ``subset_seed``); a manifest's file source has no location, so ``flag`` must give it."""
+    ``subset_seed``); a manifest's file source has no location, so ``flag`` must give it. ``stream``: a folder,
+    tar or ``.npz`` is built into a cached store chunk by chunk, and a store (or a published set's images.npy)
+    is read on demand, never whole (:mod:`uge.data.store`)."""
     from .data import load_dataset
     from .published import read_published, source_location
 
@@ -124,9 +132,9 @@ def load_source(source: dict, root=None, download=False, flag: str = "--original
         raise ConfigError(f"the published set names its data {source.get('name')!r} but not where it is "
                           f"(manifests do not record local paths); pass {flag} PATH")
     if (Path(data) / "manifest.json").is_file():
-        return read_published(data).data
+        return read_published(data, stream=stream).data
     return load_dataset(data, source.get("split") or "train", root=root, download=download,
-                        per_class=source.get("per_class"), seed=source.get("subset_seed") or 0)
+                        per_class=source.get("per_class"), seed=source.get("subset_seed") or 0, stream=stream)
 
 
 def _print(text: str = ""):
@@ -223,11 +231,13 @@ class _MethodAction(argparse.Action):
 
 def cmd_protect(args) -> int:
     from .protectors import build_protector, protector_class
+    from .protectors.base import in_memory_limit
     from .published import publish, source_record
 
-    formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    if not formats or set(formats) - set(FORMATS):  # fail before any training
-        raise ConfigError(f"--format must be a comma list of {', '.join(FORMATS)}, got {args.format!r}")
+    all_formats = (*FORMATS, "npy")
+    formats = [f.strip() for f in (args.format or ("npy" if args.stream else "npz,png")).split(",") if f.strip()]
+    if not formats or set(formats) - set(all_formats):  # fail before any training
+        raise ConfigError(f"--format must be a comma list of {', '.join(all_formats)}, got {args.format!r}")
     # every method is built by name through the registry, so a bad parameter fails before any work
     if (Path(args.data) / "manifest.json").is_file():
         raise ConfigError(f"{args.data} is already a published set; protect the original images (a key holder of a "
@@ -239,7 +249,8 @@ def cmd_protect(args) -> int:
         from .sealing import load_key
 
         seal_key = load_key(args.seal)  # a missing or bad key fails before any work
-    data = load_source(_source_record(args), args.root, args.download)
+    data = load_source(_source_record(args), args.root, args.download, stream=args.stream)
+    data = in_memory_limit(method, data)  # a stored set: kept for a method that streams, else read whole or refused
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
@@ -250,6 +261,8 @@ def cmd_protect(args) -> int:
     result = method.protect(data, device=args.device, work_dir=work, progress=not args.quiet, seed=seed)
     publish(result, data, out, formats=formats, overwrite=args.overwrite, theta0_apart=args.theta0_apart,
             source=source_record(args.data, args.split, args.per_class, args.subset_seed), seal_key=seal_key)
+    if data.stored:  # the protected images' working copy (uge.protectors.base.chunked_result), now published
+        (work / "protected.npy").unlink(missing_ok=True)
     if seal_key is not None:
         _print(f"sealed: the residual to the originals is encrypted in {out / 'sealed'}; key holders restore the "
                f"originals with `uge unseal {out} --key {args.seal} --out DIR`")
@@ -277,7 +290,7 @@ def cmd_train(args) -> int:
 
     cms = parse_countermeasures(args.countermeasure)  # fail on a bad spec before loading anything
     src = _source_record(args)
-    data = load_source(src, args.root, args.download)
+    data = load_source(src, args.root, args.download, stream=args.stream)
     test_src = _source_record(args, "test_") if args.test_data else _default_test_source(src)
     test = _load_test(test_src, args)
     data.check_compatible(test)
@@ -355,7 +368,7 @@ def cmd_evaluate(args) -> int:
 
     cms = parse_countermeasures(args.countermeasure)  # fail on a bad spec before loading anything
     auth_cms = parse_countermeasures(args.authorized_countermeasure)
-    pub = read_published(args.published)
+    pub = read_published(args.published, stream=args.stream)
     key_nets, unsealed = _unsealed_authorized(args, pub)  # (None, None) without --key
     src = _source_record(args, "original_") if args.original_data else pub.manifest.get("source") or {}
     if args.test_data:
@@ -411,9 +424,9 @@ def _unsealed_authorized(args, pub):
 # ---------------------------------------------------------------- verify
 
 def cmd_verify(args) -> int:
-    from .published import read_published, verify
+    from .published import read_manifest, verify
 
-    pub_manifest = read_published(args.published).manifest
+    pub_manifest = read_manifest(args.published)
     if args.original_data:
         src = _source_record(args, "original_")
     else:
@@ -421,7 +434,7 @@ def cmd_verify(args) -> int:
     original = None
     if src.get("data") or src.get("name"):
         try:
-            original = load_source(src, args.root, args.download)
+            original = load_source(src, args.root, args.download, stream=args.stream)
         except UGEError as e:
             _print(f"warning: cannot load the originals ({e}); checking hashes only")
     report = verify(args.published, original, theta0=args.theta0, rho=args.rho)
@@ -506,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("protect", help="protect a training set and publish it")
     _add_data_args(q)
     _add_common(q)
+    _add_stream(q, "the data becomes a cached store, protected and published chunk by chunk")
     _add_recipe_args(q)
     q.add_argument("--out", required=True, help="folder of the published set")
     q.add_argument("--config", help="a JSON table of the method's parameters (the flags override it)")
@@ -544,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "is an error ('--method list' shows every method's parameters, defaults and allowed values)")
     q.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="any parameter of the method, e.g. --param pgd_steps=10 (repeat for several)")
-    q.add_argument("--format", default="npz,png", help="npz, png or both (default npz,png)")
+    q.add_argument("--format", help="a comma list of npz, png and npy (the images as one uncompressed .npy that "
+                   "loaders memory-map; default npz,png, with --stream npy)")
     q.add_argument("--work-dir", help="checkpoint folder for resuming (default: .<out>.work beside --out)")
     q.add_argument("--theta0-apart", metavar="DIR", help="write the authorized θ0 here instead of into the set "
                    "(the manifest keeps its SHA-256; evaluate and verify then take --theta0 FILE)")
@@ -557,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(t)
     _add_data_args(t, required=False, prefix="test-")
     _add_common(t)
+    _add_stream(t, "the training images are read batch by batch from a store, never whole")
     _add_recipe_args(t)
     t.set_defaults(test_split="test")
     t.add_argument("--arch", required=True)
@@ -579,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e, required=False, prefix="test-")
     _add_data_args(e, required=False, prefix="original-")
     _add_common(e)
+    _add_stream(e, "the published images.npy is read batch by batch, never whole")
     _add_recipe_args(e)
     e.set_defaults(test_split="test")
     e.add_argument("--hackers", default=DEFAULT_HACKERS,
@@ -600,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("published")
     _add_data_args(v, required=False, prefix="original-")
     _add_common(v)
+    _add_stream(v, "the originals are read chunk by chunk from a store, never whole")
     v.add_argument("--rho", type=_budget, help="the L∞ budget you expect (0.04, or 10/255 in 8-bit levels): fail "
                    "when the manifest states another, or the images exceed it")
     v.add_argument("--theta0", action="append", metavar="FILE",

@@ -195,9 +195,10 @@ def in_memory_limit(protector: Protector, data: ImageDataset, limit_bytes: int |
     if limit_bytes is None:
         limit_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     if data.images.nbytes > limit_bytes:
-        raise ConfigError(f"protector {protector.name!r} needs the whole set in memory ({data.images.nbytes / 2**30:.1f} "
-                          f"GiB of images, above the limit of {limit_bytes / 2**30:.1f} GiB); the methods that protect "
-                          "a set larger than memory chunk by chunk are random, patch, jpeg-patch, cuda and keyed")
+        raise ConfigError(f"protector {protector.name!r} needs the whole set in memory "
+                          f"({data.images.nbytes / 2**30:.1f} GiB of images, above the limit of "
+                          f"{limit_bytes / 2**30:.1f} GiB); the methods that protect a set larger than memory chunk by "
+                          "chunk are random, patch, jpeg-patch, cuda and keyed")
     return data.in_memory()
 
 

@@ -180,5 +180,7 @@ class Keyed(Protector):
             train(net, data, Recipe.from_dict(self.recipe), device=device, seed=derive(seed, "reference"), progress=progress,
                   desc="keyed: reference network")
         net.to(resolve_device(device))
+        if not data.stored:
+            return predict(net, data.tensors("cpu")[0]).cpu().numpy()
         return np.concatenate([predict(net, torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).cpu().numpy()
-                               for _, x in data.chunks()]) if data.stored else predict(net, data.tensors("cpu")[0]).cpu().numpy()
+                               for _, x in data.chunks()])
