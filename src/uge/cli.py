@@ -43,8 +43,8 @@ DEFAULT_HACKERS = "cnn:normal,cnn:distill,resnetc20:normal,resnetc20:distill"
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True, prefix: str = ""):
     p.add_argument(f"--{prefix}data", required=required,
-                   help="'digits', 'cifar10', 'cifar100', an ImageFolder folder, a .tar/.tar.gz of one, a .npz "
-                        "or a published set")
+                   help="'digits', 'shapes', 'cifar10', 'cifar100', an ImageFolder folder, a .tar/.tar.gz of one, "
+                        "a .npz or a published set")
     p.add_argument(f"--{prefix}split", default="train", help="split folder to read (default: train)")
     p.add_argument(f"--{prefix}per-class", type=int, default=None, help="class-balanced subset: N images per class")
     p.add_argument(f"--{prefix}subset-seed", type=int, default=0, help="seed of the class-balanced subset")
@@ -229,6 +229,20 @@ class _MethodAction(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _published_root(data: str) -> Path | None:
+    """The published set that the path ``data`` is, or lies in (its data.npz, images/, images/<class>), else None."""
+    from .data.loaders import BUILTINS
+
+    path = Path(data)
+    if data.lower() in BUILTINS or not path.exists():
+        return None
+    if (path / "manifest.json").is_file():
+        return path
+    # above the path, a set's two files: a folder that merely holds some other manifest.json is not one
+    return next((p for p in path.resolve().parents[:3] if (p / "manifest.json").is_file()
+                 and (p / "checksums.sha256").is_file()), None)
+
+
 def cmd_protect(args) -> int:
     from .protectors import build_protector, protector_class
     from .protectors.base import in_memory_limit
@@ -239,9 +253,11 @@ def cmd_protect(args) -> int:
     if not formats or set(formats) - set(all_formats):  # fail before any training
         raise ConfigError(f"--format must be a comma list of {', '.join(all_formats)}, got {args.format!r}")
     # every method is built by name through the registry, so a bad parameter fails before any work
-    if (Path(args.data) / "manifest.json").is_file():
-        raise ConfigError(f"{args.data} is already a published set; protect the original images (a key holder of a "
-                          "sealed set gets them with `uge unseal`)")
+    published = _published_root(args.data)
+    if published is not None:
+        where = "already a published set" if published == Path(args.data) else f"part of the published set {published}"
+        raise ConfigError(f"{args.data} is {where}; protect the original images (a key holder of a sealed set gets "
+                          "them with `uge unseal`)")
     params, seed = _protect_params(args, protector_class(args.method))
     method = build_protector(args.method, **params)
     seal_key = None
@@ -403,10 +419,9 @@ def _unsealed_authorized(args, pub):
         return None, None
     from .published import open_sealed
     from .records import AuthorizedNet
-    from .sealing import load_key
     from .weights import build_network
 
-    key = load_key(args.key)
+    key = _holder_key(args.key)
     data = pub.data
     archs = ([a.strip() for a in args.key_archs.split(",") if a.strip()] if args.key_archs else
              [a["arch"] for a in pub.manifest["authorized"]] or ["resnetc20" if data.channels == 3 else "cnn"])
@@ -455,11 +470,25 @@ def cmd_keygen(args) -> int:
     return 0
 
 
-def cmd_unseal(args) -> int:
-    from .published import unseal
+_FROM_OWNER = ("use the key file the set was sealed with, from its data owner (a new key from `uge keygen` "
+               "cannot open it)")
+
+
+def _holder_key(path: str) -> bytes:
+    """A key holder's key (unseal, evaluate --key): a missing or bad one is to be had from the data owner, not made."""
     from .sealing import load_key
 
-    info = unseal(args.published, load_key(args.key), args.out, overwrite=args.overwrite)
+    try:
+        return load_key(path)
+    except ConfigError:
+        what = "not found" if not Path(path).exists() else "is not a uge key file (or cannot be read)"
+        raise ConfigError(f"key file {path} {what}; {_FROM_OWNER}") from None
+
+
+def cmd_unseal(args) -> int:
+    from .published import unseal
+
+    info = unseal(args.published, _holder_key(args.key), args.out, overwrite=args.overwrite)
     _print(f"{info['num_samples']} images restored bit for bit to {args.out}, verified against the manifest's "
            f"original_sha256 ({info['original_sha256'][:16]}…)")
     return 0
@@ -504,7 +533,7 @@ def cmd_demo(args) -> int:
 
     table, seconds = run_demo(args.out, device=args.device, progress=not args.quiet)
     _print(table)
-    _print(f"\ndemo finished in {seconds:.1f} s on {resolve_device(args.device)}")
+    _print(f"\ndemo finished in {seconds:.1f} s on {resolve_device(args.device)}; report.md and demo.png in {args.out}")
     return 0
 
 
@@ -656,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="report folder (default <run_dir>/report)")
     r.set_defaults(func=cmd_report)
 
-    d = sub.add_parser("demo", help="protect and evaluate the built-in digits set (CPU, minutes)")
+    d = sub.add_parser("demo", help="clean vs the sealed patch vs UGE on the built-in synthetic shapes, in one "
+                       "table (CPU, about 3 minutes)")
     d.add_argument("--out", default="uge-demo", help="output folder (default ./uge-demo)")
     _add_common(d)
     d.set_defaults(func=cmd_demo)
