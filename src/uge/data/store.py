@@ -26,7 +26,8 @@ from ..utils import atomic_dir
 
 IMAGES, LABELS, STORE_FILE = "images.npy", "labels.npy", "store.json"
 STORE_FORMAT = "uge-store"
-CHUNK_BYTES = 64 << 20  # the images one chunk holds, at most (one image at least)
+CHUNK_BYTES = 8 << 20  # the images one chunk holds, at most (one image at least): small, as a chunk's float
+# temporaries (protectors, similarity) are several times its bytes
 
 
 def chunk_rows(image_shape, chunk_bytes: int | None = None) -> int:
