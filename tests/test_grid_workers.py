@@ -284,3 +284,40 @@ def test_cli_shard_prints_what_is_left(tmp_path, capsys):
     assert main(["benchmark", str(cfg), "--out", str(out), "--quiet", "--shard", f"{1 - first}/2"]) == 0
     assert "records in" in capsys.readouterr().out and (out / "report" / "report.md").exists()
     assert len(_names(out)) == 4 and (out / "finished.json").exists()
+
+
+def test_sigterm_releases_the_claims_at_once(tmp_path):
+    """A scheduler's time limit (SIGTERM) ends `uge benchmark` by the normal exit path: exit status 143, a
+    one-line message, and no claim left behind for other workers to wait out; the same command then resumes."""
+    cfg = tmp_path / "grid.toml"
+    cfg.write_text('name = "grid"\ndevice = "cpu"\n[data]\nsource = "digits"\nper_class = 6\ntest_per_class = 5\n'
+                   '[recipe]\nepochs = 1\nbatch_size = 32\nlr = 0.05\nflip = false\n[protect]\nauthorized = ["lenet:0"]\n'
+                   '[evaluate]\nhackers = ["lenet:normal:1"]\n[[variant]]\nname = "Original"\nprotector = "clean"\n')
+    out = tmp_path / "run"
+    script = ("import sys, time\nimport uge.evaluate as ev\nfrom uge.cli import main\ntrain = ev.train\n"
+              "def slow(*a, **k):\n    print('training', flush=True)\n    time.sleep(60)\n    return train(*a, **k)\n"
+              f"ev.train = slow\nsys.exit(main(['benchmark', {str(cfg)!r}, '--out', {str(out)!r}, '--quiet']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "training"  # inside a network: its claim is held
+        assert list(out.rglob("*.claim"))
+        proc.terminate()  # SIGTERM
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "terminated (SIGTERM)" in err and len(err.strip().splitlines()) == 1
+    assert not list(out.rglob("*.claim"))  # released now, not after the claim timeout
+    assert main(["benchmark", str(cfg), "--out", str(out), "--quiet"]) == 0 and len(_names(out)) == 2
+
+
+def test_sigterm_handler_is_in_place_only_within_the_block(tmp_path):
+    import signal
+
+    from uge.workers import Terminated, released_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    target = tmp_path / "a.json"
+    with pytest.raises(Terminated) as e, released_on_sigterm(), claim(target):
+        signal.raise_signal(signal.SIGTERM)
+    assert e.value.code == 143 and not claim_path(target).exists()
+    assert signal.getsignal(signal.SIGTERM) == before

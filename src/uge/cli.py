@@ -27,7 +27,7 @@ from .config import (
 from .errors import ConfigError, UGEError
 from .params import field_spec
 from .utils import resolve_device, write_json
-from .workers import CLAIM_TIMEOUT, Worker, parse_shard
+from .workers import CLAIM_TIMEOUT, Terminated, Worker, parse_shard, released_on_sigterm
 
 if TYPE_CHECKING:
     from .data import ImageDataset
@@ -505,7 +505,8 @@ def cmd_benchmark(args) -> int:
     out = Path(args.out or Path("runs") / cfg.name)
     start = time.perf_counter()
     worker = Worker(*args.shard, claim_timeout=args.claim_timeout)
-    records = run_benchmark(cfg, out, device=args.device, root=args.root, progress=not args.quiet, worker=worker)
+    with released_on_sigterm():  # a job array's time limit: the claims go back at once, not after the timeout
+        records = run_benchmark(cfg, out, device=args.device, root=args.root, progress=not args.quiet, worker=worker)
     if not worker.complete:  # a shard whose part is finished, while other workers' is not
         _print(f"{worker}: its part is finished ({len(worker.claimed)} networks trained here); "
                f"{len(worker.left)} of the grid's networks are other workers' and not finished yet: "
@@ -707,6 +708,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("uge: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print("uge: terminated (SIGTERM); its claims are released: rerun the same command to resume", file=sys.stderr)
+        return e.code
 
 
 def _process_group(args):

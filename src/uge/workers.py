@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -138,6 +139,33 @@ def claim(target: Path, timeout: float = CLAIM_TIMEOUT) -> Claim | None:
                        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
         return Claim(path, token, heartbeat=max(0.05, min(60.0, timeout / 4)))
     return None
+
+
+class Terminated(SystemExit):
+    """SIGTERM received (a scheduler's time limit or preemption, ``kill``): exit status 128 + 15."""
+
+    def __init__(self):
+        super().__init__(128 + signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def released_on_sigterm():
+    """Within the block, SIGTERM ends the process by the normal exit path (:class:`Terminated`), so every held
+    claim's ``with`` block releases it at once: other workers take the work over now, not after the claim's
+    timeout, and on another host too. Python's default for SIGTERM ends the process without unwinding. Only the
+    main thread can install a handler; elsewhere the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
