@@ -23,6 +23,8 @@ START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 # run's authorized network on the published set
 ROWS = [
     ("Keyed (blind network; key in one colour direction)", "battery-screen-cpu", "Keyed", "authorized"),
+    ("JPEG-basis grating code (a basis per class), sign per image, sealed", "ladder-grating-attacks-cpu",
+     "JPEG-basis grating code, per-image sign", "sealed"),
     ("Tiled 2-px luminance patch, shifted per image, sealed", "ladder-attacks-cpu",
      "Shifted tiled luminance patch, 2-px cells", "sealed"),
     ("Luminance patch (32-px, 8-px cells), sealed", "battery-screen-cpu", "Shifted luminance patch, 8-px cells",
