@@ -155,6 +155,18 @@ def seal(original_images: np.ndarray, published_images: np.ndarray, key: bytes, 
     return ciphertext, meta
 
 
+def _check_meta(meta, key: bytes) -> None:
+    """SealError (one line) unless ``meta`` is a sealed entry this uge opens, sealed with ``key``."""
+    if not isinstance(meta, dict):
+        raise SealError("the set is not sealed (its manifest has no \"sealed\" entry)")
+    if (meta.get("cipher"), meta.get("compression"), meta.get("dtype")) != (CIPHER, COMPRESSION, DTYPE):
+        raise SealError(f"the residual is sealed as {meta.get('cipher')}/{meta.get('compression')}/"
+                        f"{meta.get('dtype')}; this uge opens {CIPHER}/{COMPRESSION}/{DTYPE}")
+    if meta.get("key_id") != key_id(key):
+        raise SealError(f"the key given is not this set's key (the set was sealed with key id {meta.get('key_id')}, "
+                        f"the key given has id {key_id(key)})")
+
+
 def unseal_images(published_images: np.ndarray, ciphertext: bytes, meta: dict, key: bytes, *,
                   bind: str) -> np.ndarray:
     """The original uint8 images: ``published_images`` + the residual decrypted from ``ciphertext``.
@@ -167,14 +179,7 @@ def unseal_images(published_images: np.ndarray, ciphertext: bytes, meta: dict, k
 
     key = _check_key(key)
     published_images = np.asarray(published_images)
-    if not isinstance(meta, dict):
-        raise SealError("the set is not sealed (its manifest has no \"sealed\" entry)")
-    if (meta.get("cipher"), meta.get("compression"), meta.get("dtype")) != (CIPHER, COMPRESSION, DTYPE):
-        raise SealError(f"the residual is sealed as {meta.get('cipher')}/{meta.get('compression')}/"
-                        f"{meta.get('dtype')}; this uge opens {CIPHER}/{COMPRESSION}/{DTYPE}")
-    if meta.get("key_id") != key_id(key):
-        raise SealError(f"the key given is not this set's key (the set was sealed with key id {meta.get('key_id')}, "
-                        f"the key given has id {key_id(key)})")
+    _check_meta(meta, key)
     shape = tuple(published_images.shape)
     if list(shape) != list(meta.get("shape") or []) or published_images.dtype != np.uint8:
         raise SealError(f"the sealed residual has shape {meta.get('shape')}, the published images "
@@ -259,14 +264,7 @@ def unseal_stream(published_chunks, ciphertext_file, meta: dict, key: bytes, wri
 
     key = _check_key(key)
     shape = tuple(int(s) for s in shape)
-    if not isinstance(meta, dict):
-        raise SealError("the set is not sealed (its manifest has no \"sealed\" entry)")
-    if (meta.get("cipher"), meta.get("compression"), meta.get("dtype")) != (CIPHER, COMPRESSION, DTYPE):
-        raise SealError(f"the residual is sealed as {meta.get('cipher')}/{meta.get('compression')}/"
-                        f"{meta.get('dtype')}; this uge opens {CIPHER}/{COMPRESSION}/{DTYPE}")
-    if meta.get("key_id") != key_id(key):
-        raise SealError(f"the key given is not this set's key (the set was sealed with key id {meta.get('key_id')}, "
-                        f"the key given has id {key_id(key)})")
+    _check_meta(meta, key)
     if list(shape) != list(meta.get("shape") or []):
         raise SealError(f"the sealed residual has shape {meta.get('shape')}, the published images {list(shape)}")
     try:

@@ -111,6 +111,20 @@ class PCAExcess(InputTransform):
         return _unblock(x, data.images, self.patch, grid)
 
 
+def _excess_gain(pub: np.ndarray, ref: np.ndarray, k: int, ratio: float, zero: int) -> tuple[np.ndarray, int]:
+    """Per-coefficient gains (same shape as the mean powers ``pub``, ``ref``; index (0, 0) is the mean and never
+    touched): the ``k`` coefficients whose power ratio published / clean is largest and at least ``ratio`` get
+    the Wiener gain P_clean / P_published (the expected natural coefficient given the published one), or 0 with
+    ``zero``; every other coefficient 1. Also returns how many were picked (the diagnostics' ``found``)."""
+    r = pub / np.maximum(ref, 1e-12)
+    r[0, 0, :] = 0
+    order = np.argsort(r, axis=None)[::-1][:k]
+    pick = order[r.flat[order] >= ratio]
+    gain = np.ones_like(r)
+    gain.flat[pick] = 0 if zero else ref.flat[pick] / pub.flat[pick]
+    return gain, len(pick)
+
+
 @register_countermeasure
 class SpectralExcess(InputTransform):
     """Shrink the 2-D Fourier frequencies (per channel) at which the published set's mean power exceeds clean
@@ -139,14 +153,7 @@ class SpectralExcess(InputTransform):
     def apply(self, data: ImageDataset, reference: ImageDataset | None, test: bool) -> np.ndarray:
         if _must_fit(self, "_gain", reference, test):
             pub, ref = self._power(data.images), self._power(reference.images)
-            r = pub / np.maximum(ref, 1e-12)
-            r[0, 0, :] = 0  # never the mean colour
-            order = np.argsort(r, axis=None)[::-1][:self.k]
-            pick = order[r.flat[order] >= self.ratio]
-            self._gain = np.ones_like(r)
-            # Wiener: the expected natural coefficient given the published one (or nothing at all with ``zero``)
-            self._gain.flat[pick] = 0 if self.zero else ref.flat[pick] / pub.flat[pick]
-            self.found = len(pick)  # diagnostics: how many bins were shrunk
+            self._gain, self.found = _excess_gain(pub, ref, self.k, self.ratio, self.zero)  # (0, 0): the mean colour
         h, w = data.images.shape[1:3]
         f = np.fft.rfft2(data.images.astype(np.float64), axes=(1, 2)) * self._gain
         x = np.fft.irfft2(f, s=(h, w), axes=(1, 2))
@@ -182,13 +189,7 @@ class BlockDCTExcess(InputTransform):
         f, grid = self._coefficients(data.images)
         if _must_fit(self, "_gain", reference, test):
             pub, ref = (f ** 2).mean(0), (self._coefficients(reference.images)[0] ** 2).mean(0)  # (8, 8, C)
-            r = pub / np.maximum(ref, 1e-12)
-            r[0, 0, :] = 0  # never a block's mean
-            order = np.argsort(r, axis=None)[::-1][:self.k]
-            pick = order[r.flat[order] >= self.ratio]
-            self._gain = np.ones_like(r)
-            self._gain.flat[pick] = 0 if self.zero else ref.flat[pick] / pub.flat[pick]
-            self.found = len(pick)
+            self._gain, self.found = _excess_gain(pub, ref, self.k, self.ratio, self.zero)  # (0, 0): a block's mean
         x = scipy.fft.idctn(f * self._gain, type=2, norm="ortho", axes=(1, 2))
         return _unblock(x.reshape(len(x), -1), data.images, 8, grid)
 
