@@ -687,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="clean vs the sealed patch vs UGE on the built-in synthetic shapes, in one "
-                       "table (CPU, about 3 minutes)")
+                       "table (CPU, about 2 minutes on 2 idle cores)")
     d.add_argument("--out", default="uge-demo", help="output folder (default ./uge-demo)")
     _add_common(d)
     d.set_defaults(func=cmd_demo)
