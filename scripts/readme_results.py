@@ -23,12 +23,12 @@ START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 # run's authorized network on the published set
 ROWS = [
     ("Keyed (blind network; key in one colour direction)", "battery-screen-cpu", "Keyed", "authorized"),
-    ("JPEG-basis grating code (a basis per class), sign per image, sealed", "ladder-grating-attacks-cpu",
-     "JPEG-basis grating code, per-image sign", "sealed"),
+    ("JPEG-basis grating code (a basis per class), sign per block, sealed", "ladder-grating-blocks-cpu",
+     "JPEG-basis grating code, sign per block", "sealed"),
+    ("Low-frequency JPEG-basis mix, sign per block, sealed", "ladder-grating-blocks-cpu",
+     "Low-frequency JPEG-basis mix, sign per block", "sealed"),
     ("Tiled 2-px luminance patch, shifted per image, sealed", "ladder-attacks-cpu",
      "Shifted tiled luminance patch, 2-px cells", "sealed"),
-    ("Luminance patch (32-px, 8-px cells), sealed", "battery-screen-cpu", "Shifted luminance patch, 8-px cells",
-     "sealed"),
     ("EM (Huang et al. 2021), sealed", "robustness-cpu", "EM", "sealed"),
     ("UGE, the paper's method (key: θ0)", "robustness-cpu", "UGE", "authorized"),
 ]
