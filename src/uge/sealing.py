@@ -167,6 +167,17 @@ def _check_meta(meta, key: bytes) -> None:
                         f"the key given has id {key_id(key)})")
 
 
+def _nonce(meta: dict) -> bytes:
+    """The sealed entry's nonce; SealError (one line) when it is missing or malformed."""
+    try:
+        nonce = bytes.fromhex(meta.get("nonce") or "")
+    except ValueError:
+        nonce = b""
+    if len(nonce) != NONCE_BYTES:
+        raise SealError("the sealed residual's nonce in the manifest is malformed")
+    return nonce
+
+
 def unseal_images(published_images: np.ndarray, ciphertext: bytes, meta: dict, key: bytes, *,
                   bind: str) -> np.ndarray:
     """The original uint8 images: ``published_images`` + the residual decrypted from ``ciphertext``.
@@ -184,12 +195,7 @@ def unseal_images(published_images: np.ndarray, ciphertext: bytes, meta: dict, k
     if list(shape) != list(meta.get("shape") or []) or published_images.dtype != np.uint8:
         raise SealError(f"the sealed residual has shape {meta.get('shape')}, the published images "
                         f"{list(shape)} ({published_images.dtype})")
-    try:
-        nonce = bytes.fromhex(meta.get("nonce") or "")
-    except ValueError:
-        nonce = b""
-    if len(nonce) != NONCE_BYTES:
-        raise SealError("the sealed residual's nonce in the manifest is malformed")
+    nonce = _nonce(meta)
     try:
         plain = AESGCM(key).decrypt(nonce, bytes(ciphertext), _aad(bind, shape))
     except InvalidTag:
@@ -267,12 +273,7 @@ def unseal_stream(published_chunks, ciphertext_file, meta: dict, key: bytes, wri
     _check_meta(meta, key)
     if list(shape) != list(meta.get("shape") or []):
         raise SealError(f"the sealed residual has shape {meta.get('shape')}, the published images {list(shape)}")
-    try:
-        nonce = bytes.fromhex(meta.get("nonce") or "")
-    except ValueError:
-        nonce = b""
-    if len(nonce) != NONCE_BYTES:
-        raise SealError("the sealed residual's nonce in the manifest is malformed")
+    nonce = _nonce(meta)
     failed = SealError("the sealed residual fails authentication: it was tampered with or truncated, or it "
                        "belongs to another set")
     total = Path(ciphertext_file).stat().st_size
