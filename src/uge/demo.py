@@ -35,7 +35,7 @@ ISS = "grayscale+jpeg:quality=10"  # the battery's worst cheap countermeasure ag
 
 @dataclasses.dataclass(frozen=True)
 class DemoSizes:
-    """How big the demo runs: the defaults take about 3 minutes on 2 idle cores (docs/usage.md)."""
+    """How big the demo runs: the defaults take about 2 minutes on 2 idle cores (results/demo, docs/usage.md)."""
 
     per_class_train: int | None = None  # None: the whole split (200 per class)
     per_class_test: int | None = None  # None: the whole split (100 per class)
