@@ -154,3 +154,57 @@ def test_blockdct_leaves_clean_data_alone():
     cm = parse_countermeasures("blockdct")[0]
     out = transform_data([cm], clean, reference=dataset(natural(400, seed=7)))
     assert cm.found == 0 and np.abs(out.images.astype(int) - clean.images).max() <= 1
+
+
+def _class_contrast(data: ImageDataset, freqs) -> float:
+    """The largest ratio, over classes and the (u, v) in ``freqs``, of a class's block-DCT power to the other
+    classes' (the mean over channels): a class-wise code at one frequency per class shows here."""
+    from uge.countermeasures.adaptive import BlockDCTExcess
+
+    f = BlockDCTExcess._coefficients(data.images)[0] ** 2
+    labels = np.repeat(data.labels, len(f) // len(data))
+    return max(f[labels == c][:, v, u].mean() / f[labels != c][:, v, u].mean()
+               for c in range(data.num_classes) for u, v in freqs)
+
+
+def _block_power(images):
+    from uge.countermeasures.adaptive import BlockDCTExcess
+    return (BlockDCTExcess._coefficients(images)[0] ** 2).mean(0)
+
+
+def test_matched_jpeg_patch_keeps_the_sets_block_dct_power_and_a_class_code_that_classdct_sees():
+    """``jpeg-patch`` with ``matched``: the published set's power per block-DCT coefficient equals the clean set's
+    (so ``blockdct`` finds nothing), while each class keeps more power at its own frequency than the others; the
+    per-class comparison (``classdct``) finds that and rescales it away."""
+    from uge.protectors import build_protector
+
+    freqs = [(1, 0), (0, 1), (1, 1), (3, 0)]
+    clean, reference = dataset(natural(400, size=32)), dataset(natural(400, size=32, seed=7))
+    pubs = {m: build_protector("jpeg-patch", rho=10 / 255, size=8, freqs=[f"{u},{v}" for u, v in freqs],
+                               distinct=True, shift=False, block_signs=True, share=0.75, matched=m)
+            .protect(clean, seed=0).protected for m in (False, True)}
+    for pub in pubs.values():
+        assert np.abs(pub.images.astype(int) - clean.images).max() <= 10  # the budget holds on the images
+    ratio = {m: (_block_power(p.images) / _block_power(clean.images))[np.arange(8) + np.arange(8)[:, None] > 0]
+             for m, p in pubs.items()}  # every AC coefficient and channel
+    assert ratio[False].max() > 1.5 and np.abs(ratio[True] - 1).max() < 0.02
+    found = {}
+    for m, pub in [("clean", clean), *pubs.items()]:
+        cm = parse_countermeasures("blockdct:k=64,ratio=1.05")[0]
+        transform_data([cm], pub, reference=reference)
+        found[m] = cm.found
+    assert found[False] >= found["clean"] + 20 and found[True] <= found["clean"] + 2  # about as many as two clean sets differ by
+    assert _class_contrast(clean, freqs) < 1.1 and _class_contrast(pubs[True], freqs) > 3  # the code is there
+    out = transform_data(parse_countermeasures("classdct:k=16,ratio=1.2"), pubs[True], reference=reference)
+    assert _class_contrast(out, freqs) < 1.3
+
+
+def test_classdct_leaves_clean_data_alone_and_needs_labelled_clean_images_of_every_class():
+    clean = dataset(natural(400, size=32))
+    cm = parse_countermeasures("classdct:k=16,ratio=1.3")[0]
+    out = transform_data([cm], clean, reference=dataset(natural(400, size=32, seed=7)))
+    assert cm.found == 0 and np.abs(out.images.astype(int) - clean.images).max() <= 1  # rounding only
+    test = transform_data([cm], clean, test=True)
+    assert np.array_equal(test.images, clean.images)  # test images: their labels are what is asked
+    with pytest.raises(ConfigError, match="no image of class"):
+        transform_data(parse_countermeasures("classdct"), clean, reference=dataset(natural(40, size=32), 2))

@@ -40,6 +40,7 @@ EXAMPLES = {
     "adv": "adv:eps=4,steps=2", "copy-input": "copy-input", "pca": "pca:patch=2,k=2",
     "classmean": "classmean:strength=0.5", "orthogonal": "orthogonal:steps=5", "spectral": "spectral:k=8,ratio=1.5",
     "jpeg-grid": "jpeg-grid:quality=30,offset=3", "blockdct": "blockdct:k=4,ratio=1.5",
+    "classdct": "classdct:k=4,ratio=1.5",
 }
 # One bad parameter per countermeasure: (spec, words the message must contain).
 BAD = {
@@ -58,6 +59,7 @@ BAD = {
     "spectral": ("spectral:zero=2", ["zero=2", "0..1"]),
     "jpeg-grid": ("jpeg-grid:offset=8", ["offset=8", "1..7"]),
     "blockdct": ("blockdct:ratio=1", ["ratio=1", "> 1"]),
+    "classdct": ("classdct:k=0", ["k=0", "1..10000"]),
 }
 INPUTS = [n for n in list_countermeasures() if get_countermeasure(n).kind == "input"]
 BATCHES = [n for n in list_countermeasures() if get_countermeasure(n).kind == "batch"]

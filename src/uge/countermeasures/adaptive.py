@@ -8,6 +8,8 @@ published set's own statistics and removes it before training.
 - ``spectral``: the same comparison in the Fourier basis of the whole image (per channel): the frequencies with
   excess power are shrunk to the clean images' power. It finds a pattern tiled over the image, even one shifted
   per image (a cyclic shift changes only the phases).
+- ``classdct``: the ``blockdct`` comparison per class, against labelled clean images of the same classes, each
+  coefficient whose class power differs (either way) rescaled to the clean class's power.
 - ``classmean``: every image minus its class's mean deviation from the global mean (a class-wise pattern is
   what the class means of a protected set differ by).
 - ``orthogonal``: the orthogonal projection attack (Sandoval-Segura et al., "What Can We Learn from Unlearnable
@@ -191,6 +193,55 @@ class BlockDCTExcess(InputTransform):
             pub, ref = (f ** 2).mean(0), (self._coefficients(reference.images)[0] ** 2).mean(0)  # (8, 8, C)
             self._gain, self.found = _excess_gain(pub, ref, self.k, self.ratio, self.zero)  # (0, 0): a block's mean
         x = scipy.fft.idctn(f * self._gain, type=2, norm="ortho", axes=(1, 2))
+        return _unblock(x.reshape(len(x), -1), data.images, 8, grid)
+
+
+@register_countermeasure
+class ClassBlockDCT(BlockDCTExcess):
+    """``blockdct`` per class: in each class's training images, the 8×8-block DCT coefficients (u, v, channel)
+    whose power differs from the same class's clean images from elsewhere by a factor of ``ratio`` or more, up
+    or down (the ``k`` largest differences per class), are rescaled to the clean class's power. The attack on a
+    code that matches the whole set's power but not each class's (``jpeg-patch`` with ``matched``): a
+    class-wise shortcut is a class-conditional difference, and this compares exactly that. It needs labelled
+    clean images of the same classes (the reference's labels); test images are left unchanged (their labels are
+    what is asked)."""
+
+    name = "classdct"
+    summary = ("rescale, per class, the 8x8-block DCT coefficients whose power differs from the same class's clean "
+               "images from elsewhere (removes class-wise codes that match the whole set's power).")
+    at_test = False
+    params: ClassVar[dict[str, Param]] = {
+        "k": Param(int, 16, 1, 10_000, help="at most this many (u, v, channel) coefficients per class"),
+        "ratio": Param(float, 1.3, 1, 1000, low_open=True, help="power ratio (either way) that is rescaled"),
+    }
+
+    def apply(self, data: ImageDataset, reference: ImageDataset | None, test: bool) -> np.ndarray:
+        if test:
+            return data.images.copy()
+        if reference is None:
+            raise ConfigError(f"countermeasure {self.name!r} needs clean images from elsewhere (the reference)")
+        f, grid = self._coefficients(data.images)
+        r, _ = self._coefficients(reference.images)
+        per_image = grid[0] * grid[1]
+        labels, ref_labels = np.repeat(data.labels, per_image), np.repeat(reference.labels, per_image)
+        self.found = 0
+        for c in range(data.num_classes):
+            mine, theirs = labels == c, ref_labels == c
+            if not mine.any():
+                continue
+            if not theirs.any():
+                raise ConfigError(f"countermeasure {self.name!r}: the clean images from elsewhere have no image of "
+                                  f"class {data.classes[c]!r}")
+            pub, ref = (f[mine] ** 2).mean(0), (r[theirs] ** 2).mean(0)
+            change = np.abs(np.log(np.maximum(pub, 1e-12) / np.maximum(ref, 1e-12)))
+            change[0, 0, :] = 0  # a block's mean stays
+            order = np.argsort(change, axis=None)[::-1][:self.k]
+            pick = order[change.flat[order] >= np.log(self.ratio)]
+            gain = np.ones_like(pub)
+            gain.flat[pick] = np.sqrt(ref.flat[pick] / np.maximum(pub.flat[pick], 1e-12))
+            f[mine] *= gain
+            self.found += len(pick)
+        x = scipy.fft.idctn(f, type=2, norm="ortho", axes=(1, 2))
         return _unblock(x.reshape(len(x), -1), data.images, 8, grid)
 
 

@@ -158,12 +158,16 @@ def image_result(protector: Protector, data: ImageDataset, images: np.ndarray, s
     return result_of(protector, ImageDataset(images, data.labels.copy(), list(data.classes)), seed, **fields)
 
 
-def noise_chunk(rho: float, delta_of):
+def noise_chunk(rho: float, delta_of, content=None):
     """``protect_chunk`` for :func:`chunked_result` of a norm-bounded protector: images + ``delta_of(start, k)``
-    (float (k, C, H, W) on the [0, 1] scale, called once per chunk, in order), rounded as :func:`add_noise`."""
+    (float (k, C, H, W) on the [0, 1] scale, called once per chunk, in order), rounded as :func:`add_noise`.
+    ``content(start, x)``, if given, adds a change that depends on the images x themselves (same scale)."""
     def protect_chunk(start: int, images: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-        x_u = quantize(x.float() / 255 + delta_of(start, len(images)).detach().cpu().float(), x, rho)
+        delta = delta_of(start, len(images)).detach().cpu().float()
+        if content is not None:
+            delta = delta + content(start, x.float() / 255)
+        x_u = quantize(x.float() / 255 + delta, x, rho)
         return x_u.permute(0, 2, 3, 1).numpy()
     return protect_chunk
 

@@ -5,12 +5,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
 from ..params import budget, param
-from ..result import Protection
+from ..result import Protection, quantize
 from .base import Protector, chunked_result, noise_chunk, register_protector
 
 
@@ -126,9 +127,14 @@ class JpegBlockPatch(Protector):
     signs: bool = False  # each image's pattern times its own random ±1: the class means hold nothing
     block_signs: bool = False  # every 8x8 block of every image times its own random ±1: no periodic spectrum
     flips: bool = False  # each image's pattern flipped up-down and left-right at random (the grid stays aligned)
+    share: float = param(1.0, low=0, high=1, low_open=True)  # the code's amplitude, a fraction of rho
+    matched: bool = False  # shrink every image's content so the set's block-DCT power equals the clean set's
 
     def cross_checks(self):
-        return [] if self.size % 8 == 0 else [f"size must be a multiple of 8, got {self.size}"]
+        bad = [] if self.size % 8 == 0 else [f"size must be a multiple of 8, got {self.size}"]
+        if self.matched and self.size != 8:
+            bad.append(f"matched needs size = 8 (one block per class: every block carries the same code), got {self.size}")
+        return bad
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:
@@ -150,7 +156,7 @@ class JpegBlockPatch(Protector):
             sign = torch.randint(0, 2, (k, blocks, blocks), generator=g) * 2 - 1
             cells = basis[which] * sign[..., None, None]  # (K, by, bx, 8, 8)
         tiles = cells.permute(0, 1, 3, 2, 4).reshape(k, 1, self.size, self.size)
-        patches = (tiles * self.rho).expand(-1, data.channels, -1, -1)
+        patches = (tiles * self.rho * self.share).expand(-1, data.channels, -1, -1)
         place = _placer(patches, data, self.size, 8, self.shift, g)
         # every image's draws first, in this order (small: a few numbers per image), then δ chunk by chunk
         sign = torch.randint(0, 2, (n, 1, 1, 1), generator=g) * 2 - 1 if self.signs else None
@@ -169,7 +175,83 @@ class JpegBlockPatch(Protector):
                 delta = torch.where(flip[part, 0, None, None, None], delta.flip(2), delta)
                 delta = torch.where(flip[part, 1, None, None, None], delta.flip(3), delta)
             return delta
-        return chunked_result(self, data, noise_chunk(self.rho, delta_of), seed, work_dir)
+        content = _power_matcher(data, patches, delta_of, self.rho) if self.matched else None
+        return chunked_result(self, data, noise_chunk(self.rho, delta_of, content), seed, work_dir)
+
+
+def _power_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: float, rounds: int = 3):
+    """``content(start, x)``: the change to images ``x`` (float (k, C, H, W) on the [0, 1] scale) that shrinks
+    their content in JPEG's block-DCT basis so that the published set's second moment there, content plus the
+    code ``delta_of`` (each class's 8×8 block ``patches``, each block of each image times a random sign), equals
+    the clean set's, per AC coefficient (v, u) as a C×C matrix over the channels.
+
+    The excess-power attacks (``blockdct``, ``spectral``, ``pca``) compare exactly these moments with clean
+    images from elsewhere. With M_vu the clean second moment and S_vu the code's (class-frequency weighted; a
+    random sign per block leaves no cross term), every block's coefficient vector y becomes T·y with
+    T = (M − S)^½ M^−½, so T M Tᵀ = M − S and adding the code gives M back in expectation. The budget's clipping
+    and 8-bit rounding add power of their own: each of ``rounds`` passes over the set measures the published
+    moment A and adds A − M to S. Where the code has more power than the content (M − S not positive), the
+    content's direction is removed entirely and the excess that is left stays visible."""
+    c = data.channels
+    labels = torch.from_numpy(data.labels).long()
+    share = torch.bincount(labels, minlength=data.num_classes).double() / len(labels)
+    code = _block_dct(patches.double() * 255)[:, :, 0, 0]  # (K, C, 8, 8) coefficients of each class's block
+    s = torch.einsum("k,kcvu,kdvu->vucd", share, code, code)  # (8, 8, C, C)
+    eye = torch.eye(c, dtype=torch.float64)
+    t = torch.zeros(8, 8, c, c, dtype=torch.float64)  # T − I: the change per coefficient vector
+
+    def content(start: int, x: torch.Tensor) -> torch.Tensor:
+        y = _block_dct(x.double() * 255)
+        change = _block_idct(torch.einsum("vucd,ndyxvu->ncyxvu", t, y)) / 255
+        out = torch.zeros_like(x)
+        out[..., :change.shape[-2], :change.shape[-1]] = change.float()
+        return out
+
+    def moment(published: bool) -> torch.Tensor:
+        m, blocks = torch.zeros(8, 8, c, c, dtype=torch.float64), 0
+        for start, chunk in data.chunks():
+            x = torch.from_numpy(np.ascontiguousarray(chunk.transpose(0, 3, 1, 2)))
+            if published:
+                x = quantize(x.float() / 255 + delta_of(start, len(x)) + content(start, x.float() / 255), x, rho)
+            y = _block_dct(x.double())
+            m += torch.einsum("ncyxvu,ndyxvu->vucd", y, y)
+            blocks += y.shape[0] * y.shape[2] * y.shape[3]
+        return m / blocks
+
+    m = moment(False)
+    w, q = torch.linalg.eigh(m)
+    inv_root = q @ torch.diag_embed(w.clamp_min(1e-9).rsqrt()) @ q.transpose(-1, -2)
+    for r in range(rounds + 1):
+        if r:
+            s = s + moment(True) - m
+        w, q = torch.linalg.eigh(m - s)
+        t = q @ torch.diag_embed(w.clamp_min(0).sqrt()) @ q.transpose(-1, -2) @ inv_root - eye
+        t[0, 0] = 0  # the block's mean stays
+    return content
+
+
+def _dct_matrix() -> torch.Tensor:
+    """The orthonormal 8-point DCT-II matrix D (D @ signal = coefficients)."""
+    k, n = torch.arange(8, dtype=torch.float64)[:, None], torch.arange(8, dtype=torch.float64)
+    d = torch.cos((2 * n + 1) * k * torch.pi / 16) * (2 / 8) ** 0.5
+    d[0] /= 2 ** 0.5
+    return d
+
+
+def _block_dct(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) → (N, C, H//8, W//8, 8, 8): each 8×8 block of JPEG's grid in the orthonormal DCT basis,
+    indexed (v, u): v down, u across (the remainder of H, W that 8 does not tile is left out)."""
+    n, c, h, w = x.shape
+    b = x[..., :h // 8 * 8, :w // 8 * 8].reshape(n, c, h // 8, 8, w // 8, 8).transpose(3, 4)
+    d = _dct_matrix().to(x.dtype)
+    return d @ b @ d.T
+
+
+def _block_idct(y: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_block_dct`: (N, C, by, bx, 8, 8) → (N, C, 8·by, 8·bx)."""
+    d = _dct_matrix().to(y.dtype)
+    n, c, by, bx = y.shape[:4]
+    return (d.T @ y @ d).transpose(3, 4).reshape(n, c, by * 8, bx * 8)
 
 
 def _dct(u: int, v: int) -> torch.Tensor:
