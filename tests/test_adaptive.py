@@ -208,3 +208,17 @@ def test_classdct_leaves_clean_data_alone_and_needs_labelled_clean_images_of_eve
     assert np.array_equal(test.images, clean.images)  # test images: their labels are what is asked
     with pytest.raises(ConfigError, match="no image of class"):
         transform_data(parse_countermeasures("classdct"), clean, reference=dataset(natural(40, size=32), 2))
+
+
+def test_match_to_leaves_the_code_coefficients_at_that_fraction_of_the_clean_power():
+    from uge.protectors import build_protector
+
+    freqs = [(1, 0), (0, 1), (1, 1), (3, 0)]
+    clean = dataset(natural(400, size=32))
+    pub = build_protector("jpeg-patch", rho=10 / 255, size=8, freqs=[f"{u},{v}" for u, v in freqs], distinct=True,
+                          shift=False, block_signs=True, share=0.75, matched=True, match_to=0.9
+                          ).protect(clean, seed=0).protected
+    ratio = _block_power(pub.images) / _block_power(clean.images)
+    coded = np.array([ratio[v, u] for u, v in freqs])
+    assert np.abs(coded - 0.9).max() < 0.02
+    assert abs(ratio[2, 2].mean() - 1) < 0.02  # (2, 2) carries no code (nor a harmonic of one)

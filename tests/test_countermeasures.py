@@ -58,7 +58,7 @@ BAD = {
     "orthogonal": ("orthogonal:steps=0", ["steps=0", "1..10000"]),
     "spectral": ("spectral:zero=2", ["zero=2", "0..1"]),
     "jpeg-grid": ("jpeg-grid:offset=8", ["offset=8", "1..7"]),
-    "blockdct": ("blockdct:ratio=1", ["ratio=1", "> 1"]),
+    "blockdct": ("blockdct:ratio=0", ["ratio=0", "> 0"]),
     "classdct": ("classdct:k=0", ["k=0", "1..10000"]),
 }
 INPUTS = [n for n in list_countermeasures() if get_countermeasure(n).kind == "input"]

@@ -177,7 +177,8 @@ class BlockDCTExcess(InputTransform):
     at_test = True
     params: ClassVar[dict[str, Param]] = {
         "k": Param(int, 16, 1, 10_000, help="at most this many (u, v, channel) coefficients"),
-        "ratio": Param(float, 1.2, 1, 1000, low_open=True, help="power ratio above which a coefficient is excess"),
+        "ratio": Param(float, 1.2, 0, 1000, low_open=True,
+                       help="power ratio above which a coefficient is excess (below 1: a blanket removal)"),
         "zero": Param(int, 1, 0, 1, help="1: set the excess coefficients to zero; 0: the Wiener shrink"),
     }
 

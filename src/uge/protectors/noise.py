@@ -129,6 +129,7 @@ class JpegBlockPatch(Protector):
     flips: bool = False  # each image's pattern flipped up-down and left-right at random (the grid stays aligned)
     share: float = param(1.0, low=0, high=1, low_open=True)  # the code's amplitude, a fraction of rho
     matched: bool = False  # shrink every image's content so the set's block-DCT power equals the clean set's
+    match_to: float = param(1.0, low=0.5, high=1)  # with matched: the power at the code's coefficients, × clean's
 
     def cross_checks(self):
         bad = [] if self.size % 8 == 0 else [f"size must be a multiple of 8, got {self.size}"]
@@ -175,11 +176,12 @@ class JpegBlockPatch(Protector):
                 delta = torch.where(flip[part, 0, None, None, None], delta.flip(2), delta)
                 delta = torch.where(flip[part, 1, None, None, None], delta.flip(3), delta)
             return delta
-        content = _power_matcher(data, patches, delta_of, self.rho) if self.matched else None
+        content = _power_matcher(data, patches, delta_of, self.rho, self.match_to) if self.matched else None
         return chunked_result(self, data, noise_chunk(self.rho, delta_of, content), seed, work_dir)
 
 
-def _power_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: float, rounds: int = 3):
+def _power_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: float, match_to: float = 1.0,
+                   rounds: int = 3):
     """``content(start, x)``: the change to images ``x`` (float (k, C, H, W) on the [0, 1] scale) that shrinks
     their content in JPEG's block-DCT basis so that the published set's second moment there, content plus the
     code ``delta_of`` (each class's 8×8 block ``patches``, each block of each image times a random sign), equals
@@ -191,7 +193,9 @@ def _power_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: flo
     T = (M − S)^½ M^−½, so T M Tᵀ = M − S and adding the code gives M back in expectation. The budget's clipping
     and 8-bit rounding add power of their own: each of ``rounds`` passes over the set measures the published
     moment A and adds A − M to S. Where the code has more power than the content (M − S not positive), the
-    content's direction is removed entirely and the excess that is left stays visible."""
+    content's direction is removed entirely and the excess that is left stays visible. ``match_to`` < 1 aims the
+    coefficients that carry the code at that fraction of the clean power (a deficit, not a match: an attack that
+    removes what has more power than clean images from elsewhere then passes them over)."""
     c = data.channels
     labels = torch.from_numpy(data.labels).long()
     share = torch.bincount(labels, minlength=data.num_classes).double() / len(labels)
@@ -219,12 +223,15 @@ def _power_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: flo
         return m / blocks
 
     m = moment(False)
+    target = m.clone()
+    coded = s.diagonal(dim1=-2, dim2=-1).sum(-1) > 1e-3 * m.diagonal(dim1=-2, dim2=-1).sum(-1)
+    target[coded] *= match_to
     w, q = torch.linalg.eigh(m)
     inv_root = q @ torch.diag_embed(w.clamp_min(1e-9).rsqrt()) @ q.transpose(-1, -2)
     for r in range(rounds + 1):
         if r:
-            s = s + moment(True) - m
-        w, q = torch.linalg.eigh(m - s)
+            s = s + moment(True) - target
+        w, q = torch.linalg.eigh(target - s)
         t = q @ torch.diag_embed(w.clamp_min(0).sqrt()) @ q.transpose(-1, -2) @ inv_root - eye
         t[0, 0] = 0  # the block's mean stays
     return content
