@@ -9,7 +9,10 @@ its energy relative to δ's (``kept_energy``, which counts the transform's own a
 correlation with δ (``corr``). A transform that
 keeps little of δ (and little harm to clean images) is the attack to expect; a pattern that keeps most of its
 energy under every transform is a candidate worth training networks on. Fitted transforms (``pca``) are fitted
-once on the published set and applied as fitted to the clean set. Writes JSON with the command.
+once on the published set and applied as fitted to the clean set. Also, per variant, the published set's power
+per 8×8-block DCT coefficient (u, v; the mean over channels) over the clean set's own (``power_vs_clean``) and over
+the reference's (the test split: ``power_vs_reference``, beside the clean set's ``clean_vs_reference``): what the
+excess-power attacks compare. Writes JSON with the command.
 """
 from __future__ import annotations
 
@@ -53,6 +56,20 @@ def survival(clean, published, test, spec: str) -> dict:
     return {"along_delta": round(along, 4), "kept_energy": round(e1 / e0, 4), "corr": round(corr, 4), **({"pca_ratios": found[0]} if found else {})}
 
 
+def block_power(images: np.ndarray) -> np.ndarray:
+    """Mean power per 8×8-block DCT coefficient, (v, u, channel)."""
+    from uge.countermeasures.adaptive import BlockDCTExcess
+    return (BlockDCTExcess._coefficients(images)[0] ** 2).mean(0)
+
+
+def power_ratios(clean, published, test) -> dict:
+    """Published / clean, published / reference and clean / reference power per block-DCT coefficient (v rows, u
+    columns; the mean over channels), rounded."""
+    pub, own, ref = block_power(published.images), block_power(clean.images), block_power(test.images)
+    r = lambda a, b: np.round((a / np.maximum(b, 1e-12)).mean(-1), 4).tolist()  # noqa: E731
+    return {"power_vs_clean": r(pub, own), "power_vs_reference": r(pub, ref), "clean_vs_reference": r(own, ref)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config")
@@ -70,6 +87,7 @@ def main(argv=None) -> int:
         pub = read_published(pub_dir).data
         res = {spec: survival(clean, pub, test, spec) for spec in args.countermeasures}
         out["variants"][v.name] = res
+        out.setdefault("block_dct_power", {})[v.name] = power_ratios(clean, pub, test)
         for spec, r in res.items():
             print(f"{v.name:45s} {spec:32s} along δ {r['along_delta']:+.3f}  energy {r['kept_energy']:.3f}  "
                   f"corr {r['corr']:+.3f}")

@@ -27,6 +27,8 @@ ROWS = [
      "JPEG-basis grating code, sign per block", "sealed"),
     ("Low-frequency JPEG-basis mix, sign per block, sealed", "ladder-grating-blocks-cpu",
      "Low-frequency JPEG-basis mix, sign per block", "sealed"),
+    ("The same grating, the set's block-DCT power matched to clean, sealed", "ladder-matched-full-cpu",
+     "Grating code, sign per block, power-matched, whole budget", "sealed"),
     ("Tiled 2-px luminance patch, shifted per image, sealed", "ladder-attacks-cpu",
      "Shifted tiled luminance patch, 2-px cells", "sealed"),
     ("EM (Huang et al. 2021), sealed", "robustness-cpu", "EM", "sealed"),
