@@ -222,3 +222,10 @@ def test_match_to_leaves_the_code_coefficients_at_that_fraction_of_the_clean_pow
     coded = np.array([ratio[v, u] for u, v in freqs])
     assert np.abs(coded - 0.9).max() < 0.02
     assert abs(ratio[2, 2].mean() - 1) < 0.02  # (2, 2) carries no code (nor a harmonic of one)
+
+
+def test_match_to_without_matched_is_refused_not_ignored():
+    from uge.protectors import build_protector
+
+    with pytest.raises(ConfigError, match="match_to=0.9 needs matched"):
+        build_protector("jpeg-patch", size=8, match_to=0.9)

@@ -135,6 +135,8 @@ class JpegBlockPatch(Protector):
         bad = [] if self.size % 8 == 0 else [f"size must be a multiple of 8, got {self.size}"]
         if self.matched and self.size != 8:
             bad.append(f"matched needs size = 8 (one block per class: every block carries the same code), got {self.size}")
+        if self.match_to != 1 and not self.matched:
+            bad.append(f"match_to={self.match_to} needs matched = true (it sets the matched power)")
         return bad
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
@@ -202,7 +204,7 @@ def _power_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: flo
     code = _block_dct(patches.double() * 255)[:, :, 0, 0]  # (K, C, 8, 8) coefficients of each class's block
     s = torch.einsum("k,kcvu,kdvu->vucd", share, code, code)  # (8, 8, C, C)
     eye = torch.eye(c, dtype=torch.float64)
-    t = torch.zeros(8, 8, c, c, dtype=torch.float64)  # T − I: the change per coefficient vector
+    t = None  # T − I per coefficient (8, 8, C, C): set by the passes below, before content is first called
 
     def content(start: int, x: torch.Tensor) -> torch.Tensor:
         y = _block_dct(x.double() * 255)
