@@ -14,6 +14,7 @@ import uge.benchmark.runner as runner_mod
 import uge.evaluate as evaluate_mod
 import uge.protectors.uge.protector as uge_mod
 from uge.benchmark import load_config, parse_config, read_records, run_benchmark, write_report
+from uge.benchmark.report import build_rows, worst_case_table
 from uge.cli import main
 from uge.errors import ConfigError
 from uge.protectors import build_protector
@@ -307,6 +308,58 @@ def test_countermeasure_grid_and_robustness_matrix(tmp_path):
     assert "Robustness matrix" in report and "| data | none | jpeg:quality=10 |" in report
     with pytest.raises(ConfigError, match="countermeasure"):
         parse_config(tiny(evaluate={"hackers": [], "countermeasures": ["jpeg:quality=5"]}))
+
+
+def test_a_screened_variant_runs_only_its_countermeasures_and_its_list_may_grow(tmp_path):
+    ev = {"hackers": ["lenet:normal:1"], "countermeasures": ["none", "jpeg:quality=10", "grayscale"],
+          "countermeasures_authorized": False}
+    screened = {"name": "Random", "protector": "random", "countermeasures": ["none", "grayscale"]}
+    cfg = parse_config(tiny(variant=[TINY["variant"][0], screened], evaluate=ev))
+    assert cfg.variants[1].countermeasures == ["", "grayscale"]  # canonical texts, as the grid's
+    records = run_benchmark(cfg, tmp_path / "run", progress=False)
+    files = lambda: sorted((tmp_path / "run" / "records").glob("*/*.json"))  # noqa: E731
+    before = files()
+    got = {(r["variant"], r["role"], r["countermeasures"]) for r in records}
+    first, second = TINY["variant"][0]["name"], screened["name"]
+    assert {(v, cm) for v, role, cm in got if role == "hacker"} == {
+        (first, None), (first, "jpeg:quality=10"), (first, "grayscale"), (second, None), (second, "grayscale")}
+    report = (write_report(tmp_path / "run") / "report.md").read_text()
+    worst = report[report.index("Worst case"):].split("\n\n")[1]
+    assert "(2 of 3 run)" in worst  # the worst case says it is over the screen only
+    assert "authorized" not in worst  # key holders trained without countermeasures have no worst case
+    # the screen grows by a setting: the finished records stay, the new cell is trained
+    cfg = parse_config(tiny(variant=[TINY["variant"][0], {**screened, "countermeasures": ["none", "grayscale",
+                                                                                           "jpeg:quality=10"]}],
+                            evaluate=ev))
+    run_benchmark(cfg, tmp_path / "run", progress=False)
+    new = sorted(set(files()) - set(before))
+    assert len(new) == 1 and new[0].name.startswith("random_hacker") and "jpeg" in new[0].name
+    for bad in (["none", "blur"], ["none", "none"], []):
+        with pytest.raises(ConfigError, match="countermeasures"):
+            parse_config(tiny(variant=[{**screened, "countermeasures": bad}], evaluate=ev))
+
+
+def test_worst_case_table_takes_the_highest_accuracy_and_the_fraction_of_clean_learning():
+    def rec(variant, protector, role, acc, cm=None):
+        return {**_record(variant, protector, role, "cnn", "normal", acc), "countermeasures": cm}
+    records = [rec("Original", "clean", "hacker", 60.0), rec("Original", "clean", "hacker", 50.0, "jpeg:quality=10"),
+               rec("Original", "clean", "authorized", 70.0),
+               rec("P", "patch", "hacker", 12.0), rec("P", "patch", "hacker", 30.0, "jpeg:quality=10"),
+               rec("P", "patch", "hacker", 40.0, "adv:eps=8.0,steps=3,step=6.666667"),
+               rec("P", "patch", "authorized", 20.0)]
+    cms = ["", "jpeg:quality=10", "adv:eps=8.0,steps=3,step=6.666667", "grayscale"]
+    columns, rows = build_rows(records, cms)
+    table = worst_case_table(columns, rows, chance=10.0, cms=cms, authorized=False)
+    (line,) = [l for l in table.splitlines() if l.startswith("| P |")]  # noqa: E741
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # clean 60, plain 12, worst 40 by adv (3 of the 4 settings run): (40 - 10) / (60 - 10) = 0.6; without adv 30
+    assert cells[3:] == ["60.00", "12.00", "40.00 (3 of 4 run)", "adv:eps=8.0,steps=3,step=6.666667", "0.60",
+                         "30.00", "jpeg:quality=10"]
+    with_auth = worst_case_table(columns, rows, chance=10.0, cms=cms)
+    assert "| P | normal | authorized | 70.00 | 20.00 | 20.00 (1 of 4 run) | none | 0.17 ✓ |" in with_auth
+    low = [rec("Original", "clean", "hacker", 60.0), rec("Original", "clean", "hacker", 50.0, "grayscale"),
+           rec("P", "patch", "hacker", 20.0), rec("P", "patch", "hacker", 30.0, "grayscale")]
+    assert "| 0.40 ✓ |" in worst_case_table(*build_rows(low), chance=10.0)  # (30 - 10) / 50: the goal, exactly
 
 
 def test_baseline_protectors_run_in_a_grid(tmp_path):

@@ -40,7 +40,7 @@ EXAMPLES = {
     "adv": "adv:eps=4,steps=2", "copy-input": "copy-input", "pca": "pca:patch=2,k=2",
     "classmean": "classmean:strength=0.5", "orthogonal": "orthogonal:steps=5", "spectral": "spectral:k=8,ratio=1.5",
     "jpeg-grid": "jpeg-grid:quality=30,offset=3", "blockdct": "blockdct:k=4,ratio=1.5",
-    "classdct": "classdct:k=4,ratio=1.5",
+    "classdct": "classdct:k=4,ratio=1.5", "bitdepth": "bitdepth:bits=3",
 }
 # One bad parameter per countermeasure: (spec, words the message must contain).
 BAD = {
@@ -60,6 +60,7 @@ BAD = {
     "jpeg-grid": ("jpeg-grid:offset=8", ["offset=8", "1..7"]),
     "blockdct": ("blockdct:ratio=0", ["ratio=0", "> 0"]),
     "classdct": ("classdct:k=0", ["k=0", "1..10000"]),
+    "bitdepth": ("bitdepth:bits=8", ["bits=8", "1..7"]),
 }
 INPUTS = [n for n in list_countermeasures() if get_countermeasure(n).kind == "input"]
 BATCHES = [n for n in list_countermeasures() if get_countermeasure(n).kind == "batch"]
@@ -139,7 +140,7 @@ def test_bad_parameter_raises_one_line_config_error(name):
 
 
 @pytest.mark.parametrize("text, words", [
-    ("jepg:quality=10", ["unknown countermeasure 'jepg'", "known: adv, blockdct, blur"]),
+    ("jepg:quality=10", ["unknown countermeasure 'jepg'", "known: adv, bitdepth, blockdct, blur"]),
     ("jpeg:q=10", ["no parameter 'q'", "quality (an int in 10..95, default 10"]),
     ("jpeg:quality", ["bad parameter 'quality'", "key=value"]),
     ("jpeg:", ["bad countermeasure 'jpeg:'", "NAME[:key=value"]),
@@ -284,6 +285,20 @@ def test_grayscale_channels_are_equal_and_use_luma():
     assert (one("grayscale")(red).images == 76).all()  # round(0.299 * 255)
     gray = random_dataset(n=4, channels=1)
     assert np.array_equal(one("grayscale")(gray).images, gray.images)  # one channel: unchanged
+
+
+def test_bitdepth_keeps_only_its_levels_and_removes_a_perturbation_below_half_a_step():
+    data = rgb_dataset()
+    out = one("bitdepth:bits=2")(data).images
+    assert set(np.unique(out)) <= {0, 85, 170, 255} and len(np.unique(out)) == 4
+    assert np.abs(out.astype(int) - data.images).max() <= 43  # rounding to the nearest level
+    # a +-8 pattern on pixels at least 9 levels from any threshold (42.5 + 85 k) is gone entirely
+    flat = ImageDataset(np.full((2, 8, 8, 3), 20, np.uint8), [0, 1], ["a", "b"])
+    sign = np.where(np.indices((8, 8)).sum(0) % 2 == 0, 8, -8)[None, :, :, None]
+    marked = ImageDataset((flat.images.astype(int) + sign).astype(np.uint8), [0, 1], ["a", "b"])
+    assert np.array_equal(one("bitdepth:bits=2")(marked).images, one("bitdepth:bits=2")(flat).images)
+    assert not np.array_equal(one("bitdepth:bits=7")(marked).images, one("bitdepth:bits=7")(flat).images)
+    assert np.abs(one("bitdepth:bits=7")(data).images.astype(int) - data.images).max() <= 1  # 128 levels
 
 
 def _high_frequency_energy(images: np.ndarray) -> float:

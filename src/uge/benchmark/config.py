@@ -62,6 +62,8 @@ class Variant:
     overrides: dict = field(default_factory=dict)
     repeats: int = 1  # evaluate the grid this many times with other training seeds and hacker inits (the noise)
     hackers: list[HackerSpec] | None = None  # None: the config's hackers; [] trains the authorized networks only
+    # None: every countermeasure of [evaluate]; else the ones of those this variant is screened with
+    countermeasures: list[str] | None = None
 
     @property
     def slug(self) -> str:
@@ -136,7 +138,8 @@ class BenchmarkConfig:
                 "evaluate": self._evaluate_dict(),
                 "variant": [{"name": v.name, "protector": v.protector, "federated": v.federated, **v.overrides,
                              **({"repeats": v.repeats} if v.repeats != 1 else {}),
-                             **({"hackers": [h.spec for h in v.hackers]} if v.hackers is not None else {})}
+                             **({"hackers": [h.spec for h in v.hackers]} if v.hackers is not None else {}),
+                             **({"countermeasures": v.countermeasures} if v.countermeasures is not None else {})}
                             for v in self.variants], "paper": self.paper}
 
 
@@ -209,9 +212,15 @@ def _variant(v: dict) -> Variant:
     if hackers is not None and (not isinstance(hackers, list) or not all(isinstance(h, str) for h in hackers)):
         raise ConfigError(f"variant {v['name']!r}: hackers must be a list of hacker specs ({HACKER_SYNTAX}), "
                           f"got {hackers!r}")
+    cms = rest.pop("countermeasures", None)
+    if cms is not None:
+        if not isinstance(cms, list) or not cms or not all(isinstance(c, str) for c in cms):
+            raise ConfigError(f"variant {v['name']!r}: countermeasures must be a non-empty list of texts (a part of "
+                              f"evaluate.countermeasures), got {cms!r}")
+        cms = [format_countermeasures(parse_countermeasures(c)) for c in cms]
     return Variant(name=rest.pop("name"), protector=rest.pop("protector", "uge"),
                    federated=rest.pop("federated", None), overrides=rest, repeats=repeats,
-                   hackers=None if hackers is None else [HackerSpec.parse(h) for h in hackers])
+                   hackers=None if hackers is None else [HackerSpec.parse(h) for h in hackers], countermeasures=cms)
 
 
 def _check(cfg: BenchmarkConfig) -> None:
@@ -229,6 +238,10 @@ def _check(cfg: BenchmarkConfig) -> None:
         raise ConfigError(f"[protect]: unknown key(s) {', '.join(sorted(set(cfg.protect) - shared))}; the table "
                           "sets the fields of every variant's protector that has them, and the authorized networks")
     for v in cfg.variants:
+        if v.countermeasures is not None and (set(v.countermeasures) - set(cfg.countermeasures)
+                                              or len(set(v.countermeasures)) != len(v.countermeasures)):
+            raise ConfigError(f"variant {v.name!r}: countermeasures must be distinct settings of "
+                              f"evaluate.countermeasures {cfg.countermeasures}, got {v.countermeasures}")
         if v.protector not in protectors:
             raise ConfigError(f"variant {v.name!r}: unknown protector {v.protector!r}; available: "
                               f"{', '.join(protectors)}")

@@ -142,13 +142,16 @@ def _chance(run_dir: Path) -> float:
     return 10.0
 
 
-def worst_case_table(columns, rows, chance: float, goal: float = 0.4) -> str:
+def worst_case_table(columns, rows, chance: float, goal: float = 0.4, cms: list[str] | None = None,
+                     authorized: bool = True) -> str:
     """Per protected variant, mode and network: the highest accuracy any countermeasure reaches (the worst case
     for the protection) and which one, beside the plain (no countermeasure) accuracy, the same network on the clean
     set, and the fraction of what it learns from clean data that the worst case keeps, (worst − chance) / (clean −
     chance); adversarial training (``adv``) is also left out in a column of its own. A network that was not
-    trained under every countermeasure of the run says how many it was (its worst case is over those only)."""
-    cms = list(dict.fromkeys(row["countermeasure"] for row in rows))
+    trained under every countermeasure of the run (``cms``, the config's list; default: those in ``rows``) says
+    how many it was (its worst case is over those only). ``authorized=False`` (the run's authorized networks
+    trained without countermeasures: key holders) leaves their columns out: they have no worst case."""
+    cms = list(dict.fromkeys(cms or [row["countermeasure"] for row in rows]))
     if len(cms) < 2:
         return ""
     clean = {(row["mode"], c): row["cells"][c]["acc"] for row in rows if row["protector"] == "clean"
@@ -158,7 +161,7 @@ def worst_case_table(columns, rows, chance: float, goal: float = 0.4) -> str:
     for v in dict.fromkeys(row["variant"] for row in rows if row["protector"] != "clean"):
         for mode in dict.fromkeys(row["mode"] for row in rows):
             mine = [row for row in rows if row["variant"] == v and row["mode"] == mode]
-            for c in columns:
+            for c in columns if authorized else [c for c in columns if not c.startswith("authorized")]:
                 got = [(row["cells"][c]["acc"], row["countermeasure"] or "none") for row in mine if c in row["cells"]]
                 if not got:
                     continue
@@ -677,7 +680,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
                   "at the authorized checkpoints and at a hacker's initialisation; how often the surrogate "
                   "feature of x_u is nearest to its target class; the surrogate's accuracy on x_u) and the "
                   "published perturbation's energy shares.", diag]
-    worst = worst_case_table(columns, rows, _chance(run_dir))
+    ev = cfg.get("evaluate", {})
+    worst = worst_case_table(columns, rows, _chance(run_dir), cms=ev.get("countermeasures"),
+                             authorized=ev.get("countermeasures_authorized", True))
     if worst:
         parts += [("Worst case over the countermeasures: for every protected set and network, the highest test accuracy "
                    "any countermeasure reaches and which one; 'fraction kept' is (worst − chance) / (clean − chance), "

@@ -100,8 +100,8 @@ def _without_growth(mine: dict, theirs: dict) -> dict:
     """``mine`` with what it appends to ``theirs`` (variants, countermeasure settings) cut off."""
     out = copy.deepcopy(mine)
     n = len(theirs.get("variant", []))
-    if out["variant"][:n] == theirs.get("variant", []):
-        out["variant"] = out["variant"][:n]
+    if len(out["variant"]) >= n and all(map(_variant_grown, out["variant"][:n], theirs.get("variant", []))):
+        out["variant"] = copy.deepcopy(theirs["variant"])
     old = _cms(theirs)
     if _cms(out)[:len(old)] == old and len(_cms(out)) > len(old):
         out["evaluate"] = {**out["evaluate"], "countermeasures": old}
@@ -110,6 +110,13 @@ def _without_growth(mine: dict, theirs: dict) -> dict:
             if theirs.get("evaluate", {}).get("countermeasures_authorized") is None:
                 out["evaluate"].pop("countermeasures_authorized", None)
     return out
+
+
+def _variant_grown(mine: dict, theirs: dict) -> bool:
+    """The same variant, or one whose screening list of countermeasures was extended (or lifted)."""
+    a, b = dict(mine), dict(theirs)
+    grown, old = a.pop("countermeasures", None), b.pop("countermeasures", None)
+    return a == b and (grown == old or old is not None and (grown is None or grown[:len(old)] == old))
 
 
 def _publish_checked(protect_fn, part: ImageDataset, pub_dir: Path, source: dict, what: str) -> tuple:
@@ -251,7 +258,8 @@ def _grid_pass(cfg: BenchmarkConfig, run_dir: Path, train: ImageDataset, test: I
                  "benchmark": cfg.name}
         same = {"data_label": v.slug, "out_dir": run_dir / "records" / v.slug, "device": device, "seed": cfg.seed,
                 "progress": progress, "extra": extra, "worker": worker}
-        for cm in cfg.countermeasures:  # one evaluation grid per countermeasure setting ("" = none)
+        # one evaluation grid per countermeasure setting ("" = none); a screened variant runs only its own
+        for cm in cfg.countermeasures if v.countermeasures is None else v.countermeasures:
             for r in range(v.repeats):  # repeat r: other training seeds and hacker inits (the noise of one number)
                 records += evaluate_set(used, test, authorized, [dataclasses.replace(h, seed=h.seed + r)
                                                                  for h in hackers],  # hacker r: its own init

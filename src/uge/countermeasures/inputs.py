@@ -2,7 +2,7 @@
 
 These are the "image shortcut squeezing" defences against availability poisons (Liu et al., "Image
 Shortcut Squeezing: Countering Perturbative Availability Poisons with Compression", ICML 2023): lossy
-compression, grayscale and blur remove much of a small, high-frequency perturbation.
+compression, grayscale, bit-depth reduction and blur remove much of a small, high-frequency perturbation.
 """
 from __future__ import annotations
 
@@ -75,6 +75,25 @@ class Grayscale(InputTransform):
         luma = images.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
         g = np.clip(np.rint(luma), 0, 255).astype(np.uint8)
         return np.repeat(g[..., None], images.shape[-1], axis=-1)
+
+
+@register_countermeasure
+class BitDepth(InputTransform):
+    """Bit-depth reduction: every channel rounded to ``bits`` bits, 2**bits evenly spaced levels from 0 to 255
+    (APBench's setting: 2 bits). A perturbation smaller than half a level's step survives only where it moves a
+    pixel across a rounding threshold. Test images are reduced too (``at_test``): the hacker's input pipeline
+    posterizes every image it sees, so training and test look alike.
+    """
+
+    name = "bitdepth"
+    summary = "reduce every training (and test) image to BITS bits per channel (bit-depth reduction)."
+    params: ClassVar[dict[str, Param]] = {
+        "bits": Param(int, 2, 1, 7, help="bits per channel kept; fewer removes more")}
+    at_test = True
+
+    def transform(self, images: np.ndarray) -> np.ndarray:
+        step = 255 / (2 ** self.bits - 1)
+        return np.clip(np.rint(np.rint(images / step) * step), 0, 255).astype(np.uint8)
 
 
 @register_countermeasure
