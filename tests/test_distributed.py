@@ -247,3 +247,78 @@ def test_uge_train_under_torchrun_writes_once_and_matches_one_process(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]  # the finished checkpoint: nothing left to train
     assert all(torch.equal(a, b) for a, b in zip(load_weights(tmp_path / "again.safetensors").values(),
                                                  load_weights(tmp_path / "ddp.safetensors").values()))
+
+
+# ------------------------------------------------------------------------------------ UGE's protection
+
+UGE = {"authorized": ["lenet:0"], "trajectory_epochs": 1, "generator_epochs": 2, "generator_width": 4,
+       "generator_batch_size": 20, "encoder_arch": "lenet",
+       "encoder_recipe": {"epochs": 1, "batch_size": 20, "lr": 0.05, "flip": False},
+       "recipe": {"epochs": 1, "batch_size": 20, "lr": 0.05, "flip": False}}
+
+
+def _protect_digits(data, out: Path, kill_after: int | None = None) -> None:
+    """UGE (L_gm + L_fd + L_ud) on this rank, the work folder shared; each rank writes its protected images and
+    generator history. With ``kill_after``, rank 1 dies (no clean-up) after that generator epoch."""
+    from uge.protectors import build_protector
+    from uge.protectors.uge import generator
+
+    rank = distributed.world().rank
+    if kill_after is not None:
+        step = generator._GeneratorTraining.step
+
+        def dying(self, r, epoch, rng):
+            shown = step(self, r, epoch, rng)
+            if rank == 1 and epoch + 1 == kill_after:
+                os._exit(9)
+            return shown
+        generator._GeneratorTraining.step = dying
+    result = build_protector("uge", **UGE).protect(data, device="cpu", work_dir=out / "work", progress=False,
+                                                   keep_work=True, seed=0)
+    torch.save(torch.from_numpy(result.protected.images), out / f"images{rank}.pt")
+    (out / f"history{rank}.json").write_text(json.dumps(result.history))
+
+
+def test_uge_generator_on_two_ranks_keeps_one_generator_and_resumes(tmp_path, digits_small):
+    """Every rank trains the same generator on its half of each batch and publishes the same images; a run
+    whose rank 1 dies after the first generator epoch resumes on both ranks from rank 0's checkpoint and ends
+    where the uninterrupted run ends."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    assert _launch(_protect_digits, digits_small, whole) == 0
+    images = [torch.load(whole / f"images{r}.pt") for r in (0, 1)]
+    assert torch.equal(images[0], images[1])
+    assert not torch.equal(images[0], torch.from_numpy(digits_small.images))  # it perturbed
+    rho = round(UGE.get("rho", 0.04) * 255)
+    assert (images[0].int() - torch.from_numpy(digits_small.images).int()).abs().max() <= rho
+    history = [json.loads((whole / f"history{r}.json").read_text()) for r in (0, 1)]
+    assert history[0] == history[1] and [h["epoch"] for h in history[0]] == [1, 2]
+    assert sorted(f.name for f in (whole / "work").iterdir()) == [
+        "config.json", "encoder.safetensors", "generator.pt", "trajectory_0.safetensors"]
+
+    assert _launch(_protect_digits, digits_small, killed, 1) != 0
+    assert torch.load(killed / "work" / "generator.pt", weights_only=True)["done"] == 1
+    assert _launch(_protect_digits, digits_small, killed) == 0
+    assert torch.equal(torch.load(killed / "images1.pt"), images[0])
+
+
+def test_protect_under_torchrun_runs_uge_only(tmp_path):
+    argv = ["protect", "--data", "digits", "--per-class", "2", "--out", str(tmp_path / "pub"), "--device", "cpu",
+            "--quiet"]
+    assert _launch(_command, [*argv, "--method", "random"], tmp_path, 2) == 0
+    err = (tmp_path / "stderr0").read_text()
+    assert "--method random runs in one process; under torchrun protect runs UGE's generator" in err
+    assert not (tmp_path / "pub").exists()
+    assert _launch(_command, [*argv, "--method", "uge", "--param", "parametrization=delta"], tmp_path, 2) == 0
+    assert "per-sample δ parametrization runs in one process" in (tmp_path / "stderr0").read_text()
+
+
+def test_uge_protect_on_two_ranks_publishes_once_and_verifies(tmp_path):
+    (tmp_path / "uge.json").write_text(json.dumps(UGE))
+    argv = ["protect", "--data", "digits", "--per-class", "4", "--method", "uge", "--config", str(tmp_path / "uge.json"),
+            "--out", str(tmp_path / "pub"), "--device", "cpu", "--quiet"]
+    assert _launch(_command, argv, tmp_path) == 0
+    stdout = [(tmp_path / f"stdout{r}").read_text() for r in (0, 1)]
+    assert stdout[0].count("published") == 1 and stdout[1] == ""
+    assert not (tmp_path / ".pub.work").exists()  # the shared work folder, removed once
+    assert main(["verify", str(tmp_path / "pub")]) == 0

@@ -243,6 +243,9 @@ def _published_root(data: str) -> Path | None:
                  and (p / "checksums.sha256").is_file()), None)
 
 
+_DISTRIBUTED_METHODS = ("uge", "fd")  # the methods whose protect runs under torchrun (the generator's training)
+
+
 def cmd_protect(args) -> int:
     from .protectors import build_protector, protector_class
     from .protectors.base import in_memory_limit
@@ -260,6 +263,9 @@ def cmd_protect(args) -> int:
                           "them with `uge unseal`)")
     params, seed = _protect_params(args, protector_class(args.method))
     method = build_protector(args.method, **params)
+    if distributed.world().size > 1 and args.method not in _DISTRIBUTED_METHODS:
+        raise ConfigError(f"--method {args.method} runs in one process; under torchrun protect runs UGE's generator "
+                          f"({', '.join(_DISTRIBUTED_METHODS)})")
     seal_key = None
     if args.seal:
         from .sealing import load_key
@@ -275,8 +281,9 @@ def cmd_protect(args) -> int:
     _print(f"protecting {len(data)} images of {data.num_classes} classes with {args.method}, {budget}, seed {seed}")
     start = time.perf_counter()
     result = method.protect(data, device=args.device, work_dir=work, progress=not args.quiet, seed=seed)
-    publish(result, data, out, formats=formats, overwrite=args.overwrite, theta0_apart=args.theta0_apart,
-            source=source_record(args.data, args.split, args.per_class, args.subset_seed), seal_key=seal_key)
+    distributed.on_main(publish, result, data, out, formats=formats, overwrite=args.overwrite,  # rank 0 writes
+                        theta0_apart=args.theta0_apart, seal_key=seal_key,
+                        source=source_record(args.data, args.split, args.per_class, args.subset_seed))
     if data.stored:  # the protected images' working copy (uge.protectors.base.chunked_result), now published
         (work / "protected.npy").unlink(missing_ok=True)
     if seal_key is not None:
@@ -596,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seal", metavar="KEYFILE", help="also publish the residual to the originals, encrypted with "
                    "this key (uge keygen): key holders restore the originals bit for bit (uge unseal)")
     q.add_argument("--overwrite", action="store_true")
-    q.set_defaults(func=cmd_protect)
+    q.set_defaults(func=cmd_protect, processes=True)
 
     t = sub.add_parser("train", help="train a network on a clean or published set")
     _add_data_args(t)
@@ -715,14 +722,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _process_group(args):
     """torchrun's process group for the commands that train on several processes (``processes`` among their
-    defaults: train, evaluate); any other command under torchrun is refused rather than run N times."""
+    defaults: train, evaluate, protect with UGE); any other command under torchrun is refused rather than run N
+    times."""
     if getattr(args, "processes", False):
         if not distributed.is_main():  # one log: rank 0's
             logging.getLogger("uge").setLevel(logging.WARNING)
         return distributed.session(args.device)
     if distributed.launched():
-        raise ConfigError(f"uge {args.command} runs in one process; under torchrun only train and evaluate run "
-                          "(every process would do the whole work and write the same files)")
+        raise ConfigError(f"uge {args.command} runs in one process; under torchrun only train, evaluate and protect "
+                          "(UGE) run (every process would do the whole work and write the same files)")
     return contextlib.nullcontext()
 
 

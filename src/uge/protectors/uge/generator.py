@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import distributed
 from ...config import ProtectConfig
 from ...data.dataset import ImageDataset
 from ...result import quantize
@@ -93,7 +94,12 @@ def project(x_u: torch.Tensor, x: torch.Tensor, rho: float) -> torch.Tensor:
 
 
 class _GeneratorTraining(Parametrization):
-    """Algorithm 1, lines 6–15, one epoch a unit: minimize L_all over the generator's weights (Adam)."""
+    """Algorithm 1, lines 6–15, one epoch a unit: minimize L_all over the generator's weights (Adam).
+
+    Under torchrun (DDP) every rank draws the same batches and takes its equal part of each: L_fd and L_ud are
+    means over samples, so their averaged gradients are the global batch's; L_gm matches each part's gradient
+    (one process matches the whole batch's), and the generator's BatchNorm sees each part's statistics.
+    """
 
     name, stream, unit = "generator", "generator_epoch", "epoch"
 
@@ -101,12 +107,14 @@ class _GeneratorTraining(Parametrization):
         self.objective, self.cfg, self.data, self.device = objective, cfg, data, device
         torch.manual_seed(derive(cfg.seed, "generator"))
         self.gen = Generator(data.channels, cfg.rho, width=cfg.generator.width, center=cfg.generator.center).to(device)
+        self.net = distributed.wrap(self.gen, device)  # the generator itself in one process
         self.opt = torch.optim.Adam(self.gen.parameters(), lr=cfg.generator.lr)
         self.history: list[dict] = []
         self.images, self.labels = data.tensors(device)
         n = len(data)
         self.bs = min(cfg.batch_size, n)
         self.steps = max(1, n // self.bs)
+        self.part = distributed.shard(self.bs)  # this rank's part of every batch (None: one process, all of it)
         # With a clean-gradient cache the batches are one fixed partition visited in a new order every epoch
         # (so clean targets repeat); without it, every epoch reshuffles the images (the reference behaviour).
         self.fixed = cfg.gm.cache_mb > 0 and "gm" in cfg.losses
@@ -128,8 +136,10 @@ class _GeneratorTraining(Parametrization):
         for i in range(self.steps):
             j = int(batch_order[i])
             idx = order[j * bs:(j + 1) * bs]
+            if self.part is not None:
+                idx = idx[self.part]
             x, y = images[idx].float().div_(255), labels[idx]
-            terms = self.objective.terms(x, gen(x), y, rng, batch_id=j if self.fixed else None,
+            terms = self.objective.terms(x, self.net(x), y, rng, batch_id=j if self.fixed else None,
                                          gm=epoch >= cfg.generator.gm_warmup_epochs)
             terms["total"] = loss = sum(terms.values())
             self.opt.zero_grad(set_to_none=True)
@@ -137,7 +147,7 @@ class _GeneratorTraining(Parametrization):
             self.opt.step()
             for k, v in terms.items():  # summed on the device: one synchronization per epoch, not per step
                 sums[k] = sums.get(k, 0) + v.detach()
-        sums = {k: v.item() for k, v in sums.items()}
+        sums = {k: distributed.mean(v).item() for k, v in sums.items()}  # the ranks' mean: one history
         if not all(np.isfinite(v) for v in sums.values()) or not all(torch.isfinite(p).all() for p in gen.parameters()):
             raise FloatingPointError(f"generator training diverged in epoch {epoch + 1} (losses {sums}); "
                                      "lower generator_lr, or report this with the config")

@@ -4,7 +4,8 @@ A parametrization is a small strategy (:class:`Parametrization`): the state it c
 generator epoch, a δ batch) and what happens before each round (δ's on-trajectory rounds). :func:`optimize` runs
 the units of every round in order, seeds each unit from its own streams (:mod:`uge.seeds`: a numpy generator and
 torch's global seed) and saves the strategy's state after every unit, atomically, in the work folder; a rerun
-resumes after the last unit saved and publishes the same bytes as a run never stopped.
+resumes after the last unit saved and publishes the same bytes as a run never stopped. Under torchrun every
+rank runs every unit (a parametrization shards its own batches) and rank 0 saves.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ... import distributed
 from ...seeds import derive, sequence
 from ...utils import atomic_file
 
@@ -88,7 +90,8 @@ def optimize(p: Parametrization, checkpoint: Path, seed: int, device, progress: 
             done = 0
             p.reset_round(r)
         n = p.units()
-        bar = tqdm(range(done, n), desc=p.label(r), disable=None if progress else True, leave=False, initial=done,
+        bar = tqdm(range(done, n), desc=p.label(r), disable=None if progress and distributed.is_main() else True,
+                   leave=False, initial=done,
                    total=n)
         for u in bar:
             index = p.seed_index(r, u)
@@ -97,5 +100,9 @@ def optimize(p: Parametrization, checkpoint: Path, seed: int, device, progress: 
             shown = p.step(r, u, rng)
             if shown:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
-            with atomic_file(checkpoint) as tmp:  # a kill mid-save must not corrupt the resume point
-                torch.save({**p.state_dict(), "round": r, "done": u + 1}, tmp)
+            distributed.on_main(_save, checkpoint, {**p.state_dict(), "round": r, "done": u + 1})
+
+
+def _save(checkpoint: Path, state: dict) -> None:
+    with atomic_file(checkpoint) as tmp:  # a kill mid-save must not corrupt the resume point
+        torch.save(state, tmp)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ... import distributed
 from ...config import ProtectConfig
 from ...data.dataset import ImageDataset
 from ...models import create_model
@@ -48,7 +49,7 @@ def _feature_space(cfg, data, device, work, progress):
     else:
         train(encoder, data, cfg.fd.encoder_recipe, device=device, seed=derive(cfg.seed, "encoder"), progress=progress,
               desc="feature encoder")
-        save_weights(f, encoder.state_dict())
+        distributed.on_main(save_weights, f, encoder.state_dict())
     return build_feature_space("encoder", classes=data.classes, train_set=data, device=device, model=encoder,
                                arch=cfg.fd.encoder_arch)
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
+from ... import distributed
 from ...config import FLAT_KEYS, AuthorizedSpec, ProtectConfig
 from ...data.dataset import ImageDataset
 from ...errors import ConfigError
@@ -46,9 +47,14 @@ def protect(data: ImageDataset, config: ProtectConfig, *, device="auto", work_di
 
 def _run(data: ImageDataset, cfg: ProtectConfig, device, work_dir, progress: bool, keep_work: bool) -> dict:
     """Algorithm 1 with ``cfg`` (its ``seed`` the run's): the protected set and what the result records."""
-    device = resolve_device(device)
+    device = distributed.rank_device(resolve_device(device))
     for a in cfg.authorized:  # fail on a bad name before any training
         create_model(a.arch, data.num_classes, data.channels)
+    if distributed.world().size > 1 and work_dir is None:
+        raise ConfigError("under torchrun the ranks share one work folder: give work_dir")
+    if distributed.world().size > 1 and cfg.parametrization == "delta":
+        raise ConfigError("UGE's per-sample δ parametrization runs in one process; under torchrun use the "
+                          "generator (parametrization 'generator', the default)")
     work = _Workdir(Path(work_dir or tempfile.mkdtemp(prefix="uge-work-")), cfg.to_dict())
     seconds = {}
     objective, theta0 = _objective(cfg, data, device, work, progress, seconds)
@@ -67,7 +73,7 @@ def _run(data: ImageDataset, cfg: ProtectConfig, device, work_dir, progress: boo
         protected = generate(gen, data, device)
         seconds["generate"] = time.perf_counter() - timer
     if not keep_work:
-        shutil.rmtree(work.path, ignore_errors=True)
+        distributed.on_main(shutil.rmtree, work.path, ignore_errors=True)
     space_name = objective.space.name if objective.space is not None else "none"
     return {"protected": protected, "theta0": theta0, "feature_space": space_name, "history": history,
             "seconds": seconds, "authorized": list(cfg.authorized), "recipe": cfg.recipe}

@@ -1,7 +1,8 @@
 """UGE's work folder: one run's checkpoints, and the authorized networks' trajectories kept in it.
 
 Long runs are resumable: the trajectories, the feature encoder and the generator (after every epoch) are
-checkpointed in a work folder, and a rerun with the same config picks up where the last one stopped.
+checkpointed in a work folder, and a rerun with the same config picks up where the last one stopped. Under
+torchrun every rank reads the folder and rank 0 alone writes it (:mod:`uge.distributed`).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import logging
 from pathlib import Path
 
+from ... import distributed
 from ...config import AuthorizedSpec
 from ...data.dataset import ImageDataset
 from ...errors import ConfigError
@@ -27,12 +29,14 @@ class _Workdir:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
         cfg_file = path / "config.json"
-        if cfg_file.exists():
+        found = cfg_file.exists()
+        distributed.barrier()  # under torchrun every rank looks before rank 0 writes: they agree on what they saw
+        if found:
             if json.loads(cfg_file.read_text()) != config:
                 raise ConfigError(f"work folder {path} holds a run with another config; "
                                   "delete it or rerun with the same config to resume")
         else:
-            atomic_write_text(cfg_file, json.dumps(config, indent=2))
+            distributed.on_main(atomic_write_text, cfg_file, json.dumps(config, indent=2))
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -57,7 +61,7 @@ def _recorded(f: Path, spec: AuthorizedSpec, cfg, data: ImageDataset, device, se
     model = build_network(spec.arch, data.num_classes, data.channels, spec.seed, spec.theta0)
     states = record_trajectory(model, data, cfg.recipe, cfg.trajectory_epochs, device=device, seed=seed,
                                progress=progress)
-    save_weights(f, {f"{t}/{name}": v for t, s in enumerate(states) for name, v in s.items()})
+    distributed.on_main(save_weights, f, {f"{t}/{name}": v for t, s in enumerate(states) for name, v in s.items()})
     return states
 
 
@@ -69,5 +73,5 @@ def _trained(k, spec, cfg, data, device, work, progress) -> dict:
     model = build_network(spec.arch, data.num_classes, data.channels, spec.seed, spec.theta0)
     train(model, data, cfg.recipe, device=device, seed=derive(cfg.seed, "teacher", k), progress=progress,
           desc="authorized (L_ud)")
-    save_weights(f, model.state_dict())
+    distributed.on_main(save_weights, f, model.state_dict())
     return model.state_dict()
