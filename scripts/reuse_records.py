@@ -1,0 +1,124 @@
+"""Reuse finished networks of earlier benchmark runs in a new run folder, only where they are the same experiment.
+
+A network's record is the same cell of the new grid when its run had the same data, recipe and seed, its
+variant the same protector and parameters, and its file name is one the new config would write (the same
+network, training mode, seed and countermeasure). Those records (and their weights) are copied into the new
+run folder before ``uge benchmark`` runs it, which then skips them; every copy is listed in ``RUN/reused.json``
+with its source. ``--check`` afterwards compares the perturbation statistics of every variant the new run
+protected again (``variants/*/protect.json``) with the source run's: equal statistics mean the same images.
+
+    python scripts/reuse_records.py configs/battery-cpu.toml results/battery-cpu --from results/ladder-cpu ...
+    python scripts/reuse_records.py configs/battery-cpu.toml results/battery-cpu --check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from uge.benchmark import load_config
+from uge.countermeasures import countermeasure_slug, parse_countermeasures
+
+SAME = ("data", "recipe", "seed", "protect")  # what a source run must share with the new one
+
+
+def _variant(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k != "countermeasures"}  # the screen is not the experiment
+
+
+def wanted(cfg, v) -> set[str]:
+    """The record file names (without .json) the runner writes for variant ``v`` of ``cfg``."""
+    cms = cfg.countermeasures if v.countermeasures is None else v.countermeasures
+    hackers = cfg.hackers if v.hackers is None else v.hackers
+    suffixes = [f"__{countermeasure_slug(parse_countermeasures(c))}" if c else "" for c in cms]
+    names = {f"{v.slug}_hacker_{h.arch}_{h.mode}_s{h.seed}{s}" for h in hackers for s in suffixes}
+    if not cfg.countermeasures_authorized:
+        suffixes = [""]
+    return names | {(v.slug, "authorized0", s) for s in suffixes}  # the authorized network: any architecture
+
+
+def _is_wanted(stem: str, names: set) -> bool:
+    if stem in names:
+        return True
+    for n in names:
+        if isinstance(n, tuple):
+            slug, role, suffix = n
+            rest = stem[len(slug) + 1:]
+            if stem.startswith(slug + "_") and rest.startswith(role + "_") and (
+                    rest.endswith(suffix) if suffix else "__" not in rest):
+                return True
+    return False
+
+
+def reuse(config: str, run: Path, sources: list[Path]) -> list[dict]:
+    cfg = load_config(config)
+    mine = cfg.to_dict()
+    copied: dict[str, dict] = {}
+    for src in sources:
+        theirs = json.loads((src / "config.json").read_text())
+        if any(theirs.get(k) != mine.get(k) for k in SAME):
+            print(f"skipped {src}: another {', '.join(k for k in SAME if theirs.get(k) != mine.get(k))}")
+            continue
+        variants = {v["name"]: _variant(v) for v in theirs["variant"]}
+        for v, d in zip(cfg.variants, mine["variant"]):
+            if variants.get(v.name) != _variant(d):
+                continue  # not in that run, or another protection under the same name
+            names = wanted(cfg, v)
+            for f in sorted((src / "records" / v.slug).glob("*.json")):
+                if not _is_wanted(f.stem, names):
+                    continue
+                acc = json.loads(f.read_text())["test_acc"]
+                if f.name in copied:
+                    if copied[f.name]["test_acc"] != acc:
+                        sys.exit(f"{f.name}: {copied[f.name]['source']} and {src} disagree ({acc} against "
+                                 f"{copied[f.name]['test_acc']}); reuse one of them only")
+                    continue
+                dst = run / "records" / v.slug / f.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if not dst.exists():
+                    shutil.copy2(f, dst)
+                    if f.with_suffix(".safetensors").exists():
+                        shutil.copy2(f.with_suffix(".safetensors"), dst.with_suffix(".safetensors"))
+                copied[f.name] = {"record": f"{v.slug}/{f.name}", "source": str(src), "test_acc": acc}
+    out = sorted(copied.values(), key=lambda r: r["record"])
+    (run / "reused.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def check(run: Path) -> int:
+    """Every reused variant's perturbation statistics in the new run against its sources' (0: all equal)."""
+    bad = 0
+    for slug, srcs in _sources(run).items():
+        new = run / "variants" / slug / "protect.json"
+        if not new.exists():
+            continue  # a clean variant, or not protected yet
+        stats = json.loads(new.read_text())["perturbation"]
+        for src in srcs:
+            old = json.loads((Path(src) / "variants" / slug / "protect.json").read_text())["perturbation"]
+            same = old.keys() == stats.keys() and all(abs(old[k] - stats[k]) <= 1e-9 * max(1, abs(old[k]))
+                                                      for k in old)
+            bad += not same
+            print(f"{'same' if same else 'DIFFERENT'} perturbation: {slug} against {src}")
+    return bad
+
+
+def _sources(run: Path) -> dict[str, set]:
+    out: dict[str, set] = {}
+    for r in json.loads((run / "reused.json").read_text()):
+        out.setdefault(r["record"].split("/")[0], set()).add(r["source"])
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config")
+    p.add_argument("run", type=Path)
+    p.add_argument("--from", dest="sources", type=Path, nargs="+", default=[])
+    p.add_argument("--check", action="store_true", help="compare the re-protected variants with their sources")
+    a = p.parse_args()
+    if a.check:
+        sys.exit(1 if check(a.run) else 0)
+    for r in reuse(a.config, a.run, a.sources):
+        print(f"{r['record']:110s} {r['test_acc']:6.2f}  {r['source']}")
