@@ -18,7 +18,7 @@ from uge.data import ImageDataset
 from uge.errors import ConfigError
 from uge.models import create_model
 from uge.protectors import Protector, build_protector, list_protectors, protector_class
-from uge.pgd import pgd, uniform_start
+from uge.pgd import cell_means, pgd, uniform_start
 from uge.published import publish, read_published, verify
 from uge.result import Protection
 from uge.similarity import PSNR_CAP, psnr, similarity, ssim
@@ -242,6 +242,39 @@ def test_em_noise_lowers_a_fixed_networks_loss_below_random_noise(digits_small, 
     delta = em.minimize_noise(source_net, images, labels, random)
     assert delta.abs().max() <= em.rho + 1e-6
     assert _loss(source_net, images, labels, delta) < 0.75 * _loss(source_net, images, labels, random)
+
+
+def test_cell_means_make_a_perturbation_constant_over_cells_and_channels_within_the_ball():
+    d = (torch.rand(2, 3, 10, 10, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 0.04
+    c = cell_means(d, 4)
+    assert torch.allclose(c[..., :4, :4], d[..., :4, :4].mean((-2, -1), keepdim=True).expand(-1, -1, 4, 4))
+    assert torch.allclose(c[..., 8:, 8:], d[..., 8:, 8:].mean((-2, -1), keepdim=True).expand(-1, -1, 2, 2))
+    assert c.abs().max() <= 0.04 and not torch.allclose(c, d)
+    lum = cell_means(d, 1, luminance=True)
+    assert torch.equal(lum[:, 0], lum[:, 2]) and torch.allclose(lum[:, 1], d.mean(1))
+    assert torch.equal(cell_means(d), d)
+
+
+def test_em_in_cells_of_luminance_publishes_a_perturbation_of_that_shape_that_still_fits(source_net):
+    """EM restricted to the means of 4-px cells, one value for every channel: the published perturbation is
+    that (up to 8-bit rounding, ±1 level), and it still lowers the source network's loss below random noise of
+    the same shape."""
+    rng = np.random.default_rng(0)
+    data = ImageDataset(rng.integers(40, 216, (24, 16, 16, 3), dtype=np.uint8), np.arange(24) % 4,
+                        ["a", "b", "c", "d"])  # no pixel near 0 or 255: nothing is clipped
+    em = build_protector("em", arch="cnn", rho=8 / 255, train_steps=2, pgd_steps=5, max_rounds=2, batch_size=8,
+                         cell=4, luminance=True)
+    pub = em.protect(data, device="cpu", progress=False, seed=0).protected.images.astype(int)
+    d = torch.from_numpy(pub - data.images.astype(int)).permute(0, 3, 1, 2).float()
+    spread = d.unfold(2, 4, 4).unfold(3, 4, 4).flatten(-2)  # (N, C, 4, 4, 16): the pixels of every cell
+    assert (spread.amax(-1) - spread.amin(-1)).max() <= 1 and (d.amax(1) - d.amin(1)).max() <= 1
+    assert d.abs().max() <= 8 and d.abs().mean() > 2  # in the ball, and not nothing
+    net = create_model("cnn", 4, 3, seed=0)
+    images, labels = data.tensors()
+    start = cell_means(uniform_start(images.shape, em.rho, 1, "cpu"), 4, True)
+    fitted = em.minimize_noise(net, images, labels, start)
+    assert torch.allclose(fitted, cell_means(fitted, 4, True), atol=1e-7)  # nothing clipped: in the subspace
+    assert _loss(net, images, labels, fitted) < _loss(net, images, labels, start)
 
 
 def test_rem_noise_lowers_the_worst_case_loss_below_random_noise(digits_small, source_net):

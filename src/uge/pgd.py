@@ -13,7 +13,8 @@ import torch
 
 
 def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, delta: torch.Tensor, rho: float,
-        steps: int, step_size: float, *, minimize: bool) -> torch.Tensor:
+        steps: int, step_size: float, *, minimize: bool,
+        subspace: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Run ``steps`` signed-gradient steps on ``delta`` and return it (detached).
 
     Args:
@@ -21,6 +22,9 @@ def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, delta:
         x: clean images in [0, 1] (no gradient).
         delta: the starting perturbation, |delta| ≤ rho.
         minimize: descend (EM, TAP, REM's outer noise) or ascend (adversarial examples).
+        subspace: a linear projection (e.g. :func:`cell_means`) applied to the gradient before its sign and to
+            ``delta`` before each step: the perturbation stays in that subspace, up to the valid pixel range's
+            clipping.
     Returns:
         delta with |delta| ≤ rho and x + delta in [0, 1].
     """
@@ -31,6 +35,8 @@ def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, delta:
         delta.requires_grad_(True)
         (grad,) = torch.autograd.grad(loss_fn(x + delta), delta)
         with torch.no_grad():
+            if subspace is not None:  # the steepest signed step within the subspace, and back into it
+                grad, delta = subspace(grad), subspace(delta)
             delta = (delta + sign * step_size * grad.sign()).clamp_(-rho, rho)
             delta = (x + delta).clamp_(0, 1) - x  # stay a valid image
     return delta.detach()
@@ -41,3 +47,15 @@ def uniform_start(shape, rho: float, seed: int, device) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return ((torch.rand(shape, generator=g) * 2 - 1) * rho).to(device)
 
+
+def cell_means(delta: torch.Tensor, cell: int = 1, luminance: bool = False) -> torch.Tensor:
+    """``delta`` (B, C, H, W) made constant over every ``cell``×``cell`` square of the image's grid (its mean
+    there; partial cells at the edges average what they hold) and, with ``luminance``, equal in every channel
+    (their mean). Both are averages, so a perturbation within ±ρ stays within ±ρ."""
+    if cell > 1:
+        h, w = delta.shape[-2:]
+        pooled = torch.nn.functional.avg_pool2d(delta, cell, ceil_mode=True)
+        delta = pooled.repeat_interleave(cell, -2).repeat_interleave(cell, -1)[..., :h, :w]
+    if luminance:
+        delta = delta.mean(1, keepdim=True).expand_as(delta)
+    return delta.contiguous()

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..data.dataset import ImageDataset
 from ..models import create_model, list_models
 from ..params import budget, param
-from ..pgd import pgd, uniform_start
+from ..pgd import cell_means, pgd, uniform_start
 from ..result import Protection
 from ..seeds import derive
 from ..training import Recipe, SupervisedTask, accuracy, train
@@ -51,6 +51,16 @@ class ErrorMinimizing(Protector):
     stop_acc: float | None = param(99.0, low=0, high=100, low_open=True)
     batch_size: int = param(128, low=2)
     lr: float = param(0.1, low=0, low_open=True)
+    # the noise's subspace (not in the papers): constant over cells of `cell` px on the image's grid (8: JPEG's
+    # block means, which JPEG and the blanket removal of every AC coefficient keep), one value for every
+    # channel with `luminance` (which grayscale keeps); 1 and False: every pixel and channel (the papers')
+    cell: int = param(1, low=1, high=64)
+    luminance: bool = False
+
+    def subspace(self):
+        if self.cell == 1 and not self.luminance:
+            return None
+        return lambda d: cell_means(d, self.cell, self.luminance)
 
     # The two pieces REM changes: how the source network trains, and what the noise minimizes.
     def task(self):
@@ -67,7 +77,8 @@ class ErrorMinimizing(Protector):
         for i in range(0, len(images), self.batch_size):
             x, y = images[i:i + self.batch_size].float() / 255, labels[i:i + self.batch_size]
             out[i:i + len(x)] = pgd(lambda x_u, y=y: self.noise_loss(model, x_u, y), x, delta[i:i + len(x)],
-                                    self.rho, self.pgd_steps, self.step_size, minimize=True)
+                                    self.rho, self.pgd_steps, self.step_size, minimize=True,
+                                    subspace=self.subspace())
         model.requires_grad_(True)
         return out
 
@@ -77,6 +88,8 @@ class ErrorMinimizing(Protector):
         model = create_model(self.arch, data.num_classes, data.channels, seed=seed).to(device)
         images, labels = data.tensors(device)
         delta = uniform_start(images.shape, self.rho, seed, device)  # Huang et al. start from random noise
+        if self.subspace() is not None:
+            delta = self.subspace()(delta)
         bs = min(self.batch_size, len(data))
         recipe = Recipe(epochs=1, batch_size=bs, lr=self.lr, warmup=0.0, schedule="constant", crop=False,
                         flip=False)
