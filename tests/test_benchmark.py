@@ -446,3 +446,51 @@ def test_baselines_with_another_budget_draw_no_rho_curve(tmp_path):
         (run / "records" / r["data"] / "a.json").write_text(json.dumps(r))
     out = write_report(run)
     assert (out / "accuracy.png").exists() and not (out / "rho.png").exists()
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reuse_records_copies_only_the_same_cells_and_the_runner_skips_them(tmp_path, monkeypatch):
+    """scripts/reuse_records.py: a source run with the same data, recipe and seed gives its records of the same
+    variant and countermeasure; one with another recipe gives nothing; the new run trains only the rest."""
+    reuse = _script("reuse_records")
+    variants = [{"name": "Original", "protector": "clean"}, {"name": "Random", "protector": "random"}]
+    ev = {"hackers": ["lenet:normal:1"], "countermeasures": ["none"], "countermeasures_authorized": False}
+    run_benchmark(parse_config(tiny(variant=variants, evaluate=ev)), tmp_path / "a", progress=False)
+    other = tiny(variant=variants, evaluate=ev, recipe={**TINY["recipe"], "lr": 0.01})
+    run_benchmark(parse_config(other), tmp_path / "b", progress=False)
+    grown = tiny(variant=[*variants, {"name": "Patch", "protector": "patch"}],
+                 evaluate={**ev, "countermeasures": ["none", "grayscale"]})
+    (tmp_path / "grown.toml").write_text(_toml(grown))
+    copied = reuse.reuse(str(tmp_path / "grown.toml"), tmp_path / "new", [tmp_path / "a", tmp_path / "b"])
+    assert {r["source"] for r in copied} == {str(tmp_path / "a")}
+    assert sorted(r["record"] for r in copied) == [
+        "original/original_authorized0_lenet.json", "original/original_hacker_lenet_normal_s1.json",
+        "random/random_authorized0_lenet.json", "random/random_hacker_lenet_normal_s1.json"]
+    trained = []
+    real = evaluate_mod.train
+    monkeypatch.setattr(evaluate_mod, "train", lambda *a, **k: (trained.append(1), real(*a, **k))[1])
+    run_benchmark(parse_config(grown), tmp_path / "new", progress=False)
+    assert len(trained) == 2 + 2 + 1  # grayscale for the two old variants; the new one's authorized + 2 hackers
+    assert reuse.check(tmp_path / "new") == 0  # the random noise protected again: the same perturbation
+
+
+def _toml(d: dict) -> str:
+    """A config dict as TOML (scalars, tables of scalars and lists, the variants)."""
+    def val(v):
+        return str(v).lower() if isinstance(v, bool) else json.dumps(v)
+
+    lines = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, (dict, list))]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += [f"[{k}]", *(f"{kk} = {val(vv)}" for kk, vv in v.items())]
+    for v in d.get("variant", []):
+        lines += ["[[variant]]", *(f"{kk} = {val(vv)}" for kk, vv in v.items())]
+    return "\n".join(lines) + "\n"
