@@ -22,16 +22,19 @@ START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 # (label, run folder, variant, key holder): "sealed" = trains on the unsealed originals, "authorized" = the
 # run's authorized network on the published set
 ROWS = [
-    ("Keyed (blind network; key in one colour direction)", "battery-screen-cpu", "Keyed", "authorized"),
-    ("JPEG-basis grating code (a basis per class), sign per block, sealed", "ladder-grating-blocks-cpu",
+    ("Keyed (blind network; key in one colour direction)", "battery-cpu", "Keyed (4×4 cells along (1,−2,1))",
+     "authorized"),
+    ("JPEG-basis grating code (a basis per class), sign per block, sealed", "battery-cpu",
      "JPEG-basis grating code, sign per block", "sealed"),
     ("Low-frequency JPEG-basis mix, sign per block, sealed", "ladder-grating-blocks-cpu",
      "Low-frequency JPEG-basis mix, sign per block", "sealed"),
-    ("The same grating, the set's block-DCT power matched to clean, sealed", "ladder-matched-full-cpu",
+    ("The same grating, the set's block-DCT power matched to clean, sealed", "battery-cpu",
      "Grating code, sign per block, power-matched, whole budget", "sealed"),
     ("Tiled 2-px luminance patch, shifted per image, sealed", "ladder-attacks-cpu",
      "Shifted tiled luminance patch, 2-px cells", "sealed"),
-    ("EM (Huang et al. 2021), sealed", "robustness-cpu", "EM", "sealed"),
+    ("EM (Huang et al. 2021) to its stop criterion, sealed", "battery-cpu", "EM, to its stop criterion", "sealed"),
+    ("EM in 8-px cell means, luminance (ours), sealed", "battery-cpu", "EM in 8-px cell means, luminance", "sealed"),
+    ("CUDA (Sadasivan et al. 2023; not norm-bounded), sealed", "battery-cpu", "CUDA (not norm-bounded)", "sealed"),
     ("UGE, the paper's method (key: θ0)", "robustness-cpu", "UGE", "authorized"),
 ]
 
