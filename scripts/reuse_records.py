@@ -28,32 +28,25 @@ def _variant(d: dict) -> dict:
     return {k: v for k, v in d.items() if k != "countermeasures"}  # the screen is not the experiment
 
 
-def wanted(cfg, v) -> set[str]:
-    """The record file names (without .json) the runner writes for variant ``v`` of ``cfg``."""
+def wanted(cfg, v):
+    """Whether a record file name (without .json) is one the runner writes for variant ``v`` of ``cfg``."""
     cms = cfg.countermeasures if v.countermeasures is None else v.countermeasures
     hackers = cfg.hackers if v.hackers is None else v.hackers
-    suffixes = [f"__{countermeasure_slug(parse_countermeasures(c))}" if c else "" for c in cms]
+    suffixes = {f"__{countermeasure_slug(parse_countermeasures(c))}" if c else "" for c in cms}
     names = {f"{v.slug}_hacker_{h.arch}_{h.mode}_s{h.seed}{s}" for h in hackers for s in suffixes}
-    if not cfg.countermeasures_authorized:
-        suffixes = [""]
-    return names | {(v.slug, "authorized0", s) for s in suffixes}  # the authorized network: any architecture
+    auth = suffixes if cfg.countermeasures_authorized else {""}
+
+    def ok(stem: str) -> bool:
+        if stem in names:
+            return True
+        head, sep, rest = stem.partition("_authorized0_")  # the authorized network: any architecture
+        _, _, suffix = rest.partition("__")  # a fresh seed (__seed1) or a recipe is another cell
+        return head == v.slug and bool(sep) and (f"__{suffix}" if suffix else "") in auth
+    return ok
 
 
-def _is_wanted(stem: str, names: set) -> bool:
-    if stem in names:
-        return True
-    for n in names:
-        if isinstance(n, tuple):
-            slug, role, suffix = n
-            rest = stem[len(slug) + 1:]
-            if stem.startswith(slug + "_") and rest.startswith(role + "_") and (
-                    rest.endswith(suffix) if suffix else "__" not in rest):
-                return True
-    return False
-
-
-def reuse(config: str, run: Path, sources: list[Path]) -> list[dict]:
-    cfg = load_config(config)
+def reuse(cfg, run: Path, sources: list[Path]) -> list[dict]:
+    """Copy into ``run`` the records of ``sources`` that are cells of ``cfg`` (a BenchmarkConfig); list them."""
     mine = cfg.to_dict()
     copied: dict[str, dict] = {}
     for src in sources:
@@ -65,9 +58,9 @@ def reuse(config: str, run: Path, sources: list[Path]) -> list[dict]:
         for v, d in zip(cfg.variants, mine["variant"]):
             if variants.get(v.name) != _variant(d):
                 continue  # not in that run, or another protection under the same name
-            names = wanted(cfg, v)
+            ok = wanted(cfg, v)
             for f in sorted((src / "records" / v.slug).glob("*.json")):
-                if not _is_wanted(f.stem, names):
+                if not ok(f.stem):
                     continue
                 acc = json.loads(f.read_text())["test_acc"]
                 if f.name in copied:
@@ -120,5 +113,5 @@ if __name__ == "__main__":
     a = p.parse_args()
     if a.check:
         sys.exit(1 if check(a.run) else 0)
-    for r in reuse(a.config, a.run, a.sources):
+    for r in reuse(load_config(a.config), a.run, a.sources):
         print(f"{r['record']:110s} {r['test_acc']:6.2f}  {r['source']}")

@@ -468,8 +468,7 @@ def test_reuse_records_copies_only_the_same_cells_and_the_runner_skips_them(tmp_
     run_benchmark(parse_config(other), tmp_path / "b", progress=False)
     grown = tiny(variant=[*variants, {"name": "Patch", "protector": "patch"}],
                  evaluate={**ev, "countermeasures": ["none", "grayscale"]})
-    (tmp_path / "grown.toml").write_text(_toml(grown))
-    copied = reuse.reuse(str(tmp_path / "grown.toml"), tmp_path / "new", [tmp_path / "a", tmp_path / "b"])
+    copied = reuse.reuse(parse_config(grown), tmp_path / "new", [tmp_path / "a", tmp_path / "b"])
     assert {r["source"] for r in copied} == {str(tmp_path / "a")}
     assert sorted(r["record"] for r in copied) == [
         "original/original_authorized0_lenet.json", "original/original_hacker_lenet_normal_s1.json",
@@ -481,16 +480,3 @@ def test_reuse_records_copies_only_the_same_cells_and_the_runner_skips_them(tmp_
     assert len(trained) == 2 + 2 + 1  # grayscale for the two old variants; the new one's authorized + 2 hackers
     assert reuse.check(tmp_path / "new") == 0  # the random noise protected again: the same perturbation
 
-
-def _toml(d: dict) -> str:
-    """A config dict as TOML (scalars, tables of scalars and lists, the variants)."""
-    def val(v):
-        return str(v).lower() if isinstance(v, bool) else json.dumps(v)
-
-    lines = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, (dict, list))]
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines += [f"[{k}]", *(f"{kk} = {val(vv)}" for kk, vv in v.items())]
-    for v in d.get("variant", []):
-        lines += ["[[variant]]", *(f"{kk} = {val(vv)}" for kk, vv in v.items())]
-    return "\n".join(lines) + "\n"

@@ -160,11 +160,7 @@ def parse_config(d: dict, where: str = "config") -> BenchmarkConfig:
         if set(ev) - _EVALUATE_KEYS:
             raise ConfigError(f"unknown evaluate key(s): {', '.join(sorted(set(ev) - _EVALUATE_KEYS))}; "
                               f"known: {', '.join(sorted(_EVALUATE_KEYS))}")
-        cms = ev.get("countermeasures", ["none"])
-        if not isinstance(cms, list) or not cms or not all(isinstance(c, str) for c in cms):
-            raise ConfigError(f"evaluate.countermeasures must be a non-empty list of texts such as "
-                              f"[\"none\", \"jpeg:quality=10\"], got {cms!r}")
-        cms = [format_countermeasures(parse_countermeasures(c)) for c in cms]
+        cms = _settings(ev.get("countermeasures", ["none"]), "evaluate.countermeasures")
         if len(set(cms)) != len(cms):
             raise ConfigError(f"evaluate.countermeasures lists the same setting twice: {cms}")
         if not isinstance(ev.get("countermeasures_authorized", True), bool):
@@ -201,6 +197,14 @@ def parse_config(d: dict, where: str = "config") -> BenchmarkConfig:
     return cfg
 
 
+def _settings(cms, what: str) -> list[str]:
+    """A list of countermeasure settings in their canonical texts ("" for none)."""
+    if not isinstance(cms, list) or not cms or not all(isinstance(c, str) for c in cms):
+        raise ConfigError(f"{what} must be a non-empty list of texts such as [\"none\", \"jpeg:quality=10\"], "
+                          f"got {cms!r}")
+    return [format_countermeasures(parse_countermeasures(c)) for c in cms]
+
+
 def _variant(v: dict) -> Variant:
     if not isinstance(v, dict) or not isinstance(v.get("name"), str) or not v["name"].strip():
         raise ConfigError(f"every [[variant]] needs a 'name', got {v!r}")
@@ -214,10 +218,7 @@ def _variant(v: dict) -> Variant:
                           f"got {hackers!r}")
     cms = rest.pop("countermeasures", None)
     if cms is not None:
-        if not isinstance(cms, list) or not cms or not all(isinstance(c, str) for c in cms):
-            raise ConfigError(f"variant {v['name']!r}: countermeasures must be a non-empty list of texts (a part of "
-                              f"evaluate.countermeasures), got {cms!r}")
-        cms = [format_countermeasures(parse_countermeasures(c)) for c in cms]
+        cms = _settings(cms, f"variant {v['name']!r}: countermeasures (a part of evaluate.countermeasures)")
     return Variant(name=rest.pop("name"), protector=rest.pop("protector", "uge"),
                    federated=rest.pop("federated", None), overrides=rest, repeats=repeats,
                    hackers=None if hackers is None else [HackerSpec.parse(h) for h in hackers], countermeasures=cms)

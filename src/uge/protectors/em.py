@@ -58,6 +58,7 @@ class ErrorMinimizing(Protector):
     luminance: bool = False
 
     def subspace(self):
+        """The projection onto the noise's subspace (None: every pixel and channel)."""
         if self.cell == 1 and not self.luminance:
             return None
         return lambda d: cell_means(d, self.cell, self.luminance)
@@ -74,11 +75,11 @@ class ErrorMinimizing(Protector):
         """``pgd_steps`` steps on every δ of the set (uint8 ``images`` (N, C, H, W)) against a fixed ``model``."""
         model.eval().requires_grad_(False)  # eval: the noise must fit the network as it predicts
         out = torch.empty_like(delta)
+        subspace = self.subspace()
         for i in range(0, len(images), self.batch_size):
             x, y = images[i:i + self.batch_size].float() / 255, labels[i:i + self.batch_size]
             out[i:i + len(x)] = pgd(lambda x_u, y=y: self.noise_loss(model, x_u, y), x, delta[i:i + len(x)],
-                                    self.rho, self.pgd_steps, self.step_size, minimize=True,
-                                    subspace=self.subspace())
+                                    self.rho, self.pgd_steps, self.step_size, minimize=True, subspace=subspace)
         model.requires_grad_(True)
         return out
 
@@ -88,8 +89,8 @@ class ErrorMinimizing(Protector):
         model = create_model(self.arch, data.num_classes, data.channels, seed=seed).to(device)
         images, labels = data.tensors(device)
         delta = uniform_start(images.shape, self.rho, seed, device)  # Huang et al. start from random noise
-        if self.subspace() is not None:
-            delta = self.subspace()(delta)
+        if (subspace := self.subspace()) is not None:
+            delta = subspace(delta)
         bs = min(self.batch_size, len(data))
         recipe = Recipe(epochs=1, batch_size=bs, lr=self.lr, warmup=0.0, schedule="constant", crop=False,
                         flip=False)

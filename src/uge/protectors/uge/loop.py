@@ -91,8 +91,7 @@ def optimize(p: Parametrization, checkpoint: Path, seed: int, device, progress: 
             p.reset_round(r)
         n = p.units()
         bar = tqdm(range(done, n), desc=p.label(r), disable=None if progress and distributed.is_main() else True,
-                   leave=False, initial=done,
-                   total=n)
+                   leave=False, initial=done, total=n)
         for u in bar:
             index = p.seed_index(r, u)
             rng = np.random.default_rng(sequence(seed, p.stream, *index))
