@@ -81,7 +81,13 @@ def reuse(cfg, run: Path, sources: list[Path]) -> list[dict]:
 
 
 def check(run: Path) -> int:
-    """Every reused variant's perturbation statistics in the new run against its sources' (0: all equal)."""
+    """Every reused variant's perturbation statistics in the new run against its sources' (0: all equal); and
+    how many of the run's networks were reused and how many trained in it (with their training time)."""
+    reused = {r["record"] for r in json.loads((run / "reused.json").read_text())}
+    own = [json.loads(f.read_text()) for f in sorted((run / "records").glob("*/*.json"))
+           if f"{f.parent.name}/{f.name}" not in reused]
+    print(f"{len(reused)} networks reused, {len(own)} trained in this run ({sum(r['seconds'] for r in own):.0f} s "
+          "of training, the records' seconds)")
     bad = 0
     for slug, srcs in _sources(run).items():
         new = run / "variants" / slug / "protect.json"
