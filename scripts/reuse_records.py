@@ -48,7 +48,8 @@ def wanted(cfg, v):
 def reuse(cfg, run: Path, sources: list[Path]) -> list[dict]:
     """Copy into ``run`` the records of ``sources`` that are cells of ``cfg`` (a BenchmarkConfig); list them."""
     mine = cfg.to_dict()
-    copied: dict[str, dict] = {}
+    listed = run / "reused.json"  # an earlier reuse into the same run stays listed
+    copied = {Path(r["record"]).name: r for r in json.loads(listed.read_text())} if listed.exists() else {}
     for src in sources:
         theirs = json.loads((src / "config.json").read_text())
         if any(theirs.get(k) != mine.get(k) for k in SAME):
@@ -76,7 +77,8 @@ def reuse(cfg, run: Path, sources: list[Path]) -> list[dict]:
                         shutil.copy2(f.with_suffix(".safetensors"), dst.with_suffix(".safetensors"))
                 copied[f.name] = {"record": f"{v.slug}/{f.name}", "source": str(src), "test_acc": acc}
     out = sorted(copied.values(), key=lambda r: r["record"])
-    (run / "reused.json").write_text(json.dumps(out, indent=1) + "\n")
+    run.mkdir(parents=True, exist_ok=True)
+    listed.write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
