@@ -15,7 +15,7 @@ timed() {  # timed NAME CMD...: run, tee its output to OUT/NAME.log, append the 
 }
 echo -e "step\tseconds\tcommand" > "$OUT/timings.tsv"
 echo "machine: $(nproc) CPU cores, $(uname -m), torch threads $(python -c 'import torch; print(torch.get_num_threads())')" > "$OUT/machine.txt"
-timed protect uge protect --data "$DATA" --per-class 500 --out "$WORK/published" --overwrite --device cpu --quiet \
+timed protect uge protect --method uge --data "$DATA" --per-class 500 --out "$WORK/published" --overwrite --device cpu --quiet \
   --authorized resnetc20:0 --epochs 15 --batch-size 128 --lr 0.1 --trajectory-epochs 4 \
   --generator-epochs 10 --generator-width 16 --generator-batch-size 128 \
   --encoder-arch resnetc32 --encoder-epochs 10

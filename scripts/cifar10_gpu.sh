@@ -24,10 +24,10 @@ print("gpu:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "n
       "| python", platform.python_version())
 PY
 # smoke check: the CUDA code paths on a tiny set (seconds)
-timed smoke $UGE protect --data digits --per-class 20 --out "$WORK/smoke" --overwrite --device cuda --quiet \
+timed smoke $UGE protect --method uge --data digits --per-class 20 --out "$WORK/smoke" --overwrite --device cuda --quiet \
   --authorized cnn:0 --epochs 2 --no-flip --trajectory-epochs 1 --generator-epochs 1 --generator-width 8 \
   --encoder-arch lenet --encoder-epochs 1 --format npz
-timed protect $UGE protect --data "$DATA" --out "$WORK/published" --overwrite --device cuda --quiet --format npz \
+timed protect $UGE protect --method uge --data "$DATA" --out "$WORK/published" --overwrite --device cuda --quiet --format npz \
   --authorized resnet18:0 --epochs 15 --batch-size 512 --lr 0.2 --trajectory-epochs 4 \
   --generator-epochs $GEN_EPOCHS --generator-width 32 --generator-batch-size 256 \
   --encoder-arch resnetc20 --encoder-epochs 10

@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 LAYERS = [  # lowest first; a part is a module (``result``) or a subpackage (``protectors``)
-    {"errors", "params", "utils", "workers", "distributed"},
+    {"errors", "params", "utils", "workers", "distributed", "standing"},
     {"config", "seeds"},
     {"data", "similarity", "sealing"},
     {"models", "weights", "pgd"},

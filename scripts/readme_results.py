@@ -8,6 +8,9 @@ is the authorized blind network on the published set), the hacker's accuracy wit
 worst case over the run's countermeasures with the fraction of clean learning it keeps, (worst − chance) /
 (clean − chance). Replaces the lines between the README's results-table markers; ``--check`` only compares
 (exit 1 when the README is out of date).
+
+It also writes ``src/uge/standing.py``: the same numbers for the default protection (``DEFAULT``: the battery's
+variant whose worst case is lowest, which ``uge protect`` prints beside the method's name).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 # (label, run folder, variant, key holder): "sealed" = trains on the unsealed originals, "authorized" = the
 # run's authorized network on the published set
+DEFAULT = ("grating", "battery-cpu", "Grating code, sign per block, power-matched, whole budget", "sealed")
 ROWS = [
     ("Keyed (blind network; key in one colour direction)", "battery-cpu", "Keyed (4×4 cells along (1,−2,1))",
      "authorized"),
@@ -39,7 +43,8 @@ ROWS = [
 ]
 
 
-def _row(label: str, run: str, variant: str, key: str) -> str:
+def numbers(run: str, variant: str, key: str) -> dict:
+    """A variant's measured standing: the key holder's and the (ResNetC-20) hacker's accuracy, plain and at worst."""
     recs = read_records(ROOT / "results" / run)
     plain = [r for r in recs if not r.get("countermeasures")]
     clean_auth = next(r["test_acc"] for r in plain if r["role"] == "authorized" and r["protector"] == "clean")
@@ -49,17 +54,22 @@ def _row(label: str, run: str, variant: str, key: str) -> str:
     clean_hack = next(r["test_acc"] for r in plain if r["role"] == "hacker" and r["protector"] == "clean"
                       and r["arch"] == arch and r["mode"] == "normal")
     chance = 100 / 10  # CIFAR-10
-    h_plain = next(r["test_acc"] for r in hack if not r.get("countermeasures"))
     worst = max(hack, key=lambda r: r["test_acc"])
-    frac = (worst["test_acc"] - chance) / (clean_hack - chance)
-    if key == "sealed":
-        holder = f"{clean_auth:.1f} (= clean, unsealed)"
-    else:
-        acc = next(r["test_acc"] for r in mine if r["role"] == "authorized" and not r.get("countermeasures"))
-        holder = f"{acc:.1f} (clean {clean_auth:.1f})"
-    by = worst.get("countermeasures") or "none"
-    return (f"| {label} | {holder} | {h_plain:.1f} (clean {clean_hack:.1f}) | {worst['test_acc']:.1f} by `{by}`: "
-            f"keeps {frac:.2f} of clean learning ({len(hack) - 1} attacks) | [{run}](results/{run}/report/report.md) |")
+    holder = clean_auth if key == "sealed" else next(
+        r["test_acc"] for r in mine if r["role"] == "authorized" and not r.get("countermeasures"))
+    return {"run": f"results/{run}", "network": arch, "key_holder": round(holder, 1), "clean_key_holder":
+            round(clean_auth, 1), "clean": round(clean_hack, 1),
+            "plain": round(next(r["test_acc"] for r in hack if not r.get("countermeasures")), 1),
+            "worst": round(worst["test_acc"], 1), "by": worst.get("countermeasures") or "none",
+            "fraction": round((worst["test_acc"] - chance) / (clean_hack - chance), 2), "attacks": len(hack) - 1}
+
+
+def _row(label: str, run: str, variant: str, key: str) -> str:
+    n = numbers(run, variant, key)
+    holder = (f"{n['key_holder']:.1f} (= clean, unsealed)" if key == "sealed"
+              else f"{n['key_holder']:.1f} (clean {n['clean_key_holder']:.1f})")
+    return (f"| {label} | {holder} | {n['plain']:.1f} (clean {n['clean']:.1f}) | {n['worst']:.1f} by `{n['by']}`: "
+            f"keeps {n['fraction']:.2f} of clean learning ({n['attacks']} attacks) | [{run}](results/{run}/report/report.md) |")
 
 
 def table() -> str:
@@ -68,20 +78,32 @@ def table() -> str:
     return "\n".join(head + [_row(*r) for r in ROWS])
 
 
+def standing() -> str:
+    """The text of src/uge/standing.py: the default protection's numbers."""
+    method, *row = DEFAULT
+    return (f'"""The default protection\'s measured standing, which ``uge protect`` prints: written by '
+            f'scripts/readme_results.py\nfrom the committed records of {row[0]} (do not edit by hand)."""\n\n'
+            "STANDING = {\n" + "".join(f"    {k!r}: {v!r},\n" for k, v in {"method": method, **numbers(*row)}.items())
+            + "}\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="only compare; exit 1 if the README is out of date")
     args = p.parse_args(argv)
-    readme = ROOT / "README.md"
+    readme, module = ROOT / "README.md", ROOT / "src" / "uge" / "standing.py"
     text = readme.read_text()
     i, j = text.index(START) + len(START), text.index(END)
     new = text[:i] + "\n" + table() + "\n" + text[j:]
     if args.check:
-        if new != text:
-            print("README.md's results table is out of date: run python scripts/readme_results.py")
+        stale = [f.name for f, want in ((readme, new), (module, standing()))
+                 if not f.exists() or f.read_text() != want]
+        if stale:
+            print(f"out of date: {', '.join(stale)}; run python scripts/readme_results.py")
             return 1
         return 0
     readme.write_text(new)
+    module.write_text(standing())
     print(table())
     return 0
 

@@ -10,10 +10,12 @@ def test_the_demo_runs_end_to_end_and_writes_its_table_and_figure(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert table in report and "demo.png" in report and (tmp_path / "demo.png").stat().st_size > 1000
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 4 and "sealed" in rows[2] and "UGE" in rows[3]
-    assert "unsealed originals, bit for bit" in rows[2] and "grayscale+jpeg:quality=10" in rows[0]
+    assert len(rows) == 4 and "grating (the default" in rows[2] and "sealed" in rows[2] and "UGE" in rows[3]
+    assert "unsealed originals, bit for bit" in rows[2]
+    assert "grayscale+jpeg:quality=10" in rows[0] and "blockdct:k=192,ratio=0.95" in rows[0]
     assert "two seeds" in table and seconds > 0
-    assert len(list((tmp_path / "records").glob("*.json"))) == 8  # 2 clean, ISS clean, 2 patch, 3 UGE
+    # clean: 2 plain + 2 attacked; the default: 1 + 2 (its key holder is the clean one); UGE: 2 + 2
+    assert len(list((tmp_path / "records").glob("*.json"))) == 11
 
 
 def _rec(role, acc, train_acc=90.0, data="clean", cms=None):

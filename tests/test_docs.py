@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from uge.errors import ConfigError
+
 from uge.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,9 +162,18 @@ def test_command_parses(page, line, argv):
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         try:
-            build_parser().parse_args(argv[1:])
+            args = build_parser().parse_args(argv[1:])
         except SystemExit as e:
             assert e.code in (0, None), f"{_rel(page)}:{line}: {shlex.join(argv)}\n{err.getvalue()}"
+            return
+    if argv[1] == "protect":  # every flag shown is one of the chosen method's parameters (not only a valid flag)
+        from uge.cli import _protect_params
+        from uge.protectors import protector_class
+
+        try:
+            _protect_params(args, protector_class(args.method))
+        except ConfigError as e:
+            pytest.fail(f"{_rel(page)}:{line}: {shlex.join(argv)}\n{e}")
 
 
 def test_readme_results_table_is_written_from_the_records():

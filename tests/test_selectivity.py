@@ -444,11 +444,12 @@ def test_a_run_may_grow_by_new_variants_and_countermeasures_but_not_change_old_o
 def test_cli_takes_the_objective_options_and_rejects_bad_combinations(tmp_path, capsys):
     from uge.cli import main
 
-    rc = main(["protect", "--data", "digits", "--per-class", "3", "--out", str(tmp_path / "x"),
+    rc = main(["protect", "--method", "uge", "--data", "digits", "--per-class", "3", "--out", str(tmp_path / "x"),
                "--gm-granularity", "sample"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1 and "needs gm_batchnorm 'frozen'" in err[0]
-    rc = main(["protect", "--data", "digits", "--per-class", "3", "--out", str(tmp_path / "y"), "--quiet",
+    rc = main(["protect", "--method", "uge", "--data", "digits", "--per-class", "3", "--out", str(tmp_path / "y"),
+               "--quiet",
                "--authorized", "lenet:0", "--epochs", "1", "--batch-size", "10", "--trajectory-epochs", "1",
                "--encoder-arch", "lenet", "--encoder-epochs", "1", "--generator-width", "4", "--losses", "gm,fd",
                "--parametrization", "delta", "--delta-steps", "2", "--gm-granularity", "sample",

@@ -26,6 +26,7 @@ from .config import (
 )
 from .errors import ConfigError, UGEError
 from .params import field_spec
+from .standing import STANDING
 from .utils import resolve_device, write_json
 from .workers import CLAIM_TIMEOUT, Terminated, Worker, parse_shard, released_on_sigterm
 
@@ -243,6 +244,28 @@ def _published_root(data: str) -> Path | None:
                  and (p / "checksums.sha256").is_file()), None)
 
 
+def _new_or_kept_key(out: Path) -> tuple[str, bytes]:
+    """The key file beside the published folder ``out`` (``<out>.key``, never inside it): a new key, or the one an
+    earlier run of the same command left there."""
+    from .sealing import keygen, load_key
+
+    path = out.with_name(f"{out.name}.key")
+    if path.exists():
+        _print(f"sealing with the existing key {path}")
+        return str(path), load_key(path)
+    key = keygen(path)
+    _print(f"sealing with a new key, written to {path} (mode 0600): keep it secret and apart from the published set")
+    return str(path), key
+
+
+def _standing_line() -> str:
+    s = STANDING
+    return (f"{s['method']}: the attack battery's lowest worst case ({s['run']}, CIFAR-10 at CPU size): a "
+            f"{s['network']} hacker learns {s['plain']:.1f} % from it plainly and {s['worst']:.1f} % at worst "
+            f"({s['by']}; clean data: {s['clean']:.1f} %, so {s['fraction']:.2f} of clean learning is kept, the goal "
+            f"is 0.40); key holders unseal the originals bit for bit")
+
+
 _DISTRIBUTED_METHODS = ("uge", "fd")  # the methods whose protect runs under torchrun (the generator's training)
 
 
@@ -276,6 +299,10 @@ def cmd_protect(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+    if seal_key is None and method.sealed:  # only key holders learn from it: always sealed
+        args.seal, seal_key = _new_or_kept_key(out)
+    if args.method == STANDING["method"]:
+        _print(_standing_line())
     work = Path(args.work_dir) if args.work_dir else out.with_name(f".{out.name}.work")
     budget = f"ρ = {method.rho:.4g} ({rho_levels(method.rho)} levels)" if method.rho is not None else "no L∞ budget"
     _print(f"protecting {len(data)} images of {data.num_classes} classes with {args.method}, {budget}, seed {seed}")
@@ -589,8 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--clip-checkpoint", help="local OpenCLIP checkpoint file")
     q.add_argument("--encoder-arch", help="network of the offline feature space (default resnetc20)")
     q.add_argument("--hacker-arch", help="random network f'_θA of L_ud (default: the authorized architecture)")
-    q.add_argument("--method", default="uge", action=_MethodAction,
-                   help="uge (default) or another protector: keyed, fd, random, patch, em, tap, rem, cuda; every "
+    q.add_argument("--method", default=STANDING["method"], action=_MethodAction,
+                   help=f"{STANDING['method']} (default: the attack battery's lowest worst case, published sealed), "
+                   "uge (the paper's method) or another protector: keyed, fd, random, patch, jpeg-patch, em, tap, "
+                   "rem, cuda, ntga; every "
                    "flag of this command sets one of the method's parameters, and a flag the method does not have "
                    "is an error ('--method list' shows every method's parameters, defaults and allowed values)")
     q.add_argument("--param", action="append", metavar="KEY=VALUE",

@@ -47,6 +47,7 @@ class Protector:
     # per-sample methods protect a stored set (uge.data.store) chunk by chunk (chunked_result); the others read
     # the set whole, and the command line refuses a stored set larger than memory for them (in_memory_limit)
     streams: ClassVar[bool] = False
+    sealed: ClassVar[bool] = False  # only key holders learn from it: `uge protect` always publishes it sealed
     rho: float | None
 
     def __post_init__(self):  # dataclass subclasses: every field's type and spec, then the cross-field rules

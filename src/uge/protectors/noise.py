@@ -1,6 +1,7 @@
 """Uniform random noise: the control of every unlearnable-example comparison."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -180,6 +181,49 @@ class JpegBlockPatch(Protector):
             return delta
         content = _power_matcher(data, patches, delta_of, self.rho, self.match_to) if self.matched else None
         return chunked_result(self, data, noise_chunk(self.rho, delta_of, content), seed, work_dir)
+
+
+# stage G2 of issue 20's ladder: the ten lowest AC frequencies but (2, 0), (0, 2), (2, 1), (1, 2), (2, 2)
+G2_FREQS = ("1,0", "0,1", "3,0", "0,3", "4,0", "0,4", "1,1", "1,3", "3,1", "5,0")
+
+
+@register_protector
+@dataclass
+class Grating(JpegBlockPatch):
+    """The default protection: the attack battery's lowest worst case (``results/battery-cpu``, stage G2 of the
+    ladder), ``jpeg-patch`` with that stage's settings, published sealed.
+
+    Each class has its own JPEG basis function in every 8×8 block (``distinct``), every block of every image its
+    own random sign (``block_signs``: neither the class means nor the spectrum show a periodic pattern), at the
+    whole budget, and each image's content is shrunk so that the set's block-DCT power equals the clean set's
+    (``matched``: the excess-power attacks find nothing). It is not selective: every network, the owner's too,
+    learns little from it, so key holders unseal the originals (``uge unseal``); ``uge protect`` seals it with a
+    new key when ``--seal`` is not given. With more classes than ``freqs``, the next lowest AC frequencies are
+    added (at most 63 classes: one basis each).
+    """
+
+    name = "grating"
+    title = "Power-matched JPEG-basis grating, a basis per class and a sign per block (sealed; the default)"
+    sealed: ClassVar[bool] = True
+    rho: float = budget(0.04)
+    size: int = param(8, low=8, high=8, note="pixels: one 8×8 block per class")
+    freqs: list = param(default_factory=lambda: list(G2_FREQS), choices=JPEG_FREQS, many=True)
+    shift: bool = False
+    distinct: bool = True
+    signs: bool = True
+    block_signs: bool = True
+    matched: bool = True
+
+    def protect(self, data: ImageDataset, **kw) -> Protection:
+        if data.num_classes <= len(self.freqs):
+            return super().protect(data, **kw)
+        more = sorted(set(JPEG_FREQS) - set(self.freqs) - {"0,0"},  # the unused AC frequencies, lowest u + v first
+                      key=lambda f: (sum(map(int, f.split(","))), f[::-1]))
+        if len(self.freqs) + len(more) < data.num_classes:
+            raise ConfigError(f"protector 'grating' codes at most {len(self.freqs) + len(more)} classes (a JPEG basis "
+                              f"each), the set has {data.num_classes}; choose another --method (--method list)")
+        wider = dataclasses.replace(self, freqs=[*self.freqs, *more][:data.num_classes])
+        return super(Grating, wider).protect(data, **kw)
 
 
 def _power_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: float, match_to: float = 1.0,

@@ -1,0 +1,101 @@
+"""Issue 21, item 1: ``uge protect`` without ``--method`` runs the attack battery's lowest worst case (``grating``,
+the battery's stage G2), says so with the measured numbers, and publishes it sealed."""
+from __future__ import annotations
+
+import contextlib
+import io
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from uge.benchmark import load_config
+from uge.cli import build_parser, main
+from uge.data import ImageDataset
+from uge.data.loaders import load_dataset
+from uge.errors import ConfigError
+from uge.protectors import build_protector
+from uge.published import read_published
+from uge.standing import STANDING
+
+ROOT = Path(__file__).resolve().parents[1]
+MEASURED = "Grating code, sign per block, power-matched, whole budget"  # the battery's variant the numbers are of
+
+
+def _rgb(n_classes: int, per_class: int = 2, size: int = 16) -> ImageDataset:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n_classes * per_class, size, size, 3), dtype=np.uint8)
+    return ImageDataset(images, np.repeat(np.arange(n_classes), per_class), [str(c) for c in range(n_classes)])
+
+
+def test_the_default_method_is_the_measured_one():
+    """The standing printed is the numbers of the battery's variant, and ``grating``'s defaults are that variant's
+    settings: it publishes the same images."""
+    assert build_parser().parse_args(["protect", "--data", "digits", "--out", "x"]).method == STANDING["method"]
+    variant = next(v for v in load_config(ROOT / "configs" / "battery-cpu.toml").variants if v.name == MEASURED)
+    assert STANDING["run"] == "results/battery-cpu"
+    data = _rgb(10)
+    ours = build_protector(STANDING["method"]).protect(data, progress=False, seed=0)
+    theirs = build_protector(variant.protector, **variant.overrides).protect(data, progress=False, seed=0)
+    assert np.array_equal(ours.protected.images, theirs.protected.images)
+    other = build_protector(STANDING["method"], freqs=["2,0", "0,2", *variant.overrides["freqs"][2:]])
+    assert not np.array_equal(other.protect(data, progress=False, seed=0).protected.images, ours.protected.images)
+
+
+def test_grating_takes_the_next_frequencies_for_more_classes_and_refuses_more_than_63():
+    result = build_protector("grating").protect(_rgb(12, per_class=1, size=8), progress=False, seed=0)
+    assert len(result.params["freqs"]) == 12 and result.params["freqs"][10:] == ["2,0", "0,2"]
+    with pytest.raises(ConfigError, match="at most 63 classes"):
+        build_protector("grating").protect(_rgb(64, per_class=1, size=8), progress=False, seed=0)
+
+
+def _protect(argv: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["protect", "--data", "digits", "--per-class", "5", "--device", "cpu", *argv])
+    return rc, out.getvalue()
+
+
+def test_uge_protect_without_a_method_says_what_it_runs_and_seals_with_a_new_key(tmp_path):
+    pub = tmp_path / "pub"
+    rc, out = _protect(["--out", str(pub)])
+    assert rc == 0
+    assert f"{STANDING['method']}: the attack battery's lowest worst case" in out
+    assert f"{STANDING['plain']:.1f} % from it plainly and {STANDING['worst']:.1f} % at worst" in out
+    key = tmp_path / "pub.key"
+    assert f"new key, written to {key}" in out and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert (pub / "sealed").is_dir() and not list(pub.rglob("*.key"))  # the key never lies in the published set
+    assert main(["unseal", str(pub), "--key", str(key), "--out", str(tmp_path / "orig")]) == 0
+    source = load_dataset("digits", "train", per_class=5)
+    restored = load_dataset(str(tmp_path / "orig"))
+    assert np.array_equal(restored.images, source.images) and np.array_equal(restored.labels, source.labels)
+    assert not np.array_equal(read_published(pub).data.images, source.images)  # what was published is perturbed
+    # a rerun keeps the key file (never overwritten) and says so
+    before = key.read_bytes()
+    rc, out = _protect(["--out", str(pub), "--overwrite"])
+    assert rc == 0 and f"existing key {key}" in out and key.read_bytes() == before
+
+
+def test_an_explicit_key_is_used_and_no_key_file_is_made(tmp_path):
+    key = tmp_path / "mine.key"
+    assert main(["keygen", str(key)]) == 0
+    rc, out = _protect(["--out", str(tmp_path / "pub"), "--seal", str(key)])
+    assert rc == 0 and "new key" not in out and not (tmp_path / "pub.key").exists()
+    assert main(["unseal", str(tmp_path / "pub"), "--key", str(key), "--out", str(tmp_path / "orig")]) == 0
+
+
+def test_other_methods_are_not_sealed_unasked(tmp_path):
+    rc, out = _protect(["--method", "random", "--out", str(tmp_path / "pub")])
+    assert rc == 0 and not (tmp_path / "pub" / "sealed").exists() and not (tmp_path / "pub.key").exists()
+    assert "attack battery" not in out
+
+
+def test_the_standing_module_is_written_from_the_records():
+    """src/uge/standing.py holds what scripts/readme_results.py computes from the committed records."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_results", ROOT / "scripts" / "readme_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert (ROOT / "src" / "uge" / "standing.py").read_text() == mod.standing()
