@@ -62,7 +62,7 @@ def test_uge_protect_without_a_method_says_what_it_runs_and_seals_with_a_new_key
     rc, out = _protect(["--out", str(pub)])
     assert rc == 0
     assert f"{STANDING['method']}: the attack battery's lowest worst case" in out
-    assert f"{STANDING['plain']:.1f} % from it plainly and {STANDING['worst']:.1f} % at worst" in out
+    assert f"reaches {STANDING['plain']:.1f} % test accuracy plainly and {STANDING['worst']:.1f} % at worst" in out
     key = tmp_path / "pub.key"
     assert f"new key, written to {key}" in out and stat.S_IMODE(key.stat().st_mode) == 0o600
     assert (pub / "sealed").is_dir() and not list(pub.rglob("*.key"))  # the key never lies in the published set
@@ -99,3 +99,11 @@ def test_the_standing_module_is_written_from_the_records():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert (ROOT / "src" / "uge" / "standing.py").read_text() == mod.standing()
+
+
+def test_a_failed_default_protection_leaves_no_key_behind(tmp_path, capsys):
+    data = _rgb(64, per_class=1, size=8)
+    np.savez(tmp_path / "many.npz", images=data.images, labels=data.labels, classes=np.array(data.classes))
+    rc = main(["protect", "--data", str(tmp_path / "many.npz"), "--out", str(tmp_path / "pub"), "--device", "cpu"])
+    assert rc == 2 and "at most 63 classes" in capsys.readouterr().err
+    assert not (tmp_path / "pub.key").exists() and not (tmp_path / "pub").exists()
