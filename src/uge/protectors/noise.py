@@ -183,7 +183,7 @@ class JpegBlockPatch(Protector):
         return chunked_result(self, data, noise_chunk(self.rho, delta_of, content), seed, work_dir)
 
 
-# stage G2 of issue 20's ladder: the ten lowest AC frequencies but (2, 0), (0, 2), (2, 1), (1, 2), (2, 2)
+# stage G2's bases: ten that JPEG at quality 10 keeps (chosen at stage D, results/ladder-grating-cpu/README.md)
 G2_FREQS = ("1,0", "0,1", "3,0", "0,3", "4,0", "0,4", "1,1", "1,3", "3,1", "5,0")
 
 
@@ -199,7 +199,7 @@ class Grating(JpegBlockPatch):
     (``matched``: the excess-power attacks find nothing). It is not selective: every network, the owner's too,
     learns little from it, so key holders unseal the originals (``uge unseal``); ``uge protect`` seals it with a
     new key when ``--seal`` is not given. With more classes than ``freqs``, the next lowest AC frequencies are
-    added (at most 63 classes: one basis each).
+    added (at most 63 classes: one basis each; not measured beyond ten).
     """
 
     name = "grating"
