@@ -32,8 +32,7 @@ ROWS = [
      "JPEG-basis grating code, sign per block", "sealed"),
     ("Low-frequency JPEG-basis mix, sign per block, sealed", "ladder-grating-blocks-cpu",
      "Low-frequency JPEG-basis mix, sign per block", "sealed"),
-    ("The same grating, the set's block-DCT power matched to clean, sealed", "battery-cpu",
-     "Grating code, sign per block, power-matched, whole budget", "sealed"),
+    ("**`grating`, the default**: the same grating, the set's block-DCT power matched to clean, sealed", *DEFAULT[1:]),
     ("Tiled 2-px luminance patch, shifted per image, sealed", "ladder-attacks-cpu",
      "Shifted tiled luminance patch, 2-px cells", "sealed"),
     ("EM (Huang et al. 2021) to its stop criterion, sealed", "battery-cpu", "EM, to its stop criterion", "sealed"),
@@ -69,7 +68,8 @@ def _row(label: str, run: str, variant: str, key: str) -> str:
     holder = (f"{n['key_holder']:.1f} (= clean, unsealed)" if key == "sealed"
               else f"{n['key_holder']:.1f} (clean {n['clean_key_holder']:.1f})")
     return (f"| {label} | {holder} | {n['plain']:.1f} (clean {n['clean']:.1f}) | {n['worst']:.1f} by `{n['by']}`: "
-            f"keeps {n['fraction']:.2f} of clean learning ({n['attacks']} attacks) | [{run}](results/{run}/report/report.md) |")
+            f"keeps {n['fraction']:.2f} of clean learning ({n['attacks']} attacks) | "
+            f"[{run}](results/{run}/report/report.md) |")
 
 
 def table() -> str:
