@@ -14,7 +14,7 @@ import uge.benchmark.runner as runner_mod
 import uge.evaluate as evaluate_mod
 import uge.protectors.uge.protector as uge_mod
 from uge.benchmark import load_config, parse_config, read_records, run_benchmark, write_report
-from uge.benchmark.report import build_rows, worst_case_table
+from uge.benchmark.report import build_rows, floor_table, worst_case_table
 from uge.cli import main
 from uge.errors import ConfigError
 from uge.protectors import build_protector
@@ -360,6 +360,23 @@ def test_worst_case_table_takes_the_highest_accuracy_and_the_fraction_of_clean_l
     low = [rec("Original", "clean", "hacker", 60.0), rec("Original", "clean", "hacker", 50.0, "grayscale"),
            rec("P", "patch", "hacker", 20.0), rec("P", "patch", "hacker", 30.0, "grayscale")]
     assert "| 0.40 ✓ |" in worst_case_table(*build_rows(low), chance=10.0)  # (30 - 10) / 50: the goal, exactly
+
+
+def test_floor_table_gives_each_attacks_cost_on_clean_data_and_marks_those_above_the_goal():
+    def rec(role, acc, cm=None, arch="cnn"):
+        return {**_record("Original", "clean", role, arch, "normal", acc), "countermeasures": cm}
+    records = [rec("hacker", 60.0), rec("hacker", 50.0, "jpeg:quality=10"), rec("hacker", 25.0, "grayscale"),
+               rec("authorized", 70.0), rec("hacker", 9.5, arch="lenet"), rec("hacker", 9.0, "grayscale", "lenet"),
+               {**_record("P", "patch", "hacker", "cnn", "normal", 12.0), "countermeasures": None}]
+    columns, rows = build_rows(records, ["", "jpeg:quality=10", "grayscale"])
+    table = floor_table(columns, rows, chance=10.0, authorized=False)
+    head, _, *body = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
+    cell = {(row[0], name): value for row in body for name, value in zip(head, row)}
+    assert {row[0] for row in body} == {"jpeg:quality=10", "grayscale"} and head[2:] == ["cnn", "lenet"]
+    # (50 - 10) / (60 - 10) = 0.8 above the goal; (25 - 10) / 50 = 0.3 not; lenet learns nothing clean: no fraction
+    assert cell["jpeg:quality=10", "cnn"] == "50.00 (0.80 ▲)" and cell["grayscale", "cnn"] == "25.00 (0.30)"
+    assert cell["grayscale", "lenet"] == "–" and "| P |" not in table
+    assert floor_table(*build_rows(records[-1:]), chance=10.0) == ""  # no clean record under a countermeasure
 
 
 def test_baseline_protectors_run_in_a_grid(tmp_path):

@@ -180,6 +180,31 @@ def worst_case_table(columns, rows, chance: float, goal: float = 0.4, cms: list[
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def floor_table(columns, rows, chance: float, goal: float = 0.4, authorized: bool = True) -> str:
+    """Each countermeasure on the clean set: the accuracy it leaves each network and the fraction of clean
+    learning that is, (acc − chance) / (clean − chance). A protection that a countermeasure removes entirely keeps
+    at least that fraction under it, so a protection meets ``goal`` only where it survives every countermeasure
+    above it (marked ▲)."""
+    cols = columns if authorized else [c for c in columns if not c.startswith("authorized")]
+    mine = [row for row in rows if row["protector"] == "clean"]
+    plain = {row["mode"]: row["cells"] for row in mine if not row["countermeasure"]}
+    attacked = [row for row in mine if row["countermeasure"] and row["mode"] in plain]
+    if not attacked:
+        return ""
+    lines = ["| countermeasure | mode | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for row in attacked:
+        cells = []
+        for c in cols:
+            acc, base = row["cells"].get(c, {}).get("acc"), plain[row["mode"]].get(c, {}).get("acc")
+            if acc is None or base is None or base < chance + 1:
+                cells.append("–")
+                continue
+            frac = (acc - chance) / (base - chance)
+            cells.append(f"{acc:.2f} ({frac:.2f}{' ▲' if frac > goal else ''})")
+        lines.append(f"| {row['countermeasure']} | {row['mode']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 PUBLISHED = "published"
 
 
@@ -688,6 +713,12 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
                    "any countermeasure reaches and which one; 'fraction kept' is (worst − chance) / (clean − chance), "
                    "clean being the same network trained normally on the clean set (✓: at most 0.4, the goal of "
                    "issue 20). The last two columns leave adversarial training out."), worst]
+    floor = floor_table(columns, rows, _chance(run_dir), authorized=ev.get("countermeasures_authorized", True))
+    if worst and floor:
+        parts += [("What each countermeasure costs on clean data, and the floor it sets: the accuracy it leaves each "
+                   "network trained on the clean set, with the fraction of clean learning kept in brackets. A "
+                   "protection that a countermeasure removes entirely keeps at least that fraction, so one meets the "
+                   "goal of 0.4 only by surviving every countermeasure marked ▲."), floor]
     matrix = robustness_matrix(columns, rows)
     if matrix:
         parts += [("Robustness matrix: every network's accuracy for each protection (rows) under each "
