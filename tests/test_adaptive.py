@@ -149,6 +149,19 @@ def test_blockdct_removes_a_block_aligned_jpeg_basis_pattern_that_block_signs_hi
     assert kept[False] < 0.1 and kept[True] > kept[False] + 0.3
 
 
+def test_knownbasis_removes_the_default_protections_code_and_keeps_other_block_patterns():
+    """``knownbasis`` needs no statistics: grating's code (its power matched to clean) lies in the span of the
+    patterns it projects out, so it goes; a pattern of another JPEG basis, (2, 2), stays."""
+    from uge.protectors import build_protector
+
+    clean, reference = dataset(natural(200, size=32), num_classes=10), dataset(natural(200, size=32, seed=7))
+    prot = build_protector("grating").protect(clean, seed=0).protected
+    assert _along(prot, clean, "knownbasis", reference)[0] < 0.1
+    other = build_protector("jpeg-patch", rho=8 / 255, size=8, freqs=["2,2"], shift=False,
+                            block_signs=True).protect(clean, seed=0).protected
+    assert _along(other, clean, "knownbasis", reference)[0] > 0.8
+
+
 def test_blockdct_leaves_clean_data_alone():
     clean = dataset(natural(400))
     cm = parse_countermeasures("blockdct")[0]

@@ -12,6 +12,8 @@ published set's own statistics and removes it before training.
   coefficient whose class power differs (either way) rescaled to the clean class's power.
 - ``classmean``: every image minus its class's mean deviation from the global mean (a class-wise pattern is
   what the class means of a protected set differ by).
+- ``knownbasis``: no statistics at all: the hacker has read this code, so knows the block patterns the default
+  protection (``grating``) draws its class codes from, and projects them out of every 8×8 block.
 - ``orthogonal``: the orthogonal projection attack (Sandoval-Segura et al., "What Can We Learn from Unlearnable
   Datasets?", NeurIPS 2023): fit a bias-free linear classifier on the flattened published images, project the
   span of its weight rows (QR-orthonormalized) out of every training image, train on the rest. Linearly
@@ -195,6 +197,32 @@ class BlockDCTExcess(InputTransform):
             self._gain, self.found = _excess_gain(pub, ref, self.k, self.ratio, self.zero)  # (0, 0): a block's mean
         x = scipy.fft.idctn(f * self._gain, type=2, norm="ortho", axes=(1, 2))
         return _unblock(x.reshape(len(x), -1), data.images, 8, grid)
+
+
+@register_countermeasure
+class KnownBasis(InputTransform):
+    """Project the ±1 block patterns of the default protection's first ``bases`` JPEG bases
+    (:func:`uge.protectors.noise.grating_patterns`) out of every 8×8 block of JPEG's grid, per channel: what a
+    hacker who has read uge's code does to a ``grating`` set (Kerckhoffs: only the key is secret, and the key
+    draws which class has which pattern and each block's sign, not the patterns). Each block's code is ±ρ times
+    one of them, so it lies in their span and goes, with that span of the image's own content."""
+
+    name = "knownbasis"
+    summary = "project the default protection's block patterns (read off uge's code) out of every 8x8 block."
+    at_test = True
+    params: ClassVar[dict[str, Param]] = {
+        "bases": Param(int, 10, 1, 63, help="how many of grating's bases (10 for up to 10 classes)"),
+    }
+
+    def transform(self, images: np.ndarray) -> np.ndarray:
+        from ..protectors.noise import grating_patterns
+
+        q, _ = np.linalg.qr(grating_patterns(self.bases).double().reshape(self.bases, 64).numpy().T)  # (64, n)
+        x, grid = _blocks(images, 8)  # (N·bh·bw, 8·8·C): pixels (row, column, channel)
+        c = images.shape[-1]
+        x = x.reshape(len(x), 64, c)
+        x = x - np.einsum("pk,qk,nqc->npc", q, q, x)
+        return _unblock(x.reshape(len(x), -1), images, 8, grid)
 
 
 @register_countermeasure

@@ -217,13 +217,24 @@ class Grating(JpegBlockPatch):
     def protect(self, data: ImageDataset, **kw) -> Protection:
         if data.num_classes <= len(self.freqs):
             return super().protect(data, **kw)
-        more = sorted(set(JPEG_FREQS) - set(self.freqs) - {"0,0"},  # the unused AC frequencies, lowest u + v first
-                      key=lambda f: (sum(map(int, f.split(","))), f[::-1]))
-        if len(self.freqs) + len(more) < data.num_classes:
-            raise ConfigError(f"protector 'grating' codes at most {len(self.freqs) + len(more)} classes (a JPEG basis "
-                              f"each), the set has {data.num_classes}; choose another --method (--method list)")
-        wider = dataclasses.replace(self, freqs=[*self.freqs, *more][:data.num_classes])
+        wider = dataclasses.replace(self, freqs=grating_freqs(data.num_classes, self.freqs))
         return super(Grating, wider).protect(data, **kw)
+
+
+def grating_freqs(n: int, freqs=G2_FREQS) -> list[str]:
+    """The first ``n`` JPEG bases ``grating`` uses: ``freqs``, then the unused AC frequencies, lowest u + v first
+    (ConfigError beyond the 63 AC bases)."""
+    more = sorted(set(JPEG_FREQS) - set(freqs) - {"0,0"}, key=lambda f: (sum(map(int, f.split(","))), f[::-1]))
+    if len(freqs) + len(more) < n:
+        raise ConfigError(f"protector 'grating' codes at most {len(freqs) + len(more)} classes (a JPEG basis each), "
+                          f"the set has {n}; choose another --method (--method list)")
+    return [*freqs, *more][:max(n, len(freqs))]
+
+
+def grating_patterns(n: int) -> torch.Tensor:
+    """(n, 8, 8): the ±1 block patterns of the default ``grating``'s first ``n`` bases (what a hacker who has read
+    this code knows; which class has which, and each block's sign, are drawn from the run's seed)."""
+    return torch.stack([_sign(_dct(*map(int, f.split(",")))) for f in grating_freqs(n)[:n]])
 
 
 def _power_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: float, match_to: float = 1.0,
