@@ -107,3 +107,53 @@ def test_a_failed_default_protection_leaves_no_key_behind(tmp_path, capsys):
     rc = main(["protect", "--data", str(tmp_path / "many.npz"), "--out", str(tmp_path / "pub"), "--device", "cpu"])
     assert rc == 2 and "at most 63 classes" in capsys.readouterr().err
     assert not (tmp_path / "pub.key").exists() and not (tmp_path / "pub").exists()
+
+
+def _explained(pub: Path, seed: int) -> float:
+    """The hacker who reads the manifest: draw the method's code again from ``seed`` (on grey images of the
+    published labels, unmatched) and measure how much of the published perturbation it is (1: all of it)."""
+    import json
+
+    manifest = json.loads((pub / "manifest.json").read_text())
+    published = read_published(pub).data
+    grey = ImageDataset(np.full_like(published.images, 128), published.labels, published.classes)
+    params = {**manifest["params"], "matched": False}
+    code = build_protector(manifest["method"], **params).protect(grey, progress=False, seed=seed)
+    code = code.protected.images.astype(float) - 128
+    source = load_dataset("digits", "train", per_class=5)
+    delta = published.images.astype(float) - source.images
+    return float((delta * code).sum() / (delta ** 2).sum())
+
+
+def test_a_sealed_sets_seed_comes_from_the_key_and_is_not_published(tmp_path):
+    """A published seed gives the code away: anyone draws it again and subtracts it. Sealed without --seed, the
+    seed is the key's (uge.sealing.key_seed), and the manifest says only that."""
+    from uge.sealing import key_seed, load_key
+    from uge.seeds import SECRET
+
+    import json
+
+    assert _protect(["--out", str(tmp_path / "open"), "--seed", "0"])[0] == 0  # a seed given is published
+    assert json.loads((tmp_path / "open" / "manifest.json").read_text())["seeds"]["seed"] == 0
+    assert _explained(tmp_path / "open", 0) > 0.9  # ... and the code is drawn again from it
+    rc, out = _protect(["--out", str(tmp_path / "pub")])
+    assert rc == 0 and "seed derived from the key (secret, not in the manifest)" in out
+    seeds = json.loads((tmp_path / "pub" / "manifest.json").read_text())["seeds"]
+    assert seeds == {"seed": SECRET, "version": seeds["version"]}
+    assert abs(_explained(tmp_path / "pub", 0)) < 0.2  # the default seed draws another code
+    assert _explained(tmp_path / "pub", key_seed(load_key(tmp_path / "pub.key"))) > 0.9  # the key's draws this one
+
+
+def test_a_failed_run_removes_the_key_it_made_but_never_one_it_found(tmp_path, monkeypatch):
+    import uge.published
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(uge.published, "publish", broken)
+    with pytest.raises(OSError):
+        main(["protect", "--data", "digits", "--per-class", "2", "--out", str(tmp_path / "pub"), "--device", "cpu"])
+    assert not (tmp_path / "pub.key").exists()
+    assert main(["keygen", str(tmp_path / "pub.key")]) == 0
+    with pytest.raises(OSError):
+        main(["protect", "--data", "digits", "--per-class", "2", "--out", str(tmp_path / "pub"), "--device", "cpu"])
+    assert (tmp_path / "pub.key").exists()

@@ -161,8 +161,9 @@ _FIELD_FLAGS = {
 }
 
 
-def _protect_params(args, cls) -> tuple[dict, int]:
-    """The chosen method's parameters from ``--config``, the flags and ``--param``, and the run's seed.
+def _protect_params(args, cls) -> tuple[dict, int | None]:
+    """The chosen method's parameters from ``--config``, the flags and ``--param``, and the run's seed (None when
+    neither gives one).
 
     Each flag sets the field of the method that it names; a flag the method has no field for is a ConfigError
     that lists the method's fields. ``--config`` is a JSON table of the method's fields (a ``seed`` in it is the
@@ -179,7 +180,7 @@ def _protect_params(args, cls) -> tuple[dict, int]:
             raise ConfigError(f"config file {args.config} is not valid JSON: {e}") from None
         if not isinstance(params, dict):
             raise ConfigError(f"config file {args.config} must hold a JSON table of the method's parameters")
-    seed = params.pop("seed", 0) if "seed" not in names else 0
+    seed = params.pop("seed", None) if "seed" not in names else None
     seed = args.seed if args.seed is not None else seed
     given = {d: getattr(args, d) for d in _FIELD_FLAGS if getattr(args, d) is not None}  # every flag defaults to None
     wrong = sorted({_FIELD_FLAGS[d][0] for d in given if _FIELD_FLAGS[d][1] not in names})
@@ -244,18 +245,18 @@ def _published_root(data: str) -> Path | None:
                  and (p / "checksums.sha256").is_file()), None)
 
 
-def _new_or_kept_key(out: Path) -> tuple[str, bytes]:
+def _new_or_kept_key(out: Path) -> tuple[str, bytes, Path | None]:
     """The key file beside the published folder ``out`` (``<out>.key``, never inside it): a new key, or the one an
-    earlier run of the same command left there."""
+    earlier run of the same command left there; (its path, the key, the path again if this call wrote it)."""
     from .sealing import keygen, load_key
 
     path = out.with_name(f"{out.name}.key")
     if path.exists():
         _print(f"sealing with the existing key {path}")
-        return str(path), load_key(path)
+        return str(path), load_key(path), None
     key = keygen(path)
     _print(f"sealing with a new key, written to {path} (mode 0600): keep it secret and apart from the published set")
-    return str(path), key
+    return str(path), key, path
 
 
 def _standing_line() -> str:
@@ -290,11 +291,9 @@ def cmd_protect(args) -> int:
     if distributed.world().size > 1 and args.method not in _DISTRIBUTED_METHODS:
         raise ConfigError(f"--method {args.method} runs in one process; under torchrun protect runs UGE's generator "
                           f"({', '.join(_DISTRIBUTED_METHODS)})")
-    seal_key = None
-    if args.seal:
-        from .sealing import load_key
+    from .sealing import key_seed, load_key
 
-        seal_key = load_key(args.seal)  # a missing or bad key fails before any work
+    seal_key = load_key(args.seal) if args.seal else None  # a missing or bad key fails before any work
     data = load_source(_source_record(args), args.root, args.download, stream=args.stream)
     data = in_memory_limit(method, data)  # a stored set: kept for a method that streams, else read whole or refused
     out = Path(args.out)
@@ -302,16 +301,28 @@ def cmd_protect(args) -> int:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
     if args.method == STANDING["method"]:
         _print(_standing_line())
+    made = None  # a key file this run wrote: removed again if the run fails
+    if seal_key is None and method.sealed:  # only key holders learn from it: always sealed
+        args.seal, seal_key, made = _new_or_kept_key(out)
+    # sealed, the seed comes from the key unless given: a published seed would let anyone draw the same
+    # perturbation and subtract it (every draw of a pattern protector follows from the seed)
+    seed_secret = seal_key is not None and seed is None
+    seed = key_seed(seal_key) if seed_secret else seed or 0
     work = Path(args.work_dir) if args.work_dir else out.with_name(f".{out.name}.work")
     budget = f"ρ = {method.rho:.4g} ({rho_levels(method.rho)} levels)" if method.rho is not None else "no L∞ budget"
-    _print(f"protecting {len(data)} images of {data.num_classes} classes with {args.method}, {budget}, seed {seed}")
+    _print(f"protecting {len(data)} images of {data.num_classes} classes with {args.method}, {budget}, "
+           + ("seed derived from the key (secret, not in the manifest)" if seed_secret else f"seed {seed}"))
     start = time.perf_counter()
-    result = method.protect(data, device=args.device, work_dir=work, progress=not args.quiet, seed=seed)
-    if seal_key is None and method.sealed:  # only key holders learn from it: always sealed (the key made only now,
-        args.seal, seal_key = _new_or_kept_key(out)  # so a failed protection leaves none behind)
-    distributed.on_main(publish, result, data, out, formats=formats, overwrite=args.overwrite,  # rank 0 writes
-                        theta0_apart=args.theta0_apart, seal_key=seal_key,
-                        source=source_record(args.data, args.split, args.per_class, args.subset_seed))
+    try:
+        result = method.protect(data, device=args.device, work_dir=work, progress=not args.quiet, seed=seed)
+        result.seed_secret = seed_secret
+        distributed.on_main(publish, result, data, out, formats=formats, overwrite=args.overwrite,  # rank 0 writes
+                            theta0_apart=args.theta0_apart, seal_key=seal_key,
+                            source=source_record(args.data, args.split, args.per_class, args.subset_seed))
+    except BaseException:
+        if made is not None:
+            made.unlink(missing_ok=True)
+        raise
     if data.stored:  # the protected images' working copy (uge.protectors.base.chunked_result), now published
         (work / "protected.npy").unlink(missing_ok=True)
     if seal_key is not None:

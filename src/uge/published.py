@@ -182,7 +182,7 @@ def publish(result: Protection, original: ImageDataset, out: str | Path, *, form
             if streamed else similarity(data.images, original.images),
             "labels_sha256": array_sha256(data.labels), "original_sha256": original_sha256,
             "source": source or {}, "authorized": authorized, "recipe": result.recipe.to_dict() if result.recipe else None,
-            "feature_space": result.feature_space, "params": result.params, "seeds": seeds.table(result.seed),
+            "feature_space": result.feature_space, "params": result.params, "seeds": seeds.table(None if result.seed_secret else result.seed),
             "history": result.history,
             "seconds": result.seconds, "versions": versions(),
             "sealed": sealed,

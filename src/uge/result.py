@@ -32,6 +32,7 @@ class Protection:
     params: dict  # the protector's parameters, as plain values (written once, in the manifest)
     rho: float | None  # L∞ budget on the [0, 1] scale; None: not norm-bounded
     seed: int = 0  # the run's seed; every other seed derives from it (uge.seeds)
+    seed_secret: bool = False  # the seed came from the sealing key: the manifest must not hold it
     title: str = ""  # the method in words (the paper behind it), for people reading the manifest
     authorized: list[AuthorizedSpec] = field(default_factory=list)  # the authorized networks it chose
     theta0: list[dict[str, torch.Tensor]] = field(default_factory=list)  # θ0 of every authorized network

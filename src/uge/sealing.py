@@ -111,6 +111,13 @@ def key_id(key: bytes) -> str:
     return hmac.new(_check_key(key), b"uge key id v1", hashlib.sha256).hexdigest()[:32]
 
 
+def key_seed(key: bytes) -> int:
+    """The protection's seed for a set sealed with ``key`` (62 bits of HMAC-SHA256 under the key): every random
+    draw of the perturbation (which class has which pattern, each block's sign) follows from it, so it must be as
+    secret as the key. A published seed would let anyone draw the same perturbation and subtract it."""
+    return int.from_bytes(hmac.new(_check_key(key), b"uge protect seed v1", hashlib.sha256).digest()[:8], "big") >> 2
+
+
 # ----------------------------------------------------------------------------------------- seal
 
 

@@ -45,8 +45,10 @@ SEQUENCES: dict[str, tuple[str, Callable[..., list[int]]]] = {
 
 
 def derive(seed: int, stream: str, *index: int) -> int:
-    """The integer seed of ``stream`` (a key of :data:`STREAMS`) at ``index`` for a run seeded with ``seed``."""
-    return STREAMS[stream][1](seed, *index)
+    """The integer seed of ``stream`` (a key of :data:`STREAMS`) at ``index`` for a run seeded with ``seed``
+    (modulo 2^63, which torch takes: a key's 62-bit seed, :func:`uge.sealing.key_seed`, times a stream's factor
+    would not fit; every smaller seed's streams are unchanged)."""
+    return STREAMS[stream][1](seed, *index) % 2 ** 63
 
 
 def sequence(seed: int, stream: str, *index: int) -> list[int]:
@@ -54,8 +56,14 @@ def sequence(seed: int, stream: str, *index: int) -> list[int]:
     return SEQUENCES[stream][1](seed, *index)
 
 
-def table(seed: int) -> dict:
-    """What a manifest records: the run's seed, this module's version and the index-free streams' values."""
+SECRET = "secret: derived from the sealing key"  # a manifest's seed when the key chose it
+
+
+def table(seed: int | None) -> dict:
+    """What a manifest records: the run's seed, this module's version and the index-free streams' values; for a
+    seed derived from the sealing key (``None``), only that it was (the seed would give the perturbation away)."""
+    if seed is None:
+        return {"seed": SECRET, "version": VERSION}
     fixed = {name: f(seed) for name, (_, f) in STREAMS.items()
              if f.__code__.co_argcount - len(f.__defaults__ or ()) == 1}  # streams with no index to give
     return {"seed": seed, "version": VERSION, "streams": fixed}
