@@ -160,6 +160,11 @@ def test_knownbasis_removes_the_default_protections_code_and_keeps_other_block_p
     other = build_protector("jpeg-patch", rho=8 / 255, size=8, freqs=["2,2"], shift=False,
                             block_signs=True).protect(clean, seed=0).protected
     assert _along(other, clean, "knownbasis", reference)[0] > 0.8
+    # a code mixed from the same bases with secret weights: dct=1 takes the part in their span (77 % of its
+    # energy), and the rest stays
+    mixed = build_protector("grating", mix=True).protect(clean, seed=0).protected
+    left = {spec: _along(mixed, clean, spec, reference)[0] for spec in ("knownbasis", "knownbasis:dct=1")}
+    assert left["knownbasis"] > left["knownbasis:dct=1"] > 0.1
 
 
 def test_blockdct_leaves_clean_data_alone():

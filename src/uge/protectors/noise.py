@@ -231,10 +231,12 @@ def grating_freqs(n: int, freqs=G2_FREQS) -> list[str]:
     return [*freqs, *more][:max(n, len(freqs))]
 
 
-def grating_patterns(n: int) -> torch.Tensor:
+def grating_patterns(n: int, dct: bool = False) -> torch.Tensor:
     """(n, 8, 8): the ±1 block patterns of the default ``grating``'s first ``n`` bases (what a hacker who has read
-    this code knows; which class has which, and each block's sign, are drawn from the run's seed)."""
-    return torch.stack([_sign(_dct(*map(int, f.split(",")))) for f in grating_freqs(n)[:n]])
+    this code knows; which class has which, and each block's sign, are drawn from the run's seed); with ``dct``,
+    (2n, 8, 8): the DCT basis functions themselves too."""
+    bases = [_dct(*map(int, f.split(","))) for f in grating_freqs(n)[:n]]
+    return torch.stack([_sign(b) for b in bases] + (bases if dct else []))
 
 
 def _power_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: float, match_to: float = 1.0,
