@@ -22,8 +22,8 @@ from uge.weights import build_network, load_weights
 
 evaluate_mod = importlib.import_module("uge.evaluate")
 
-TINY_PROTECT = ["--method", "uge", "--data", "digits", "--per-class", "10", "--authorized", "cnn:0", "--epochs", "2", "--batch-size", "32",
-                "--no-flip", "--trajectory-epochs", "2", "--generator-epochs", "1", "--generator-width", "4",
+TINY_PROTECT = ["--method", "uge", "--data", "digits", "--per-class", "10", "--authorized", "cnn:0", "--epochs", "2",
+                "--batch-size", "32", "--no-flip", "--trajectory-epochs", "2", "--generator-epochs", "1", "--generator-width", "4",
                 "--generator-batch-size", "32", "--encoder-arch", "lenet", "--encoder-epochs", "1",
                 "--format", "npz,png", "--quiet", "--device", "cpu"]
 
