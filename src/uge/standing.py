@@ -12,7 +12,7 @@ STANDING = {
     'worst': 48.8,
     'by': 'knownbasis:bases=10,dct=0',
     'fraction': 0.83,
-    'attacks': 3,
+    'attacks': 8,
     'lowest_other': 0.79,
     'protections': 10,
 }
