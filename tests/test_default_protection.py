@@ -163,3 +163,10 @@ def test_a_failed_run_removes_the_key_it_made_but_never_one_it_found(tmp_path, m
     with pytest.raises(OSError):
         main(["protect", "--data", "digits", "--per-class", "2", "--out", str(tmp_path / "pub"), "--device", "cpu"])
     assert (tmp_path / "pub.key").exists()
+
+
+@pytest.mark.parametrize("method, distinct", [("grating", False), ("jpeg-patch", True)])
+def test_distinct_is_refused_where_a_mix_would_ignore_it(method, distinct):
+    with pytest.raises(ConfigError, match="distinct=.* does nothing with mix"):
+        build_protector(method, mix=True, distinct=distinct)
+    build_protector(method, mix=False, distinct=distinct)  # where it means something

@@ -138,6 +138,9 @@ class JpegBlockPatch(Protector):
             bad.append(f"matched needs size = 8 (one block per class: every block carries the same code), got {self.size}")
         if self.match_to != 1 and not self.matched:
             bad.append(f"match_to={self.match_to} needs matched = true (it sets the matched power)")
+        if self.mix and self.distinct != type(self).defaults()["distinct"]:  # never silently ignored
+            bad.append(f"distinct={str(self.distinct).lower()} does nothing with mix = true (each class's pattern "
+                       "is its own mix of every basis in freqs)")
         return bad
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
