@@ -9,12 +9,13 @@ worst case over the run's countermeasures with the fraction of clean learning it
 (clean − chance). Replaces the lines between the README's results-table markers; ``--check`` only compares
 (exit 1 when the README is out of date).
 
-It also writes ``src/uge/standing.py``: the same numbers for the default protection (``DEFAULT``: the battery's
-variant whose worst case is lowest, which ``uge protect`` prints beside the method's name).
+It also writes ``src/uge/standing.py``: the same numbers for the default protection (``DEFAULT``, the battery's
+variant that ``grating`` publishes the same images as), which ``uge protect`` prints beside the method's name.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -44,9 +45,11 @@ ROWS = [
 ]
 
 
+@functools.lru_cache(maxsize=None)
 def numbers(run: str, variant: str, key: str) -> dict:
-    """A variant's measured standing: the key holder's and the (ResNetC-20) hacker's accuracy, plain and at worst."""
-    recs = read_records(ROOT / "results" / run)
+    """A variant's measured standing: the key holder's and the (ResNetC-20) hacker's accuracy, plain and at worst
+    (once per variant: the table and the standing both ask)."""
+    recs = _records(run)
     plain = [r for r in recs if not r.get("countermeasures")]
     clean_auth = next(r["test_acc"] for r in plain if r["role"] == "authorized" and r["protector"] == "clean")
     mine = [r for r in recs if r["variant"] == variant]
@@ -63,6 +66,11 @@ def numbers(run: str, variant: str, key: str) -> dict:
             "plain": round(next(r["test_acc"] for r in hack if not r.get("countermeasures")), 1),
             "worst": round(worst["test_acc"], 1), "by": worst.get("countermeasures") or "none",
             "fraction": round((worst["test_acc"] - chance) / (clean_hack - chance), 2), "attacks": len(hack) - 1}
+
+
+@functools.lru_cache(maxsize=None)
+def _records(run: str) -> list[dict]:
+    return read_records(ROOT / "results" / run)  # read once per run, not once per row
 
 
 def _row(label: str, run: str, variant: str, key: str) -> str:

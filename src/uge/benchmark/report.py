@@ -142,6 +142,17 @@ def _chance(run_dir: Path) -> float:
     return 10.0
 
 
+def _kept(acc: float, clean: float | None, chance: float) -> float | None:
+    """The fraction of clean learning ``acc`` keeps, (acc − chance) / (clean − chance); None without a clean
+    baseline or when the clean network learnt nothing (within a point of chance)."""
+    return None if clean is None or clean < chance + 1 else (acc - chance) / (clean - chance)
+
+
+def _hacker_columns(columns, authorized: bool) -> list[str]:
+    """``columns``, less the authorized ones when they trained without countermeasures (they have no worst case)."""
+    return list(columns) if authorized else [c for c in columns if not c.startswith("authorized")]
+
+
 def worst_case_table(columns, rows, chance: float, goal: float = 0.4, cms: list[str] | None = None,
                      authorized: bool = True) -> str:
     """Per protected variant, mode and network: the highest accuracy any countermeasure reaches (the worst case
@@ -161,7 +172,7 @@ def worst_case_table(columns, rows, chance: float, goal: float = 0.4, cms: list[
     for v in dict.fromkeys(row["variant"] for row in rows if row["protector"] != "clean"):
         for mode in dict.fromkeys(row["mode"] for row in rows):
             mine = [row for row in rows if row["variant"] == v and row["mode"] == mode]
-            for c in columns if authorized else [c for c in columns if not c.startswith("authorized")]:
+            for c in _hacker_columns(columns, authorized):
                 got = [(row["cells"][c]["acc"], row["countermeasure"] or "none") for row in mine if c in row["cells"]]
                 if not got:
                     continue
@@ -169,8 +180,7 @@ def worst_case_table(columns, rows, chance: float, goal: float = 0.4, cms: list[
                 worst = max(got)
                 soft = max(((a, cm) for a, cm in got if not cm.startswith("adv")), default=None)
                 base = clean.get((mode, c))
-                # a network that learns nothing from clean data (within a point of chance) has no fraction to keep
-                frac = None if base is None or base < chance + 1 else (worst[0] - chance) / (base - chance)
+                frac = _kept(worst[0], base, chance)
                 partial = f" ({len(got)} of {len(cms)} run)" if len(got) < len(cms) else ""  # not a worst case yet
                 cells = [v, mode, c, "–" if base is None else f"{base:.2f}", "–" if plain is None else f"{plain:.2f}",
                          f"{worst[0]:.2f}{partial}", worst[1],
@@ -185,7 +195,7 @@ def floor_table(columns, rows, chance: float, goal: float = 0.4, authorized: boo
     learning that is, (acc − chance) / (clean − chance). A protection that a countermeasure removes entirely keeps
     at least that fraction under it, so a protection meets ``goal`` only where it survives every countermeasure
     above it (marked ▲)."""
-    cols = columns if authorized else [c for c in columns if not c.startswith("authorized")]
+    cols = _hacker_columns(columns, authorized)
     mine = [row for row in rows if row["protector"] == "clean"]
     plain = {row["mode"]: row["cells"] for row in mine if not row["countermeasure"]}
     attacked = [row for row in mine if row["countermeasure"] and row["mode"] in plain]
@@ -195,12 +205,9 @@ def floor_table(columns, rows, chance: float, goal: float = 0.4, authorized: boo
     for row in attacked:
         cells = []
         for c in cols:
-            acc, base = row["cells"].get(c, {}).get("acc"), plain[row["mode"]].get(c, {}).get("acc")
-            if acc is None or base is None or base < chance + 1:
-                cells.append("–")
-                continue
-            frac = (acc - chance) / (base - chance)
-            cells.append(f"{acc:.2f} ({frac:.2f}{' ▲' if frac > goal else ''})")
+            acc = row["cells"].get(c, {}).get("acc")
+            frac = None if acc is None else _kept(acc, plain[row["mode"]].get(c, {}).get("acc"), chance)
+            cells.append("–" if frac is None else f"{acc:.2f} ({frac:.2f}{' ▲' if frac > goal else ''})")
         lines.append(f"| {row['countermeasure']} | {row['mode']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
