@@ -377,6 +377,11 @@ def test_floor_table_gives_each_attacks_cost_on_clean_data_and_marks_those_above
     assert cell["jpeg:quality=10", "cnn"] == "50.00 (0.80 ▲)" and cell["grayscale", "cnn"] == "25.00 (0.30)"
     assert cell["grayscale", "lenet"] == "–" and "| P |" not in table
     assert floor_table(*build_rows(records[-1:]), chance=10.0) == ""  # no clean record under a countermeasure
+    # a second clean variant (another hacker seed) has a plain record of its own: the first one's still count
+    second = {**_record("Original, seed 2", "clean", "hacker", "resnet", "normal", 55.0), "countermeasures": None}
+    table = floor_table(*build_rows(records + [second], ["", "jpeg:quality=10", "grayscale"]), chance=10.0,
+                        authorized=False)
+    assert "| jpeg:quality=10 | normal | 50.00 (0.80 ▲) |" in table
 
 
 def test_baseline_protectors_run_in_a_grid(tmp_path):

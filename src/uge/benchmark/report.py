@@ -197,7 +197,11 @@ def floor_table(columns, rows, chance: float, goal: float = 0.4, authorized: boo
     above it (marked ▲)."""
     cols = _hacker_columns(columns, authorized)
     mine = [row for row in rows if row["protector"] == "clean"]
-    plain = {row["mode"]: row["cells"] for row in mine if not row["countermeasure"]}
+    plain = {}  # per mode and network, the first clean variant's plain record (several clean variants may have one)
+    for row in mine:
+        if not row["countermeasure"]:
+            for c, cell in row["cells"].items():
+                plain.setdefault(row["mode"], {}).setdefault(c, cell)
     attacked = [row for row in mine if row["countermeasure"] and row["mode"] in plain]
     if not attacked:
         return ""
