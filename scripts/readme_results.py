@@ -26,6 +26,7 @@ START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 # (label, run folder, variant, key holder): "sealed" = trains on the unsealed originals, "authorized" = the
 # run's authorized network on the published set
 DEFAULT = ("grating", "battery-cpu", "Grating code mixed with secret weights, sign per block, power-matched", "sealed")
+FULL = ("battery-gpu", DEFAULT[2], "sealed")  # the default at full size (one GPU), printed beside it too
 ROWS = [
     ("Keyed (blind network; key in one colour direction)", "battery-cpu", "Keyed (4×4 cells along (1,−2,1))",
      "authorized"),
@@ -36,6 +37,7 @@ ROWS = [
     ("The same grating, the set's block-DCT power matched to clean, sealed", "battery-cpu",
      "Grating code, sign per block, power-matched, whole budget", "sealed"),
     ("**`grating`, the default**: the same, each class's pattern a secret mix of the bases", *DEFAULT[1:]),
+    ("**`grating`, the default, at full size** (50,000 images, 15 epochs, one GPU)", *FULL),
     ("Tiled 2-px luminance patch, shifted per image, sealed", "ladder-attacks-cpu",
      "Shifted tiled luminance patch, 2-px cells", "sealed"),
     ("EM (Huang et al. 2021) to its stop criterion, sealed", "battery-cpu", "EM, to its stop criterion", "sealed"),
@@ -51,21 +53,26 @@ def numbers(run: str, variant: str, key: str) -> dict:
     (once per variant: the table and the standing both ask)."""
     recs = _records(run)
     plain = [r for r in recs if not r.get("countermeasures")]
-    clean_auth = next(r["test_acc"] for r in plain if r["role"] == "authorized" and r["protector"] == "clean")
     mine = [r for r in recs if r["variant"] == variant]
     hack = [r for r in mine if r["role"] == "hacker" and r["mode"] == "normal"]
-    arch = hack[0]["arch"]
+    arch, seed = hack[0]["arch"], hack[0].get("init")
     clean_hack = next(r["test_acc"] for r in plain if r["role"] == "hacker" and r["protector"] == "clean"
-                      and r["arch"] == arch and r["mode"] == "normal")
+                      and r["arch"] == arch and r["mode"] == "normal" and r.get("init") == seed)
+    # a run that trained no authorized network: a key holder trains on the unsealed originals, as the clean hacker
+    clean_auth = next((r["test_acc"] for r in plain if r["role"] == "authorized" and r["protector"] == "clean"),
+                      clean_hack)
     chance = 100 / 10  # CIFAR-10
     worst = max(hack, key=lambda r: r["test_acc"])
+    soft = max((r for r in hack if not (r.get("countermeasures") or "").startswith("adv")), key=lambda r: r["test_acc"])
     holder = clean_auth if key == "sealed" else next(
         r["test_acc"] for r in mine if r["role"] == "authorized" and not r.get("countermeasures"))
     return {"run": f"results/{run}", "network": arch, "key_holder": round(holder, 1), "clean_key_holder":
             round(clean_auth, 1), "clean": round(clean_hack, 1),
             "plain": round(next(r["test_acc"] for r in hack if not r.get("countermeasures")), 1),
             "worst": round(worst["test_acc"], 1), "by": worst.get("countermeasures") or "none",
-            "fraction": round((worst["test_acc"] - chance) / (clean_hack - chance), 2), "attacks": len(hack) - 1}
+            "fraction": round((worst["test_acc"] - chance) / (clean_hack - chance), 2), "attacks": len(hack) - 1,
+            "worst_without_adv": round(soft["test_acc"], 1), "by_without_adv": soft.get("countermeasures") or "none",
+            "fraction_without_adv": round((soft["test_acc"] - chance) / (clean_hack - chance), 2)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,14 +84,18 @@ def _row(label: str, run: str, variant: str, key: str) -> str:
     n = numbers(run, variant, key)
     holder = (f"{n['key_holder']:.1f} (= clean, unsealed)" if key == "sealed"
               else f"{n['key_holder']:.1f} (clean {n['clean_key_holder']:.1f})")
-    return (f"| {label} | {holder} | {n['plain']:.1f} (clean {n['clean']:.1f}) | {n['worst']:.1f} by `{n['by']}`: "
+    return (f"| {label} | {holder} | {NETWORKS.get(n['network'], n['network'])} | {n['plain']:.1f} "
+            f"(clean {n['clean']:.1f}) | {n['worst']:.1f} by `{n['by']}`: "
             f"keeps {n['fraction']:.2f} of clean learning ({n['attacks']} attacks) | "
             f"[{run}](results/{run}/report/report.md) |")
 
 
+NETWORKS = {"resnetc20": "ResNetC-20", "resnet18": "ResNet-18"}
+
+
 def table() -> str:
-    head = ["| protection | key holder | hacker (ResNetC-20), plain | hacker, worst case over the attacks run | run |",
-            "|---|---|---|---|---|"]
+    head = ["| protection | key holder | hacker | hacker, plain | hacker, worst case over the attacks run | run |",
+            "|---|---|---|---|---|---|"]
     return "\n".join(head + [_row(*r) for r in ROWS])
 
 
@@ -92,11 +103,20 @@ def standing() -> str:
     """The text of src/uge/standing.py: the default protection's numbers, and the lowest worst case (fraction of
     clean learning kept) of every other protection in the README's table."""
     method, *row = DEFAULT
-    others = [numbers(*r[1:])["fraction"] for r in ROWS if tuple(r[1:]) != tuple(row)]
-    values = {"method": method, **numbers(*row), "lowest_other": min(others), "protections": len(others) + 1}
+    others = [numbers(*r[1:])["fraction"] for r in ROWS if tuple(r[1:]) not in (tuple(row), FULL)]
+    values = {"method": method, **numbers(*row), "lowest_other": min(others), "protections": len(others) + 1,
+              "full_size": numbers(*FULL)}
     return (f'"""The default protection\'s measured standing, which ``uge protect`` prints: written by '
             f'scripts/readme_results.py\nfrom the committed records of {row[0]} (do not edit by hand)."""\n\n'
-            "STANDING = {\n" + "".join(f"    {k!r}: {v!r},\n" for k, v in values.items()) + "}\n")
+            "STANDING = {\n" + "".join(_item(k, v, "    ") for k, v in values.items()) + "}\n")
+
+
+def _item(key, value, indent: str) -> str:
+    """One ``key: value,`` line of the standing module (a dict's items on lines of their own)."""
+    if isinstance(value, dict):
+        return (f"{indent}{key!r}: {{\n" + "".join(_item(k, v, indent + "    ") for k, v in value.items())
+                + f"{indent}}},\n")
+    return f"{indent}{key!r}: {value!r},\n"
 
 
 def main(argv=None) -> int:

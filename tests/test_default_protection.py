@@ -68,6 +68,9 @@ def test_uge_protect_without_a_method_says_what_it_runs_and_seals_with_a_new_key
     assert f"{STANDING['method']}, the default (results/battery-cpu" in out
     assert f"the lowest of the other {STANDING['protections'] - 1} protections measured" in out
     assert f"reaches {STANDING['plain']:.1f} % test accuracy plainly and {STANDING['worst']:.1f} % at worst" in out
+    full = STANDING["full_size"]  # and at full size, on one GPU, with and without adversarial training
+    assert f"at full size ({full['run']}, one GPU)" in out and full["run"] == "results/battery-gpu"
+    assert f"{full['fraction']:.2f} kept, {full['fraction_without_adv']:.2f} without adversarial training" in out
     key = tmp_path / "pub.key"
     assert f"new key, written to {key}" in out and stat.S_IMODE(key.stat().st_mode) == 0o600
     assert (pub / "sealed").is_dir() and not list(pub.rglob("*.key"))  # the key never lies in the published set
