@@ -11,6 +11,7 @@
 #   bash scripts/battery_gpu.sh .data/cifar10-jpeg.tar.gz
 # On a CPU, at tiny sizes, to test the script itself (the smoke config is the battery too):
 #   TINY=1 OUT=/tmp/out BUDGET=60 bash scripts/battery_gpu.sh
+# Another battery: CONFIG=configs/battery-gpu-dc.toml SMOKE=configs/battery-gpu-dc-smoke.toml bash scripts/battery_gpu.sh …
 set -uo pipefail
 DATA=${1:-../shared/datasets/cifar10-jpeg.tar.gz}
 OUT=${OUT:-results/battery-gpu-out}
@@ -20,10 +21,11 @@ UGE=${UGE:-python3 -m uge.cli}
 export PYTHONPATH=${PYTHONPATH:-$PWD/src} PYTHONUNBUFFERED=1
 RES=$(mktemp -d)/battery-gpu
 mkdir -p "$RES" "$OUT"
+SMOKE=${SMOKE:-configs/battery-gpu-smoke.toml}
 if [[ -n "${TINY:-}" ]]; then
-  DEVICE=cpu CONFIG=configs/battery-gpu-smoke.toml DATA_ARG=()
+  DEVICE=cpu CONFIG=$SMOKE DATA_ARG=()
 else
-  DEVICE=cuda CONFIG=configs/battery-gpu.toml DATA_ARG=(--data "$DATA")
+  DEVICE=cuda CONFIG=${CONFIG:-configs/battery-gpu.toml} DATA_ARG=(--data "$DATA")
 fi
 # the workers share the cores: a third of them each for the CPU parts (protection, the attacks' transforms)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / WORKERS > 0 ? $(nproc) / WORKERS : 1 ))}
@@ -38,7 +40,7 @@ pack() {
 }
 printf 'stage\tseconds\n' > "$RES/timings.tsv"
 t0=$(date +%s)
-if ! $UGE benchmark configs/battery-gpu-smoke.toml --out "$RES/smoke" --device $DEVICE --quiet > "$RES/smoke.log" 2>&1; then
+if ! $UGE benchmark "$SMOKE" --out "$RES/smoke" --device $DEVICE --quiet > "$RES/smoke.log" 2>&1; then
   tail -40 "$RES/smoke.log"; echo "SMOKE FAILED"; pack; exit 1
 fi
 t1=$(date +%s)
