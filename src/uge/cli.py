@@ -266,8 +266,9 @@ def _standing_line() -> str:
             f"{s['clean']:.1f} % from clean data: {s['fraction']:.2f} of clean learning kept (the lowest of the other "
             f"{s['protections'] - 1} protections measured: {s['lowest_other']:.2f}; the goal: at most 0.40); at full "
             f"size ({f['run']}, one GPU), a {f['network']} hacker: {f['plain']:.1f} % plainly, {f['worst']:.1f} % at "
-            f"worst (by {f['by']}), against {f['clean']:.1f} %: {f['fraction']:.2f} kept, {f['fraction_without_adv']:.2f} "
-            f"without adversarial training (by {f['by_without_adv']}); key holders unseal the originals bit for bit")
+            f"worst (by {f['by']}), against {f['clean']:.1f} %: {f['fraction']:.2f} kept, "
+            f"{f['fraction_without_adv']:.2f} without adversarial training (by {f['by_without_adv']}); key holders "
+            "unseal the originals bit for bit")
 
 
 _DISTRIBUTED_METHODS = ("uge", "fd")  # the methods whose protect runs under torchrun (the generator's training)
