@@ -43,6 +43,8 @@ ROWS = [
     ("EM (Huang et al. 2021) to its stop criterion, sealed", "battery-cpu", "EM, to its stop criterion", "sealed"),
     ("EM in 8-px cell means, luminance (ours), sealed", "battery-cpu", "EM in 8-px cell means, luminance", "sealed"),
     ("CUDA (Sadasivan et al. 2023; not norm-bounded), sealed", "battery-cpu", "CUDA (not norm-bounded)", "sealed"),
+    ("TAP (Fowl et al. 2021; 50 PGD steps), sealed", "battery-tap-cpu", "TAP (targeted adversarial poisoning)",
+     "sealed"),
     ("UGE, the paper's method (key: θ0)", "robustness-cpu", "UGE", "authorized"),
 ]
 
