@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import AuthorizedSpec, FeatureDistance, GeneratorOpt, ProtectConfig
-from .countermeasures import format_countermeasures, parse_countermeasures
+from .countermeasures import canonical_countermeasures
 from .data import ImageDataset, load_splits
 from .errors import UGEError
 from .evaluate import HackerSpec, evaluate_set, failed_to_train
@@ -167,7 +167,7 @@ def _cell(rec: dict | None, ref: float | None, k: int, name: str = "") -> str:
 def _pick(recs: list[dict], role: str, cms: tuple[str, ...] | None = None) -> dict | None:
     """The record of ``role`` without a countermeasure, or, with ``cms``, the best hacker over them (a record
     holds a countermeasure's canonical text: every parameter, ``knownbasis:bases=10,dct=0``)."""
-    wanted = tuple(format_countermeasures(parse_countermeasures(c)) for c in cms) if cms else (None,)
+    wanted = tuple(canonical_countermeasures(c) for c in cms) if cms else (None,)
     found = [r for r in recs if r["role"] == role and (r.get("countermeasures") or None) in wanted]
     return max(found, key=lambda r: r["test_acc"], default=None)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import AuthorizedSpec
-from ..countermeasures import format_countermeasures, parse_countermeasures
+from ..countermeasures import canonical_countermeasures
 from ..errors import ConfigError
 from ..evaluate import HACKER_SYNTAX, HackerSpec
 from ..models.registry import known_model, list_models
@@ -202,7 +202,7 @@ def _settings(cms, what: str) -> list[str]:
     if not isinstance(cms, list) or not cms or not all(isinstance(c, str) for c in cms):
         raise ConfigError(f"{what} must be a non-empty list of texts such as [\"none\", \"jpeg:quality=10\"], "
                           f"got {cms!r}")
-    return [format_countermeasures(parse_countermeasures(c)) for c in cms]
+    return [canonical_countermeasures(c) for c in cms]
 
 
 def _variant(v: dict) -> Variant:

@@ -217,6 +217,12 @@ def format_countermeasures(cms: list[Countermeasure]) -> str:
     return "+".join(c.spec for c in cms)
 
 
+def canonical_countermeasures(text: str | None) -> str:
+    """The canonical text of a countermeasure list given as text (``"knownbasis"`` ->
+    ``"knownbasis:bases=10,dct=0"``), as records and run configs hold it; ``""`` for none."""
+    return format_countermeasures(parse_countermeasures(text))
+
+
 def countermeasure_slug(cms: list[Countermeasure]) -> str:
     """A file-name form of :func:`format_countermeasures`: ``jpeg:quality=10`` -> ``jpeg-quality10``."""
     return format_countermeasures(cms).replace(":", "-").replace("=", "").replace(",", "-")
