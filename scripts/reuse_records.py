@@ -19,13 +19,20 @@ import sys
 from pathlib import Path
 
 from uge.benchmark import load_config
+from uge.benchmark.config import parse_config
 from uge.countermeasures import countermeasure_slug, parse_countermeasures
 
-SAME = ("data", "recipe", "seed", "protect")  # what a source run must share with the new one
+SAME = ("data", "recipe", "seed")  # what a source run must share with the new one
+# and, per variant, the protector's resolved parameters: the [protect] table counts only where the protector has
+# the key (UGE's generator settings and authorized networks do not change a grating or REM)
 
 
 def _variant(d: dict) -> dict:
     return {k: v for k, v in d.items() if k != "countermeasures"}  # the screen is not the experiment
+
+
+def _params(cfg, v) -> dict:
+    return {} if v.protector == "clean" else cfg.params(v)
 
 
 def wanted(cfg, v):
@@ -35,13 +42,14 @@ def wanted(cfg, v):
     suffixes = {f"__{countermeasure_slug(parse_countermeasures(c))}" if c else "" for c in cms}
     names = {f"{v.slug}_hacker_{h.arch}_{h.mode}_s{h.seed}{s}" for h in hackers for s in suffixes}
     auth = suffixes if cfg.countermeasures_authorized else {""}
+    # the authorized networks this config trains (none where key holders unseal: `authorized = []`)
+    authorized = {f"{v.slug}_authorized{k}_{a.arch}" for k, a in enumerate(cfg.authorized(v))}
 
     def ok(stem: str) -> bool:
         if stem in names:
             return True
-        head, sep, rest = stem.partition("_authorized0_")  # the authorized network: any architecture
-        _, _, suffix = rest.partition("__")  # a fresh seed (__seed1) or a recipe is another cell
-        return head == v.slug and bool(sep) and (f"__{suffix}" if suffix else "") in auth
+        name, _, suffix = stem.partition("__")  # a fresh seed (__seed1) or a recipe is another cell
+        return name in authorized and (f"__{suffix}" if suffix else "") in auth
     return ok
 
 
@@ -55,9 +63,11 @@ def reuse(cfg, run: Path, sources: list[Path]) -> list[dict]:
         if any(theirs.get(k) != mine.get(k) for k in SAME):
             print(f"skipped {src}: another {', '.join(k for k in SAME if theirs.get(k) != mine.get(k))}")
             continue
-        variants = {v["name"]: _variant(v) for v in theirs["variant"]}
+        their_cfg = parse_config(theirs, str(src / "config.json"))
+        variants = {v["name"]: (_variant(v), _params(their_cfg, tv))
+                    for v, tv in zip(theirs["variant"], their_cfg.variants)}
         for v, d in zip(cfg.variants, mine["variant"]):
-            if variants.get(v.name) != _variant(d):
+            if variants.get(v.name) != (_variant(d), _params(cfg, v)):
                 continue  # not in that run, or another protection under the same name
             ok = wanted(cfg, v)
             for f in sorted((src / "records" / v.slug).glob("*.json")):

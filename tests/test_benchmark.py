@@ -502,3 +502,21 @@ def test_reuse_records_copies_only_the_same_cells_and_the_runner_skips_them(tmp_
     assert len(trained) == 2 + 2 + 1  # grayscale for the two old variants; the new one's authorized + 2 hackers
     assert reuse.check(tmp_path / "new") == 0  # the random noise protected again: the same perturbation
 
+
+
+def test_reuse_records_compares_each_protectors_own_parameters(tmp_path):
+    """A [protect] key the protector does not have (UGE's generator settings, the authorized networks) does not make
+    another experiment of a random-noise variant; the variant's own parameter does; and where the new config trains
+    no authorized network (key holders unseal), no authorized record is copied."""
+    reuse = _script("reuse_records")
+    variants = [{"name": "Original", "protector": "clean"}, {"name": "Random", "protector": "random"}]
+    ev = {"hackers": ["lenet:normal:1"], "countermeasures": ["none"], "countermeasures_authorized": False}
+    run_benchmark(parse_config(tiny(variant=variants, evaluate=ev)), tmp_path / "a", progress=False)
+    unsealed = tiny(variant=variants, evaluate=ev, protect={**TINY["protect"], "authorized": [], "generator_epochs": 2})
+    copied = reuse.reuse(parse_config(unsealed), tmp_path / "new", [tmp_path / "a"])
+    assert sorted(r["record"] for r in copied) == ["original/original_hacker_lenet_normal_s1.json",
+                                                   "random/random_hacker_lenet_normal_s1.json"]
+    louder = tiny(variant=[variants[0], {**variants[1], "rho": 0.1}], evaluate=ev)
+    copied = reuse.reuse(parse_config(louder), tmp_path / "other", [tmp_path / "a"])
+    assert sorted(r["record"] for r in copied) == ["original/original_authorized0_lenet.json",
+                                                   "original/original_hacker_lenet_normal_s1.json"]
