@@ -304,6 +304,21 @@ def test_tap_moves_the_source_networks_predictions_to_the_target_class(digits_sm
                                                                                     result.protected))
     # 8x8 digits are hard to flip within 8/255 (a few % flip), but the pull toward the target is clear
     assert ce_tap < 0.85 * min(ce_clean, ce_random) and hit_tap > hit_clean
+    assert result.history == [{"source_at_target": round(hit_tap * 100, 2)}]  # what protect.json reports
+
+
+def test_tap_in_cells_of_luminance_publishes_a_perturbation_of_that_shape():
+    """TAP restricted to the means of 4-px cells, one value for every channel (the band JPEG's block means and
+    grayscale keep): the published perturbation is that, up to 8-bit rounding (±1 level)."""
+    rng = np.random.default_rng(0)
+    data = ImageDataset(rng.integers(40, 216, (24, 16, 16, 3), dtype=np.uint8), np.arange(24) % 4,
+                        ["a", "b", "c", "d"])  # no pixel near 0 or 255: nothing is clipped
+    tap = build_protector("tap", arch="cnn", rho=8 / 255, epochs=1, steps=5, batch_size=8, cell=4, luminance=True)
+    pub = tap.protect(data, device="cpu", progress=False, seed=0).protected.images.astype(int)
+    d = torch.from_numpy(pub - data.images.astype(int)).permute(0, 3, 1, 2).float()
+    spread = d.unfold(2, 4, 4).unfold(3, 4, 4).flatten(-2)  # (N, C, 4, 4, 16): the pixels of every cell
+    assert (spread.amax(-1) - spread.amin(-1)).max() <= 1 and (d.amax(1) - d.amin(1)).max() <= 1
+    assert d.abs().max() <= 8 and d.abs().mean() > 2  # in the ball, and not nothing
 
 
 def test_cuda_filters_differ_by_class_and_keep_images_recognizable(runs, digits_small):

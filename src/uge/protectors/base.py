@@ -28,10 +28,28 @@ import torch
 from ..data.dataset import ImageDataset
 from ..data.store import StoreWriter, open_images
 from ..errors import ConfigError
-from ..params import Param, specs, validate
+from ..params import Param, param, specs, validate
+from ..pgd import cell_means
 from ..result import Protection, quantize
 
 _REGISTRY: dict[str, type[Protector]] = {}
+
+
+@dataclasses.dataclass
+class NoiseBand:
+    """The subspace an optimized noise (EM, REM, TAP) is confined to; not in the papers. ``cell``: constant over
+    cells of that many pixels on the image's grid (8: JPEG's block means, which JPEG and the blanket removal of
+    every AC coefficient keep); ``luminance``: one value for every channel (which grayscale keeps). 1 and False:
+    every pixel and channel (the papers')."""
+
+    cell: int = param(1, low=1, high=64)
+    luminance: bool = False
+
+    def subspace(self):
+        """The projection onto the noise's subspace (None: every pixel and channel)."""
+        if self.cell == 1 and not self.luminance:
+            return None
+        return lambda d: cell_means(d, self.cell, self.luminance)
 
 
 class Protector:

@@ -15,17 +15,17 @@ from tqdm.auto import tqdm
 from ..data.dataset import ImageDataset
 from ..models import create_model, list_models
 from ..params import budget, param
-from ..pgd import cell_means, pgd, uniform_start
+from ..pgd import pgd, uniform_start
 from ..result import Protection
 from ..seeds import derive
 from ..training import Recipe, SupervisedTask, accuracy, train
 from ..utils import resolve_device
-from .base import Protector, add_noise, noise_result, register_protector
+from .base import NoiseBand, Protector, add_noise, noise_result, register_protector
 
 
 @register_protector
 @dataclass
-class ErrorMinimizing(Protector):
+class ErrorMinimizing(NoiseBand, Protector):
     """Sample-wise error-minimizing noise: min over δ (‖δ‖∞ ≤ ρ) of min over θ of the training loss on x + δ.
 
     The bi-level problem is solved by alternation (Huang et al., Sec. 3): train a source network on x + δ
@@ -51,18 +51,6 @@ class ErrorMinimizing(Protector):
     stop_acc: float | None = param(99.0, low=0, high=100, low_open=True)
     batch_size: int = param(128, low=2)
     lr: float = param(0.1, low=0, low_open=True)
-    # the noise's subspace (not in the papers): constant over cells of `cell` px on the image's grid (8: JPEG's
-    # block means, which JPEG and the blanket removal of every AC coefficient keep), one value for every
-    # channel with `luminance` (which grayscale keeps); 1 and False: every pixel and channel (the papers')
-    cell: int = param(1, low=1, high=64)
-    luminance: bool = False
-
-    def subspace(self):
-        """The projection onto the noise's subspace (None: every pixel and channel)."""
-        if self.cell == 1 and not self.luminance:
-            return None
-        return lambda d: cell_means(d, self.cell, self.luminance)
-
     # The two pieces REM changes: how the source network trains, and what the noise minimizes.
     def task(self):
         return SupervisedTask()

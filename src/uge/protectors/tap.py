@@ -17,15 +17,15 @@ from ..models import create_model, list_models
 from ..params import budget, param
 from ..pgd import pgd, uniform_start
 from ..result import Protection
-from ..training import Recipe, train
+from ..training import Recipe, accuracy, train
 from ..training import augment as crop_flip
 from ..utils import resolve_device
-from .base import Protector, noise_result, register_protector
+from .base import NoiseBand, Protector, add_noise, image_result, register_protector
 
 
 @register_protector
 @dataclass
-class TargetedAdversarialPoisoning(Protector):
+class TargetedAdversarialPoisoning(NoiseBand, Protector):
     """Class-targeted adversarial examples of a clean-trained source network, published with the true labels.
 
     Each image x of class y gets δ (‖δ‖∞ ≤ ρ) that makes the source network predict the class
@@ -71,6 +71,8 @@ class TargetedAdversarialPoisoning(Protector):
         trained = time.perf_counter()
         images, labels = data.tensors(device)
         delta = uniform_start(images.shape, self.rho, seed, device)
+        if (subspace := self.subspace()) is not None:
+            delta = subspace(delta)
         step = self.step_size or 2.5 * self.rho / self.steps
         view = crop_flip if self.augment else (lambda x: x)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -80,6 +82,10 @@ class TargetedAdversarialPoisoning(Protector):
                 x = images[i:i + self.batch_size].float() / 255
                 t = self.targets(labels[i:i + len(x)], data.num_classes)
                 delta[i:i + len(x)] = pgd(lambda x_u, t=t: F.cross_entropy(model(view(x_u)), t), x, delta[i:i + len(x)],
-                                          self.rho, self.steps, step, minimize=True)
-        return noise_result(self, data, delta, seed, seconds={"source": trained - start,
-                                                        "noise": time.perf_counter() - trained})
+                                          self.rho, self.steps, step, minimize=True, subspace=subspace)
+        published = add_noise(data, delta, self.rho)
+        # how often the source network predicts the target class on what is published: the attack's success
+        targeted = ImageDataset(published.images, self.targets(published.labels, data.num_classes), list(data.classes))
+        return image_result(self, data, published.images, seed,
+                            history=[{"source_at_target": round(accuracy(model, targeted), 2)}],
+                            seconds={"source": trained - start, "noise": time.perf_counter() - trained})
