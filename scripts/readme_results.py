@@ -3,7 +3,7 @@
 Usage: python scripts/readme_results.py [--check]
 
 For each protection in ROWS (a run folder under results/ and a variant of it): the key holder's accuracy
-(a sealed set's key holder trains on the originals, bit for bit: the run's clean network; keyed protection's
+(a sealed set's key holder trains on the originals, bit for bit: the hacker's network on the clean set; keyed protection's
 is the authorized blind network on the published set), the hacker's accuracy without a countermeasure, and the
 worst case over the run's countermeasures with the fraction of clean learning it keeps, (worst − chance) /
 (clean − chance). Replaces the lines between the README's results-table markers; ``--check`` only compares
@@ -45,6 +45,10 @@ ROWS = [
     ("CUDA (Sadasivan et al. 2023; not norm-bounded), sealed", "battery-cpu", "CUDA (not norm-bounded)", "sealed"),
     ("TAP (Fowl et al. 2021; 50 PGD steps), sealed", "battery-tap-cpu", "TAP (targeted adversarial poisoning)",
      "sealed"),
+    ("TAP in 8-px cell means, luminance (ours), sealed", "ladder-tap-band-cpu", "TAP in 8-px cell means, luminance",
+     "sealed"),
+    ("REM (Fu et al. 2022; ρ_a 4/255, 6 rounds, not converged), sealed", "battery-rem-cpu",
+     "REM (robust error-minimizing noise)", "sealed"),
     ("UGE, the paper's method (key: θ0)", "robustness-cpu", "UGE", "authorized"),
 ]
 
@@ -60,13 +64,14 @@ def numbers(run: str, variant: str, key: str) -> dict:
     arch, seed = hack[0]["arch"], hack[0].get("init")
     clean_hack = next(r["test_acc"] for r in plain if r["role"] == "hacker" and r["protector"] == "clean"
                       and r["arch"] == arch and r["mode"] == "normal" and r.get("init") == seed)
-    # a run that trained no authorized network: a key holder trains on the unsealed originals, as the clean hacker
     clean_auth = next((r["test_acc"] for r in plain if r["role"] == "authorized" and r["protector"] == "clean"),
                       clean_hack)
     chance = 100 / 10  # CIFAR-10
     worst = max(hack, key=lambda r: r["test_acc"])
     soft = max((r for r in hack if not (r.get("countermeasures") or "").startswith("adv")), key=lambda r: r["test_acc"])
-    holder = clean_auth if key == "sealed" else next(
+    # a sealed set's key holder trains on the unsealed originals: the hacker's network on clean data, the same
+    # number in every run (some runs trained an authorized network from another seed, some none)
+    holder = clean_hack if key == "sealed" else next(
         r["test_acc"] for r in mine if r["role"] == "authorized" and not r.get("countermeasures"))
     return {"run": f"results/{run}", "network": arch, "key_holder": round(holder, 1), "clean_key_holder":
             round(clean_auth, 1), "clean": round(clean_hack, 1),
