@@ -35,15 +35,19 @@ from ..result import Protection, quantize
 _REGISTRY: dict[str, type[Protector]] = {}
 
 
-@dataclasses.dataclass
-class NoiseBand:
-    """The subspace an optimized noise (EM, REM, TAP) is confined to; not in the papers. ``cell``: constant over
-    cells of that many pixels on the image's grid (8: JPEG's block means, which JPEG and the blanket removal of
-    every AC coefficient keep); ``luminance``: one value for every channel (which grayscale keeps). 1 and False:
-    every pixel and channel (the papers')."""
+def band_cell():
+    """The ``cell`` field of a :class:`NoiseBand` protector (declared last in each, after the paper's fields)."""
+    return param(1, low=1, high=64)
 
-    cell: int = param(1, low=1, high=64)
-    luminance: bool = False
+
+class NoiseBand:
+    """The subspace an optimized noise (EM, REM, TAP) is confined to; not in the papers. The protector declares
+    ``cell: int = band_cell()``: constant over cells of that many pixels on the image's grid (8: JPEG's block
+    means, which JPEG and the blanket removal of every AC coefficient keep); and ``luminance: bool = False``: one
+    value for every channel (which grayscale keeps). 1 and False: every pixel and channel (the papers')."""
+
+    cell: int
+    luminance: bool
 
     def subspace(self):
         """The projection onto the noise's subspace (None: every pixel and channel)."""

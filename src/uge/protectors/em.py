@@ -20,7 +20,7 @@ from ..result import Protection
 from ..seeds import derive
 from ..training import Recipe, SupervisedTask, accuracy, train
 from ..utils import resolve_device
-from .base import NoiseBand, Protector, add_noise, noise_result, register_protector
+from .base import NoiseBand, Protector, add_noise, band_cell, noise_result, register_protector
 
 
 @register_protector
@@ -51,6 +51,8 @@ class ErrorMinimizing(NoiseBand, Protector):
     stop_acc: float | None = param(99.0, low=0, high=100, low_open=True)
     batch_size: int = param(128, low=2)
     lr: float = param(0.1, low=0, low_open=True)
+    cell: int = band_cell()  # the noise's subspace (NoiseBand; not in the papers)
+    luminance: bool = False
     # The two pieces REM changes: how the source network trains, and what the noise minimizes.
     def task(self):
         return SupervisedTask()

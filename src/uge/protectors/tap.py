@@ -20,7 +20,7 @@ from ..result import Protection
 from ..training import Recipe, accuracy, train
 from ..training import augment as crop_flip
 from ..utils import resolve_device
-from .base import NoiseBand, Protector, add_noise, image_result, register_protector
+from .base import NoiseBand, Protector, add_noise, band_cell, image_result, register_protector
 
 
 @register_protector
@@ -51,6 +51,8 @@ class TargetedAdversarialPoisoning(NoiseBand, Protector):
     # target class t = (y + shift) mod K
     shift: int = param(1, low=1, note="(and not a multiple of the number of classes)")
     augment: bool = True
+    cell: int = band_cell()  # the noise's subspace (NoiseBand; not in the papers)
+    luminance: bool = False
 
     def targets(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         return (labels + self.shift) % num_classes
