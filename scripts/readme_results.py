@@ -49,6 +49,8 @@ ROWS = [
      "sealed"),
     ("REM (Fu et al. 2022; ρ_a 4/255, 6 rounds, not converged), sealed", "battery-rem-cpu",
      "REM (robust error-minimizing noise)", "sealed"),
+    ("UGE's generator, batch mean removed (its strongest poison), sealed", "battery-uge-cpu",
+     "UGE (paper reading), batch mean removed", "sealed"),
     ("UGE, the paper's method (key: θ0)", "robustness-cpu", "UGE", "authorized"),
 ]
 
