@@ -53,6 +53,7 @@ class ErrorMinimizing(NoiseBand, Protector):
     lr: float = param(0.1, low=0, low_open=True)
     cell: int = band_cell()  # the noise's subspace (NoiseBand; not in the papers)
     luminance: bool = False
+
     # The two pieces REM changes: how the source network trains, and what the noise minimizes.
     def task(self):
         return SupervisedTask()
