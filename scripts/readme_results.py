@@ -3,8 +3,8 @@
 Usage: python scripts/readme_results.py [--check]
 
 For each protection in ROWS (a run folder under results/ and a variant of it): the key holder's accuracy
-(a sealed set's key holder trains on the originals, bit for bit: the hacker's network on the clean set; keyed protection's
-is the authorized blind network on the published set), the hacker's accuracy without a countermeasure, and the
+(a sealed set's key holder trains on the originals, bit for bit: the hacker's network on the clean set; keyed
+protection's is the authorized blind network on the published set), the hacker's accuracy without a countermeasure, and the
 worst case over the run's countermeasures with the fraction of clean learning it keeps, (worst − chance) /
 (clean − chance). Replaces the lines between the README's results-table markers; ``--check`` only compares
 (exit 1 when the README is out of date).

@@ -37,13 +37,14 @@ Example::
 from . import adaptive, adversarial, augment, inputs  # noqa: F401  (register the built-in countermeasures)
 from .init import perturb_init
 from .registry import (KINDS, SYNTAX, BatchAugment, Countermeasure, InputTransform, ModelAdapter, Param,
-                       TaskWrapper, adapt_model, canonical_countermeasures, countermeasure_slug, describe_countermeasures,
-                       format_countermeasures, get_countermeasure, list_countermeasures, make_batch_augment,
-                       parse_countermeasures, register_countermeasure, soft_targets, transform_data, wrap_task)
+                       TaskWrapper, adapt_model, canonical_countermeasures, countermeasure_slug,
+                       describe_countermeasures, format_countermeasures, get_countermeasure, list_countermeasures,
+                       make_batch_augment, parse_countermeasures, register_countermeasure, soft_targets,
+                       transform_data, wrap_task)
 
 __all__ = [
     "KINDS", "SYNTAX", "BatchAugment", "Countermeasure", "InputTransform", "ModelAdapter", "Param",
-    "TaskWrapper", "adapt_model", "canonical_countermeasures", "countermeasure_slug", "describe_countermeasures", "format_countermeasures",
-    "get_countermeasure", "list_countermeasures", "make_batch_augment", "parse_countermeasures", "perturb_init",
-    "register_countermeasure", "soft_targets", "transform_data", "wrap_task",
+    "TaskWrapper", "adapt_model", "canonical_countermeasures", "countermeasure_slug", "describe_countermeasures",
+    "format_countermeasures", "get_countermeasure", "list_countermeasures", "make_batch_augment",
+    "parse_countermeasures", "perturb_init", "register_countermeasure", "soft_targets", "transform_data", "wrap_task",
 ]
