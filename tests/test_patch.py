@@ -134,3 +134,32 @@ def test_jpeg_patch_block_signs_flip_each_block_on_its_own():
     ratio = (signed * plain).reshape(40, 4, 8, 4, 8).transpose(0, 1, 3, 2, 4).reshape(40, 16, 64) // 100
     assert (np.abs(ratio) == 1).all() and (ratio == ratio[..., :1]).all()  # one sign per block ...
     assert len({tuple(r[:, 0]) for r in ratio}) > 20  # ... drawn per block and per image
+
+
+# ----------------------------------------------------------------- the smooth low-frequency code (stage H4)
+def _smooth(data, **params):
+    data.images[:] = 128  # no clipping: the perturbation is the pattern
+    out = build_protector("smooth", rho=16 / 255, **params).protect(data, seed=0).protected
+    return out.images.astype(int) - 128
+
+
+def test_smooth_code_is_a_shifted_low_frequency_luminance_pattern_per_class():
+    data = random_dataset(n=120, size=16, channels=3, num_classes=3)
+    d = _smooth(data, size=16, fmax=2)
+    assert (d[..., 0] == d[..., 1]).all() and (d[..., 1] == d[..., 2]).all()  # luminance: grayscale keeps it
+    assert np.abs(d).max() == 16  # the whole budget, at the pattern's extreme
+    cls0 = d[data.labels == 0, :, :, 0]
+    for img in cls0[1:5]:  # each image a cyclic shift (any pixel) of its class's pattern
+        assert any(np.array_equal(np.roll(img, (dy, dx), (0, 1)), cls0[0]) for dy in range(16) for dx in range(16))
+    assert not any(np.array_equal(np.roll(d[data.labels == 1][0, :, :, 0], (dy, dx), (0, 1)), cls0[0])
+                   for dy in range(16) for dx in range(16))  # another class, another pattern
+    power = np.abs(np.fft.fft2(cls0)) ** 2  # no power beyond fmax cycles per axis but the rounding's
+    freq = np.abs(np.fft.fftfreq(16, 1 / 16))
+    high = (freq[:, None] > 2) | (freq[None, :] > 2)
+    assert power[:, high].sum() < 0.01 * power.sum()
+    assert np.abs(cls0.mean(0)).max() < 0.3 * 16  # the class mean of shifted copies holds little of it
+
+
+def test_smooth_code_rejects_frequencies_the_period_cannot_hold():
+    with pytest.raises(ConfigError, match="fmax"):
+        build_protector("smooth", size=8, fmax=4)

@@ -33,6 +33,7 @@ TINY = {  # parameters that make every protector run in well under a second on 1
     "random": {},
     "patch": {"size": 4},
     "jpeg-patch": {"size": 8},
+    "smooth": {"size": 8},
     "grating": {},
     "em": {"arch": "lenet", "train_steps": 2, "pgd_steps": 2, "max_rounds": 2, "batch_size": 32},
     "rem": {"arch": "lenet", "train_steps": 2, "pgd_steps": 2, "max_rounds": 2, "batch_size": 32, "adv_steps": 2},
@@ -48,6 +49,7 @@ BAD = {
     "random": [("rho", "8/255"), ("rho", 0.0)],
     "patch": [("size", 2.0), ("block", 3)],
     "jpeg-patch": [("size", 12), ("freqs", ["8,0"])],
+    "smooth": [("fmax", 1.5), ("fmax", 0)],
     "grating": [("matched", "yes"), ("size", 16)],
     "em": [("pgd_steps", 2.0), ("stop_acc", 120.0), ("arch", "resnet1000")],
     "rem": [("adv_steps", True), ("adv_rho", -0.1)],
@@ -447,7 +449,7 @@ def test_cli_protects_with_a_baseline_method(tmp_path, capsys):
 
 
 # the protectors whose perturbation reaches the edge of any budget it is given (the others stay within it)
-USES_THE_WHOLE_BUDGET = {"random", "patch", "jpeg-patch", "keyed", "em", "rem", "tap"}
+USES_THE_WHOLE_BUDGET = {"random", "patch", "jpeg-patch", "smooth", "keyed", "em", "rem", "tap"}
 
 
 @pytest.mark.parametrize("name", [n for n in list_protectors() if protector_class(n).norm_bounded])

@@ -1,8 +1,8 @@
 """``uge demo``: the story in one table, on the built-in synthetic ``shapes`` (no files, no network).
 
 Three rows, each trained and tested on ``shapes``: the clean baseline; the default protection (what
-``uge protect`` runs, its worst case over the attack battery within noise of the lowest measured; sealed, so
-key holders unseal the originals, checked bit for bit); and UGE, the paper's method (``--method uge``).
+``uge protect`` runs; no protection measured meets issue 20's goal over the attack battery; sealed, so key
+holders unseal the originals, checked bit for bit); and UGE, the paper's method (``--method uge``).
 Columns: the key holder's (authorized) accuracy, the hackers' plain, and the hackers' worst case over the
 battery's strongest cheap countermeasures. Writes ``report.md``, ``demo.png`` and every network's record into
 the out folder.
