@@ -45,6 +45,7 @@ TINY = {  # every registered protector, each a second or two on 40 tiny images
     "random": {},
     "patch": {"size": 4},
     "jpeg-patch": {"size": 8},
+    "smooth": {"size": 8},
     "grating": {},
     "em": {"arch": "lenet", "train_steps": 1, "pgd_steps": 1, "max_rounds": 1, "batch_size": 32},
     "rem": {"arch": "lenet", "train_steps": 1, "pgd_steps": 1, "max_rounds": 1, "batch_size": 32, "adv_steps": 1},
