@@ -163,3 +163,12 @@ def test_smooth_code_is_a_shifted_low_frequency_luminance_pattern_per_class():
 def test_smooth_code_rejects_frequencies_the_period_cannot_hold():
     with pytest.raises(ConfigError, match="fmax"):
         build_protector("smooth", size=8, fmax=4)
+
+
+def test_sharper_smooth_code_has_more_power_within_the_same_budget_and_the_same_sign():
+    data = random_dataset(n=60, size=16, channels=1, num_classes=3)
+    soft = _smooth(data, size=16, fmax=2)
+    sharp = _smooth(data, size=16, fmax=2, sharpness=4)
+    assert np.abs(sharp).max() == 16
+    assert (sharp ** 2).mean() > 1.5 * (soft ** 2).mean()
+    assert (np.sign(sharp) == np.sign(soft))[np.abs(soft) > 2].all()  # the same pattern, flattened at its extremes

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -98,6 +99,8 @@ class SmoothCode(Protector):
     size: int = param(32, low=2, high=256, note="pixels (the period)")
     fmax: int = param(2, low=1, high=16, note="cycles per period")
     luminance: bool = True  # one pattern for every channel: grayscale conversion keeps it
+    # a > 0: each pattern p becomes tanh(a·p) / tanh(a), flatter extremes and more power within ρ (stage H5)
+    sharpness: float = param(0.0, low=0, high=50)
 
     def cross_checks(self):
         return [] if 2 * self.fmax < self.size else [f"fmax must be below size/2 = {self.size / 2:g}, got {self.fmax}"]
@@ -107,6 +110,8 @@ class SmoothCode(Protector):
         g = torch.Generator().manual_seed(seed)
         c = 1 if self.luminance else data.channels
         patterns = smooth_patterns(data.num_classes * c, self.size, self.fmax, g).view(-1, c, self.size, self.size)
+        if self.sharpness > 0:
+            patterns = torch.tanh(self.sharpness * patterns) / math.tanh(self.sharpness)
         patches = (patterns * self.rho).expand(-1, data.channels, -1, -1)
         place = _placer(patches, data, self.size, 1, True, g)
         return chunked_result(self, data, noise_chunk(self.rho, place), seed, work_dir)
