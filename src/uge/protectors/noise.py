@@ -246,8 +246,8 @@ G2_FREQS = ("1,0", "0,1", "3,0", "0,3", "4,0", "0,4", "1,1", "1,3", "3,1", "5,0"
 @dataclass
 class Grating(JpegBlockPatch):
     """The default protection, ``jpeg-patch`` with the settings of its variant in ``results/battery-cpu``, published
-    sealed. Its worst case over that battery keeps 0.83 of clean learning at CPU size; no protection measured
-    meets the goal (the lowest worst case, 0.70, is the blanket removal's floor; see the README).
+    sealed. Neither its worst case over that battery nor any other protection's measured meets issue 20's goal
+    (the numbers: the README's table, and ``uge.standing``, which ``uge protect`` prints).
 
     Every 8×8 block of a class's images carries the class's own ±ρ pattern: the sign of a mix of ten JPEG basis
     functions (``freqs``, ones that JPEG at quality 10 keeps) with weights drawn from the run's seed (``mix``;
