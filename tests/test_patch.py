@@ -172,3 +172,38 @@ def test_sharper_smooth_code_has_more_power_within_the_same_budget_and_the_same_
     assert np.abs(sharp).max() == 16
     assert (sharp ** 2).mean() > 1.5 * (soft ** 2).mean()
     assert (np.sign(sharp) == np.sign(soft))[np.abs(soft) > 2].all()  # the same pattern, flattened at its extremes
+
+
+def _fourier_power(images: np.ndarray) -> np.ndarray:
+    return (np.abs(np.fft.rfft2(images.astype(float), axes=(1, 2))) ** 2).mean(0)  # (H, W//2+1, C), as `spectral`
+
+
+def test_matched_smooth_code_keeps_the_sets_fourier_power_and_the_budget():
+    """Stage H6: each image's content shrunk per Fourier frequency, so the published set's power is the clean set's
+    (what ``spectral`` compares) where the plain code adds to it; the budget holds on the published pixels."""
+    import torch
+
+    from uge.protectors.noise import smooth_patterns
+
+    data = random_dataset(n=300, size=16, channels=3, num_classes=3)
+    rng = np.random.default_rng(0)
+    content = smooth_patterns(300, 16, 3, torch.Generator().manual_seed(1)).numpy() * 60  # coarse, like photos
+    data.images[:] = np.clip(128 + content[..., None] + rng.normal(0, 4, (300, 16, 16, 3)), 0, 255).astype(np.uint8)
+    clean = _fourier_power(data.images)
+    out = {m: build_protector("smooth", rho=16 / 255, size=16, fmax=2, sharpness=2, matched=m).protect(data, seed=0)
+           .protected.images for m in (False, True)}
+    ratio = {m: _fourier_power(x) / clean for m, x in out.items()}
+    for r in ratio.values():
+        r[0, 0] = 1  # the mean colour
+    assert ratio[False].max() > 1.3  # the plain code shows ...
+    assert np.abs(ratio[True] - 1).max() < 0.05  # ... the matched one does not, at any frequency
+    d = out[True].astype(int) - data.images
+    assert np.abs(d).max() == 16  # the budget holds, and is used
+    code = out[False].astype(int) - data.images
+    assert (d * code).sum() / (code ** 2).sum() > 0.8  # the code is still there: the change is the content's
+
+
+def test_matched_smooth_code_needs_the_images_size_as_its_period():
+    data = random_dataset(n=12, size=16, channels=1, num_classes=3)
+    with pytest.raises(ConfigError, match="matched needs size equal to the images' side"):
+        build_protector("smooth", size=8, fmax=2, matched=True).protect(data, seed=0)

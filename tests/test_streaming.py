@@ -56,7 +56,8 @@ def test_store_bytes_are_np_save_and_chunks_read_lazily(tmp_path, pair):
 @pytest.mark.parametrize("method,params", [
     ("patch", {"size": 4, "shift": True}), ("cuda", {}),
     ("jpeg-patch", {"size": 8, "signs": True, "block_signs": True, "flips": True}),
-    ("jpeg-patch", {"size": 8, "block_signs": True, "share": 0.75, "matched": True})])
+    ("jpeg-patch", {"size": 8, "block_signs": True, "share": 0.75, "matched": True}),
+    ("smooth", {"size": SIZE, "fmax": 2, "sharpness": 2.0, "matched": True})])
 def test_per_sample_protectors_stream_the_same_images(tmp_path, pair, method, params):
     data, stored = pair
     mem = build_protector(method, **params).protect(data, device="cpu", seed=3, progress=False)

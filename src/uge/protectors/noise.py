@@ -101,12 +101,18 @@ class SmoothCode(Protector):
     luminance: bool = True  # one pattern for every channel: grayscale conversion keeps it
     # a > 0: each pattern p becomes tanh(a·p) / tanh(a), flatter extremes and more power within ρ (stage H5)
     sharpness: float = param(0.0, low=0, high=50)
+    # shrink every image's content per Fourier frequency so that the set's power equals the clean set's (stage H6)
+    matched: bool = False
 
     def cross_checks(self):
         return [] if 2 * self.fmax < self.size else [f"fmax must be below size/2 = {self.size / 2:g}, got {self.fmax}"]
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:
+        if self.matched and data.image_size != (self.size, self.size):
+            raise ConfigError(f"protector 'smooth': matched needs size equal to the images' side (the code's modes "
+                              f"are then the images' own Fourier frequencies), got size {self.size} for images of "
+                              f"{data.image_size[0]}x{data.image_size[1]}")
         g = torch.Generator().manual_seed(seed)
         c = 1 if self.luminance else data.channels
         patterns = smooth_patterns(data.num_classes * c, self.size, self.fmax, g).view(-1, c, self.size, self.size)
@@ -114,7 +120,8 @@ class SmoothCode(Protector):
             patterns = torch.tanh(self.sharpness * patterns) / math.tanh(self.sharpness)
         patches = (patterns * self.rho).expand(-1, data.channels, -1, -1)
         place = _placer(patches, data, self.size, 1, True, g)
-        return chunked_result(self, data, noise_chunk(self.rho, place), seed, work_dir)
+        content = _fourier_matcher(data, patches, place, self.rho) if self.matched else None
+        return chunked_result(self, data, noise_chunk(self.rho, place, content), seed, work_dir)
 
 
 def smooth_patterns(n: int, size: int, fmax: int, g: torch.Generator) -> torch.Tensor:
@@ -354,6 +361,46 @@ def _power_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: flo
         w, q = torch.linalg.eigh(target - s)
         t = q @ torch.diag_embed(w.clamp_min(0).sqrt()) @ q.transpose(-1, -2) @ inv_root - eye
         t[0, 0] = 0  # the block's mean stays
+    return content
+
+
+def _fourier_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: float, rounds: int = 3):
+    """``content(start, x)``: the change to images ``x`` (float (k, C, H, W) on the [0, 1] scale) that shrinks their
+    content in the Fourier basis of the whole image so that the published set's mean power per (channel, frequency),
+    content plus the code ``delta_of`` (each class's pattern ``patches`` of the images' size, cyclically shifted per
+    image), equals the clean set's: the comparison that ``spectral`` makes, answered in advance.
+
+    A cyclic shift changes only the phases, so the code's power per frequency is its class patterns' (S, class
+    weighted), and an independent random shift leaves no cross term with the content. Each coefficient X becomes
+    t·X with t = ((M − S) / M)^½, M the clean power; where the code has more power than the content (M ≤ S), t = 0
+    and the excess stays visible. The budget's clipping and 8-bit rounding add power of their own: each of
+    ``rounds`` passes measures the published power A and adds A − M to S (as :func:`_power_matcher` does in JPEG's
+    basis). The images' mean colour (frequency 0) stays."""
+    labels = torch.from_numpy(data.labels).long()
+    share = torch.bincount(labels, minlength=data.num_classes).double() / len(labels)
+    s = torch.einsum("k,kchw->chw", share, torch.fft.rfft2(patches.double() * 255).abs() ** 2)  # (C, H, W//2+1)
+    t = None  # the gain per (channel, frequency): set by the passes below, before content is first called
+
+    def content(start: int, x: torch.Tensor) -> torch.Tensor:
+        f = torch.fft.rfft2(x.double())
+        return torch.fft.irfft2(f * (t - 1), s=x.shape[-2:]).float()
+
+    def power(published: bool) -> torch.Tensor:
+        total, n = 0, 0
+        for start, chunk in data.chunks():
+            x = torch.from_numpy(np.ascontiguousarray(chunk.transpose(0, 3, 1, 2)))
+            if published:
+                x = quantize(x.float() / 255 + delta_of(start, len(x)) + content(start, x.float() / 255), x, rho)
+            total = total + (torch.fft.rfft2(x.double()).abs() ** 2).sum(0)
+            n += len(x)
+        return total / n
+
+    m = power(False)
+    for r in range(rounds + 1):
+        if r:
+            s = s + power(True) - m
+        t = ((m - s).clamp_min(0) / m.clamp_min(1e-9)).sqrt()
+        t[:, 0, 0] = 1  # the mean colour stays
     return content
 
 
