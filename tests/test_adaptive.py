@@ -167,6 +167,25 @@ def test_knownbasis_removes_a_code_of_the_listed_bases_and_part_of_a_secret_mix_
     assert left["knownbasis"] > left["knownbasis:dct=1"] > 0.1
 
 
+def test_knownband_removes_the_smooth_code_and_only_the_coarse_band():
+    """``knownband`` is ``knownbasis`` for ``smooth``: zeroing the modes the code is made of removes the whole code,
+    matched to clean power or not (no statistics needed), and leaves finer content untouched; with a band below the
+    code's it does not."""
+    from uge.protectors import build_protector
+
+    clean, reference = dataset(natural(120, size=32), num_classes=10), dataset(natural(120, size=32, seed=7))
+    for matched in (False, True):
+        code = build_protector("smooth", rho=24 / 255, size=32, fmax=2, matched=matched).protect(clean, seed=0).protected
+        assert abs(_along(code, clean, "knownband:fmax=2", reference)[0]) < 0.05  # rounding only
+        assert _along(code, clean, "knownband:fmax=1", reference)[0] > 0.3
+    t = 2 * np.pi * np.arange(32) / 32
+    fine = 40 * np.cos(3 * t)[:, None] * np.cos(5 * t)[None, :] + 30 * np.cos(16 * t)[None, :]  # 3 to 16 cycles
+    x = np.repeat(np.rint(128 + fine)[None, ..., None], 4, 0).astype(np.uint8)
+    out = transform_data(parse_countermeasures("knownband:fmax=2"), dataset(x))
+    assert np.abs(out.images.astype(int) - x).max() <= 1  # rounding only: nothing in the band
+    assert np.abs(transform_data(parse_countermeasures("knownband:fmax=5"), dataset(x)).images.astype(int) - x).max() > 20
+
+
 def test_blockdct_leaves_clean_data_alone():
     clean = dataset(natural(400))
     cm = parse_countermeasures("blockdct")[0]

@@ -14,6 +14,7 @@ published set's own statistics and removes it before training.
   what the class means of a protected set differ by).
 - ``knownbasis``: no statistics at all: the hacker has read this code, so knows the JPEG bases the default
   protection (``grating``) makes its class codes of, and projects their patterns out of every 8×8 block.
+- ``knownband``: the same for the ``smooth`` code: zero the coarse Fourier modes it is made of.
 - ``orthogonal``: the orthogonal projection attack (Sandoval-Segura et al., "What Can We Learn from Unlearnable
   Datasets?", NeurIPS 2023): fit a bias-free linear classifier on the flattened published images, project the
   span of its weight rows (QR-orthonormalized) out of every training image, train on the rest. Linearly
@@ -230,6 +231,31 @@ class KnownBasis(InputTransform):
         # of the values, by one level at rounding ties (scripts/knownbasis_check.py prints both)
         x = x - np.matmul(q @ q.T, x)
         return _unblock(x.reshape(len(x), -1), images, 8, grid)
+
+
+@register_countermeasure
+class KnownBand(InputTransform):
+    """Zero every whole-image Fourier mode (fy, fx) with |fy|, |fx| ≤ ``fmax`` cycles per image, the mean colour
+    excepted, per channel: ``knownbasis`` for uge's ``smooth`` code (stages H4–H7), whose class patterns are mixes
+    of exactly those modes when its period is the image's side. A hacker who has read the code needs no statistics
+    to find them, and removes the images' own coarse layout with them (what that costs is the floor)."""
+
+    name = "knownband"
+    summary = "zero the coarse Fourier modes that uge's smooth code is made of (read off uge's code)."
+    at_test = True
+    params: ClassVar[dict[str, Param]] = {
+        "fmax": Param(int, 2, 1, 64, help="cycles per image along each axis (smooth's fmax)"),
+    }
+
+    def transform(self, images: np.ndarray) -> np.ndarray:
+        h, w = images.shape[1:3]
+        f = np.fft.rfft2(images.astype(np.float64), axes=(1, 2))
+        fy, fx = np.abs(np.fft.fftfreq(h, 1 / h)), np.fft.rfftfreq(w, 1 / w)
+        band = (fy[:, None] <= self.fmax) & (fx[None, :] <= self.fmax)
+        band[0, 0] = False  # the mean colour stays
+        f[:, band] = 0
+        x = np.fft.irfft2(f, s=(h, w), axes=(1, 2))
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 @register_countermeasure
