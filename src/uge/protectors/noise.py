@@ -89,7 +89,9 @@ class SmoothCode(Protector):
     little, where the Fourier comparison (``spectral``) found stage H3's square cells; its power lies where natural
     images have most, in the coarse content that JPEG's block means (and so the blanket ``blockdct`` removal)
     keep. Each image carries its class's pattern shifted cyclically by its own random offset (any pixel), so the
-    class means and a linear classifier see only the pattern's mean, which is zero.
+    class means and a linear classifier see only the pattern's mean, which is zero. ``matched`` shrinks each
+    image's own content per Fourier frequency so that the set's power equals the clean set's (stage H6: the
+    Fourier comparison then finds nothing; ``knownband`` still removes the code).
     """
 
     name = "smooth"
