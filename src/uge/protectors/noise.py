@@ -309,6 +309,17 @@ def grating_patterns(n: int, dct: bool = False) -> torch.Tensor:
     return torch.stack([_sign(b) for b in bases] + (bases if dct else []))
 
 
+def _set_chunks(data: ImageDataset, published=None):
+    """The set chunk by chunk as uint8 (k, C, H, W) tensors: the clean images, or with ``published`` = (delta_of,
+    content, rho) as a matcher's pass publishes them (x + δ + the content's change, rounded within the budget)."""
+    for start, chunk in data.chunks():
+        x = torch.from_numpy(np.ascontiguousarray(chunk.transpose(0, 3, 1, 2)))
+        if published is not None:
+            delta_of, content, rho = published
+            x = quantize(x.float() / 255 + delta_of(start, len(x)) + content(start, x.float() / 255), x, rho)
+        yield x
+
+
 def _power_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: float, match_to: float = 1.0,
                    rounds: int = 3):
     """``content(start, x)``: the change to images ``x`` (float (k, C, H, W) on the [0, 1] scale) that shrinks
@@ -342,10 +353,7 @@ def _power_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: flo
 
     def moment(published: bool) -> torch.Tensor:
         m, blocks = torch.zeros(8, 8, c, c, dtype=torch.float64), 0
-        for start, chunk in data.chunks():
-            x = torch.from_numpy(np.ascontiguousarray(chunk.transpose(0, 3, 1, 2)))
-            if published:
-                x = quantize(x.float() / 255 + delta_of(start, len(x)) + content(start, x.float() / 255), x, rho)
+        for x in _set_chunks(data, (delta_of, content, rho) if published else None):
             y = _block_dct(x.double())
             m += torch.einsum("ncyxvu,ndyxvu->vucd", y, y)
             blocks += y.shape[0] * y.shape[2] * y.shape[3]
@@ -389,10 +397,7 @@ def _fourier_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: f
 
     def power(published: bool) -> torch.Tensor:
         total, n = 0, 0
-        for start, chunk in data.chunks():
-            x = torch.from_numpy(np.ascontiguousarray(chunk.transpose(0, 3, 1, 2)))
-            if published:
-                x = quantize(x.float() / 255 + delta_of(start, len(x)) + content(start, x.float() / 255), x, rho)
+        for x in _set_chunks(data, (delta_of, content, rho) if published else None):
             total = total + (torch.fft.rfft2(x.double()).abs() ** 2).sum(0)
             n += len(x)
         return total / n
