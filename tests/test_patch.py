@@ -42,9 +42,19 @@ def test_shifted_patch_moves_the_tiling_per_image_and_averages_out_in_the_class_
     assert mean(fixed) == 8 and mean(d) < 4  # the class mean no longer holds the pattern
 
 
+def test_signed_patch_flips_each_image_and_leaves_nothing_in_the_class_means():
+    d, labels = _delta(signs=True)
+    fixed, _ = _delta()
+    cls0, ref = d[labels == 0], fixed[labels == 0][0]
+    flipped = [np.array_equal(img, -ref) for img in cls0]
+    assert all(np.array_equal(img, ref) or f for img, f in zip(cls0, flipped))  # ± the class's pattern
+    assert 0.2 < np.mean(flipped) < 0.8
+    assert np.abs(cls0.mean(0)).mean() < 3  # the class mean no longer holds the ±8 pattern
+
+
 def test_default_patch_is_unchanged_by_the_new_options():
     a = _delta()[0]
-    b = _delta(luminance=False, shift=False)[0]
+    b = _delta(luminance=False, shift=False, signs=False)[0]
     assert np.array_equal(a, b)
 
 

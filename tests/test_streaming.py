@@ -54,7 +54,7 @@ def test_store_bytes_are_np_save_and_chunks_read_lazily(tmp_path, pair):
 
 
 @pytest.mark.parametrize("method,params", [
-    ("patch", {"size": 4, "shift": True}), ("cuda", {}),
+    ("patch", {"size": 4, "shift": True}), ("patch", {"size": 4, "block": 2, "signs": True}), ("cuda", {}),
     ("jpeg-patch", {"size": 8, "signs": True, "block_signs": True, "flips": True}),
     ("jpeg-patch", {"size": 8, "block_signs": True, "share": 0.75, "matched": True}),
     ("smooth", {"size": SIZE, "fmax": 2, "sharpness": 2.0, "matched": True})])

@@ -62,6 +62,7 @@ class TiledPatch(Protector):
     block: int = param(1, low=1, note="(a divisor of size)")  # cell size in pixels
     luminance: bool = False  # one sign for every channel of a cell: the pattern survives grayscale conversion
     shift: bool = False  # each image's tiling cyclically shifted by its own random offset (from the seed)
+    signs: bool = False  # each image's pattern times its own random ±1: the class means hold nothing
 
     def cross_checks(self):
         return [] if self.size % self.block == 0 else [f"block must be a divisor of size={self.size}, got {self.block}"]
@@ -75,7 +76,15 @@ class TiledPatch(Protector):
         patches = (signs * self.rho).expand(-1, c, -1, -1)
         patches = patches.repeat_interleave(self.block, 2).repeat_interleave(self.block, 3)
         place = _placer(patches, data, self.size, 1, self.shift, g)
+        if self.signs:  # drawn after the offsets, so a set without signs is the one it always was
+            sign = torch.randint(0, 2, (len(data), 1, 1, 1), generator=g) * 2 - 1
+            place = _signed(place, sign)
         return chunked_result(self, data, noise_chunk(self.rho, place), seed, work_dir)
+
+
+def _signed(place, sign: torch.Tensor):
+    """``place`` with image i's δ times ``sign[i]`` (±1)."""
+    return lambda start, k: place(start, k) * sign[start:start + k]
 
 
 @register_protector
