@@ -85,6 +85,30 @@ def test_classmean_removes_an_additive_classwise_pattern_exactly():
     assert classwise_energy(prot) > 10 * classwise_energy(clean, a.astype(float)) + 1
 
 
+def test_classref_removes_a_classwise_cell_pattern_and_keeps_the_classes_own_content():
+    rng = np.random.default_rng(4)
+    shift = rng.normal(0, 12, (4, 1, 1, 3))  # the classes' own mean colours, which clean images share
+
+    def labelled(n, seed):
+        d = dataset(natural(n, seed=seed))
+        d.images[:] = np.clip(d.images + shift[d.labels], 0, 255).astype(np.uint8)
+        return d
+    clean, reference = labelled(800, 0), labelled(800, 7)
+    code = np.repeat(np.repeat(rng.choice([-8, 8], (4, 4, 4, 3)), 4, 1), 4, 2)  # one 4-px cell pattern per class
+    prot = dataset(np.clip(clean.images.astype(int) + code[clean.labels], 0, 255).astype(np.uint8))
+    spec = parse_countermeasures("classref:cell=4")
+    out = transform_data(spec, prot, reference=reference).images.astype(int)
+    kept = transform_data(spec, clean, reference=reference).images.astype(int)
+    unclipped = (clean.images > 20).all(-1) & (clean.images < 235).all(-1)
+    assert np.abs(out - kept)[unclipped].max() <= 1  # the code is gone: what is left is what clean data give
+    moved = np.abs(kept - clean.images).mean()  # only the two class means' noise moves clean images (rms ~2.7)
+    assert moved < 4 and 3 * moved < np.abs(transform_data(parse_countermeasures("classmean"), clean).images.astype(int)
+                                            - clean.images).mean()  # classmean takes the classes' mean colours
+    assert classwise_energy(clean, kept) > 0.8 * classwise_energy(clean)
+    with pytest.raises(ConfigError, match="clean images from elsewhere"):
+        transform_data(spec, prot)
+
+
 def test_orthogonal_projection_removes_a_linearly_separable_pattern():
     clean = dataset(natural(800, size=8))
     rng = np.random.default_rng(5)

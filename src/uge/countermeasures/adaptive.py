@@ -12,6 +12,8 @@ published set's own statistics and removes it before training.
   coefficient whose class power differs (either way) rescaled to the clean class's power.
 - ``classmean``: every image minus its class's mean deviation from the global mean (a class-wise pattern is
   what the class means of a protected set differ by).
+- ``classref``: every image minus its class's excess mean over the same class's clean images from elsewhere,
+  averaged over cells: ``classmean`` without removing the classes' own mean content.
 - ``knownbasis``: no statistics at all: the hacker has read this code, so knows the JPEG bases the default
   protection (``grating``) makes its class codes of, and projects their patterns out of every 8×8 block.
 - ``knownband``: the same for the ``smooth`` code: zero the coarse Fourier modes it is made of.
@@ -325,6 +327,51 @@ class ClassMean(InputTransform):
             if idx.any():
                 x[idx] -= self.strength * (x[idx].mean(0) - overall)
         return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+@register_countermeasure
+class ClassReference(InputTransform):
+    """Subtract from every training image ``strength`` × its class's excess mean: the class's mean published image
+    minus the same class's mean clean image from elsewhere, averaged over ``cell``×``cell`` cells (from the top
+    left). ``classmean`` removes what the class means differ by, the classes' own mean content with the code (on
+    clean data it costs the hacker much); this removes only what they differ by from clean images of the same
+    class. The reference's few images make a per-pixel difference noisy, and that noise, subtracted from a whole
+    class, is itself a class-wise pattern: the cells average it down. Needs labelled clean images; test images
+    are left unchanged (their labels are what is asked)."""
+
+    name = "classref"
+    summary = ("subtract each class's mean excess over the same class's clean images from elsewhere, averaged over "
+               "cells (removes class-wise patterns, not the classes' own content).")
+    params: ClassVar[dict[str, Param]] = {
+        "cell": Param(int, 8, 1, 256, help="cell side in pixels over which the difference is averaged (1: per pixel)"),
+        "strength": Param(float, 1.0, 0, 1, low_open=True, help="fraction of the excess mean removed"),
+    }
+
+    def apply(self, data: ImageDataset, reference: ImageDataset | None, test: bool) -> np.ndarray:
+        if test:
+            return data.images.copy()
+        if reference is None:
+            raise ConfigError(f"countermeasure {self.name!r} needs clean images from elsewhere (the reference)")
+        x = data.images.astype(np.float64)
+        ref = reference.images.astype(np.float64)
+        for c in range(data.num_classes):
+            mine, theirs = data.labels == c, reference.labels == c
+            if not mine.any():
+                continue
+            if not theirs.any():
+                raise ConfigError(f"countermeasure {self.name!r}: the clean images from elsewhere have no image of "
+                                  f"class {data.classes[c]!r}")
+            x[mine] -= self.strength * _cell_means(x[mine].mean(0) - ref[theirs].mean(0), self.cell)
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _cell_means(image: np.ndarray, cell: int) -> np.ndarray:
+    """(H, W, C) → the same shape, each ``cell``×``cell`` cell (the last ones may be smaller) set to its mean."""
+    out = np.empty_like(image)
+    for y in range(0, image.shape[0], cell):
+        for x in range(0, image.shape[1], cell):
+            out[y:y + cell, x:x + cell] = image[y:y + cell, x:x + cell].mean((0, 1))
+    return out
 
 
 @register_countermeasure
