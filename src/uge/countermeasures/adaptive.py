@@ -260,6 +260,21 @@ class KnownBand(InputTransform):
         return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
+def _class_pairs(cm: InputTransform, data: ImageDataset, reference: ImageDataset | None) -> list:
+    """(the training images' mask, the reference's mask) of each class the training set has, for a comparison with
+    labelled clean images from elsewhere; ConfigError without a reference, or where it lacks one of those classes."""
+    if reference is None:
+        raise ConfigError(f"countermeasure {cm.name!r} needs clean images from elsewhere (the reference)")
+    pairs = []
+    for c in np.unique(data.labels):
+        theirs = reference.labels == c
+        if not theirs.any():
+            raise ConfigError(f"countermeasure {cm.name!r}: the clean images from elsewhere have no image of "
+                              f"class {data.classes[c]!r}")
+        pairs.append((data.labels == c, theirs))
+    return pairs
+
+
 @register_countermeasure
 class ClassBlockDCT(BlockDCTExcess):
     """``blockdct`` per class: in each class's training images, the 8×8-block DCT coefficients (u, v, channel)
@@ -282,20 +297,13 @@ class ClassBlockDCT(BlockDCTExcess):
     def apply(self, data: ImageDataset, reference: ImageDataset | None, test: bool) -> np.ndarray:
         if test:
             return data.images.copy()
-        if reference is None:
-            raise ConfigError(f"countermeasure {self.name!r} needs clean images from elsewhere (the reference)")
+        pairs = _class_pairs(self, data, reference)
         f, grid = self._coefficients(data.images)
         r, _ = self._coefficients(reference.images)
         per_image = grid[0] * grid[1]
-        labels, ref_labels = np.repeat(data.labels, per_image), np.repeat(reference.labels, per_image)
         self.found = 0
-        for c in range(data.num_classes):
-            mine, theirs = labels == c, ref_labels == c
-            if not mine.any():
-                continue
-            if not theirs.any():
-                raise ConfigError(f"countermeasure {self.name!r}: the clean images from elsewhere have no image of "
-                                  f"class {data.classes[c]!r}")
+        for mine, theirs in pairs:
+            mine, theirs = np.repeat(mine, per_image), np.repeat(theirs, per_image)  # image masks → block masks
             pub, ref = (f[mine] ** 2).mean(0), (r[theirs] ** 2).mean(0)
             change = np.abs(np.log(np.maximum(pub, 1e-12) / np.maximum(ref, 1e-12)))
             change[0, 0, :] = 0  # a block's mean stays
@@ -350,17 +358,10 @@ class ClassReference(InputTransform):
     def apply(self, data: ImageDataset, reference: ImageDataset | None, test: bool) -> np.ndarray:
         if test:
             return data.images.copy()
-        if reference is None:
-            raise ConfigError(f"countermeasure {self.name!r} needs clean images from elsewhere (the reference)")
+        pairs = _class_pairs(self, data, reference)
         x = data.images.astype(np.float64)
         ref = reference.images.astype(np.float64)
-        for c in range(data.num_classes):
-            mine, theirs = data.labels == c, reference.labels == c
-            if not mine.any():
-                continue
-            if not theirs.any():
-                raise ConfigError(f"countermeasure {self.name!r}: the clean images from elsewhere have no image of "
-                                  f"class {data.classes[c]!r}")
+        for mine, theirs in pairs:
             x[mine] -= self.strength * _cell_means(x[mine].mean(0) - ref[theirs].mean(0), self.cell)
         return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
