@@ -169,17 +169,30 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
         assert f.read_bytes() == content  # finished records are untouched
 
 
-def test_run_folder_kept_without_its_images_protects_again(tmp_path):
-    """results/ commits a run's manifests but not its images: a resumed run protects those sets again (same
-    seed, same bytes) instead of failing on the missing data file."""
-    cfg = parse_config(tiny(variant=[{"name": "Random", "protector": "random"}], evaluate={"hackers": []}))
+def test_run_folder_kept_without_its_images_protects_again_only_for_networks_left(tmp_path):
+    """results/ commits a run's manifests but not its images. Resumed as it was, a finished variant needs no
+    images and is not protected again (EM or REM would take long); grown by a network, it is protected again (same
+    seed, same bytes) instead of failing on the missing data file, and its finished networks are not retrained."""
+    variants = [{"name": "Random", "protector": "random"}, {"name": "Keyed", "protector": "keyed"}]
+    rgb = {"source": "shapes", "per_class": 4, "test_per_class": 2}  # keyed protection needs colour
+    cfg = parse_config(tiny(data=rgb, variant=variants, evaluate={"hackers": ["lenet:normal:1"]}))
     out = tmp_path / "run"
-    run_benchmark(cfg, out, progress=False)
-    pub = out / "variants" / "random" / "published"
-    before = (pub / "data.npz").read_bytes()
-    (pub / "data.npz").unlink()
-    run_benchmark(cfg, out, progress=False)
-    assert (pub / "data.npz").read_bytes() == before
+    first = run_benchmark(cfg, out, progress=False)
+    pub = {v: out / "variants" / v / "published" / "data.npz" for v in ("random", "keyed")}
+    before = {v: f.read_bytes() for v, f in pub.items()}
+    for f in pub.values():
+        f.unlink()
+    again = run_benchmark(cfg, out, progress=False)
+    assert again == first  # every record read back
+    assert not pub["random"].exists()  # finished: not protected again
+    assert pub["keyed"].read_bytes() == before["keyed"]  # its authorized networks come from the published set
+    grown = parse_config(tiny(data=rgb, variant=variants, evaluate={"hackers": ["lenet:normal:1"],
+                                                                      "countermeasures": ["none", "grayscale"]}))
+    mtimes = {f: f.stat().st_mtime_ns for f in (out / "records").glob("*/*.json")}
+    records = run_benchmark(grown, out, progress=False)
+    assert pub["random"].read_bytes() == before["random"]
+    assert len(records) > len(first) and all(r in records for r in first)
+    assert all(f.stat().st_mtime_ns == t for f, t in mtimes.items())  # nothing finished was trained again
 
 
 def test_rerun_with_another_config_is_refused(tiny_run):

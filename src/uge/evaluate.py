@@ -107,7 +107,8 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
                  authorized_countermeasures: str | list[Countermeasure] | None = None,
                  recipe_label: str | None = None, authorized_seeds: Sequence[int] = (),
                  repeat: int = 0, authorized_data: ImageDataset | None = None,
-                 authorized_label: str = "unsealed", worker: Worker | None = None) -> list[dict]:
+                 authorized_label: str = "unsealed", worker: Worker | None = None,
+                 plan: list | None = None) -> list[dict]:
     """Train the authorized networks (from their θ0) and the hackers on ``train_set``; test on ``test_set``.
 
     Args:
@@ -141,6 +142,8 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
         worker: with ``out_dir`` shared by several processes (:class:`uge.workers.Worker`): each network is
             trained under a claim, and only if it is in this worker's shard; the others are skipped (left out
             of the returned records), for another worker or a later call.
+        plan: a list: train nothing; the record file of every network not finished yet is appended to it (the
+            finished ones are returned as usual). A resumed benchmark skips a finished variant's protection.
     Returns:
         one record per trained network (:class:`~uge.records.Record` fields as a dict, as written); each
         stores its ``countermeasures`` text (None for none).
@@ -192,6 +195,9 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
                 rec = _done(rec_file, recipe, auth.text)
                 if weights.exists():
                     load_into(model, weights).to(device).eval()
+            elif plan is not None:
+                plan.append(rec_file)
+                continue
             else:
                 claim = _claim(worker, rec_file, done=done)
                 if claim is None:  # another worker's
@@ -218,6 +224,9 @@ def evaluate_set(train_set: ImageDataset, test_set: ImageDataset, authorized: li
         h_recipe = recipe if h.init_noise is not None else (recipes or {}).get(h.arch, recipe)
         if rec_file and rec_file.exists():
             records.append(_done(rec_file, h_recipe, hack.text))
+            continue
+        if plan is not None:
+            plan.append(rec_file)
             continue
         # a distilled hacker goes with its teacher: the worker that trains one trains the other
         claim = _claim(worker, rec_file, done=rec_file.exists if rec_file else None,

@@ -239,6 +239,13 @@ def _grid_pass(cfg: BenchmarkConfig, run_dir: Path, train: ImageDataset, test: I
         prot = None if v.protector == "clean" else build_protector(v.protector, **cfg.params(v))
         rho = None if prot is None else prot.rho
         start = time.perf_counter()
+        grid = _VariantGrid(cfg, v, run_dir, test, device, progress, worker, rho, prot)
+        if _protected_before(vdir, prot):  # every network finished? then the published set is not needed
+            plan = []
+            done = grid.evaluate(train, None, plan)
+            if not plan:
+                records += done
+                continue
         claim = worker.take(vdir / "protect.json", shared=True)  # one worker at a time protects (or rereads) it
         if claim is None:  # another worker is protecting this variant: come back to it on the next pass
             continue
@@ -248,29 +255,60 @@ def _grid_pass(cfg: BenchmarkConfig, run_dir: Path, train: ImageDataset, test: I
             _save_samples(vdir, train, used, rho, v.protector != "clean")
             if v.protector != "clean":
                 _record_perturbation(vdir, train, used, rho)
+        records += grid.evaluate(used, published)
+        log.info("[%s] done in %.1f s", v.name, time.perf_counter() - start)
+    return records
+
+
+def _protected_before(vdir: Path, prot) -> bool:
+    """Whether an earlier run protected this variant and left what the report reads (its samples and statistics),
+    and the authorized networks come from the config (not from the published set, as keyed protection's do)."""
+    if prot is None:
+        return (vdir / "samples.npz").exists()
+    manifest = vdir / "published" / "manifest.json"
+    return ((vdir / "samples.npz").exists() and (vdir / "protect.json").exists() and manifest.exists()
+            and not json.loads(manifest.read_text()).get("authorized"))
+
+
+@dataclasses.dataclass
+class _VariantGrid:
+    """One variant's networks: every countermeasure setting, repeat and recipe of the config."""
+    cfg: BenchmarkConfig
+    v: Variant
+    run_dir: Path
+    test: ImageDataset
+    device: object
+    progress: bool
+    worker: Worker
+    rho: float | None
+    prot: object
+
+    def evaluate(self, used: ImageDataset, published, plan: list | None = None) -> list[dict]:
+        """Train (or read) the variant's networks on ``used``; with ``plan`` train none, list those left in it."""
+        cfg, v, prot = self.cfg, self.v, self.prot
         # the authorized networks a protector published (keyed), else the config's, for every protector
-        authorized = published or [AuthorizedNet(a.arch, build_network(a.arch, train.num_classes, train.channels,
+        authorized = published or [AuthorizedNet(a.arch, build_network(a.arch, used.num_classes, used.channels,
                                                                        a.seed, a.theta0),
                                                  f"theta0:{a.theta0 or f'seed{a.seed}'}") for a in cfg.authorized(v)]
         hackers = cfg.hackers if v.hackers is None else v.hackers
-        extra = {"variant": v.name, "protector": v.protector, "rho": rho,
+        extra = {"variant": v.name, "protector": v.protector, "rho": self.rho,
                  "losses": None if prot is None else prot.params().get("losses"), "federated": v.federated,
                  "benchmark": cfg.name}
-        same = {"data_label": v.slug, "out_dir": run_dir / "records" / v.slug, "device": device, "seed": cfg.seed,
-                "progress": progress, "extra": extra, "worker": worker}
+        same = {"data_label": v.slug, "out_dir": self.run_dir / "records" / v.slug, "device": self.device,
+                "seed": cfg.seed, "progress": self.progress, "extra": extra, "worker": self.worker, "plan": plan}
+        records = []
         # one evaluation grid per countermeasure setting ("" = none); a screened variant runs only its own
         for cm in cfg.countermeasures if v.countermeasures is None else v.countermeasures:
             for r in range(v.repeats):  # repeat r: other training seeds and hacker inits (the noise of one number)
-                records += evaluate_set(used, test, authorized, [dataclasses.replace(h, seed=h.seed + r)
-                                                                 for h in hackers],  # hacker r: its own init
+                records += evaluate_set(used, self.test, authorized, [dataclasses.replace(h, seed=h.seed + r)
+                                                                      for h in hackers],  # hacker r: its own init
                                         cfg.recipe, recipes=cfg.recipes, countermeasures=cm,
                                         authorized_countermeasures=cm if cfg.countermeasures_authorized else None,
                                         authorized_seeds=[] if r else cfg.authorized_seeds, repeat=r,
                                         **{**same, "seed": derive(cfg.seed, "repeat", r)})
         for label, recipe in cfg.recipe_sweep():  # the authorized networks again, with other recipes
-            records += evaluate_set(used, test, authorized, [], recipe, recipe_label=label, **same)
-        log.info("[%s] done in %.1f s", v.name, time.perf_counter() - start)
-    return records
+            records += evaluate_set(used, self.test, authorized, [], recipe, recipe_label=label, **same)
+        return records
 
 
 def _machine(device) -> str:
