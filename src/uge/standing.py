@@ -12,7 +12,7 @@ STANDING = {
     'worst': 48.8,
     'by': 'knownbasis:bases=10,dct=0',
     'fraction': 0.83,
-    'attacks': 8,
+    'attacks': 15,
     'worst_without_adv': 48.8,
     'by_without_adv': 'knownbasis:bases=10,dct=0',
     'fraction_without_adv': 0.83,
