@@ -239,7 +239,7 @@ def _grid_pass(cfg: BenchmarkConfig, run_dir: Path, train: ImageDataset, test: I
         prot = None if v.protector == "clean" else build_protector(v.protector, **cfg.params(v))
         rho = None if prot is None else prot.rho
         start = time.perf_counter()
-        grid = _VariantGrid(cfg, v, run_dir, test, device, progress, worker, rho, prot)
+        grid = _VariantGrid(cfg, v, run_dir, test, device, progress, worker, prot)
         if _protected_before(vdir, prot):  # every network finished? then the published set is not needed
             plan = []
             done = grid.evaluate(train, None, plan)
@@ -280,8 +280,7 @@ class _VariantGrid:
     device: object
     progress: bool
     worker: Worker
-    rho: float | None
-    prot: object
+    prot: object  # the variant's protector (None: the clean set)
 
     def evaluate(self, used: ImageDataset, published, plan: list | None = None) -> list[dict]:
         """Train (or read) the variant's networks on ``used``; with ``plan`` train none, list those left in it."""
@@ -291,7 +290,7 @@ class _VariantGrid:
                                                                        a.seed, a.theta0),
                                                  f"theta0:{a.theta0 or f'seed{a.seed}'}") for a in cfg.authorized(v)]
         hackers = cfg.hackers if v.hackers is None else v.hackers
-        extra = {"variant": v.name, "protector": v.protector, "rho": self.rho,
+        extra = {"variant": v.name, "protector": v.protector, "rho": None if prot is None else prot.rho,
                  "losses": None if prot is None else prot.params().get("losses"), "federated": v.federated,
                  "benchmark": cfg.name}
         same = {"data_label": v.slug, "out_dir": self.run_dir / "records" / v.slug, "device": self.device,
