@@ -21,6 +21,7 @@ from uge.countermeasures import (
     get_countermeasure,
     list_countermeasures,
     make_batch_augment,
+    adapt_model,
     parse_countermeasures,
     perturb_init,
     transform_data,
@@ -41,7 +42,7 @@ EXAMPLES = {
     "classmean": "classmean:strength=0.5", "orthogonal": "orthogonal:steps=5", "spectral": "spectral:k=8,ratio=1.5",
     "jpeg-grid": "jpeg-grid:quality=30,offset=3", "blockdct": "blockdct:k=4,ratio=1.5",
     "classdct": "classdct:k=4,ratio=1.5", "bitdepth": "bitdepth:bits=3", "knownbasis": "knownbasis:bases=4",
-    "knownband": "knownband:fmax=1", "classref": "classref:cell=4",
+    "knownband": "knownband:fmax=1", "classref": "classref:cell=4", "probe": "probe",
 }
 # One bad parameter per countermeasure: (spec, words the message must contain).
 BAD = {
@@ -54,6 +55,7 @@ BAD = {
     "ueraser": ("ueraser:strength=2", ["strength=2", "<= 1"]),
     "adv": ("adv:eps=4,steps=2.5", ["steps='2.5'", "is not an int"]),
     "copy-input": ("copy-input:from=1", ["no parameter 'from'", "parameters: none"]),
+    "probe": ("probe:layers=2", ["no parameter 'layers'", "parameters: none"]),
     "pca": ("pca:patch=0", ["patch=0", "1..16"]),
     "classmean": ("classmean:strength=0", ["strength=0", "> 0"]),
     "orthogonal": ("orthogonal:steps=0", ["steps=0", "1..10000"]),
@@ -423,6 +425,41 @@ def test_adversarial_task_wraps_distillation_and_soft_targets(fixed_cnn, digits_
     assert torch.isfinite(AdversarialTask(eps=4 / 255, steps=1).loss(student, x, soft))
     with pytest.raises(ConfigError, match="eps > 0"):
         AdversarialTask(eps=0)
+
+
+# --------------------------------------------------------------------------------------- linear probe
+
+
+def test_probe_trains_the_head_only_and_keeps_the_features_batchnorm_statistics():
+    data = random_dataset(n=32, size=8, channels=3, num_classes=4)
+
+    def changed(cms):
+        m = adapt_model(parse_countermeasures(cms), create_model("resnetc20", 4, 3, seed=0), [])
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        train(m, data, TINY, device="cpu", seed=0, progress=False)
+        assert not m.training
+        return {k for k, v in m.state_dict().items() if not torch.equal(v, before[k])}
+
+    probe = changed("probe")
+    assert probe == {"body.head.weight", "body.head.bias"}
+    everything = changed("none")  # the control: without the probe the features and their statistics move
+    assert any(k.endswith("running_mean") for k in everything) and any("conv" in k for k in everything)
+
+
+def test_probe_on_a_pretrained_hacker_keeps_its_features(digits_small, digits_splits, tmp_path):
+    """The transfer-learning attack: a hacker's own network from a file, only its head fitted to the set."""
+    test = digits_splits[1].per_class(5)
+    pretrained = create_model("cnn", 10, 1, seed=5)
+    save_weights(tmp_path / "pre.safetensors", pretrained.state_dict())
+    spec = HackerSpec.parse(f"cnn:normal:@{tmp_path / 'pre.safetensors'}")
+    (rec,) = evaluate_set(digits_small, test, [], [spec], TINY, countermeasures="probe", data_label="protected",
+                          device="cpu", progress=False)
+    assert rec["countermeasures"] == "probe" and rec["init"] == "file:pre.safetensors"
+    m = adapt_model(parse_countermeasures("probe"), create_model("cnn", 10, 1, seed=0), [])
+    m.load_state_dict(pretrained.state_dict())
+    train(m, digits_small, TINY, device="cpu", seed=0, progress=False)
+    assert all(torch.equal(v, pretrained.state_dict()[k]) for k, v in m.state_dict().items() if ".head." not in k)
+    assert not torch.equal(m.body.head.weight, pretrained.body.head.weight)
 
 
 # ------------------------------------------------------------------------------------- θ0 + noise

@@ -12,7 +12,8 @@ input      once, on the training images (uint8 in, uint8 out, labels untouched):
 batch      on every training batch inside :func:`uge.training.train`, after crop and flip:
            ``cutout``, ``mixup``, ``cutmix`` (soft targets), ``ueraser``
 task       around the training task: ``adv`` (PGD adversarial training)
-model      on the hacker's network, knowing the authorized ones: ``copy-input`` (keyed protection)
+model      on the hacker's network, knowing the authorized ones: ``copy-input`` (keyed protection),
+           ``probe`` (only the linear head learns)
 ========== =========================================================================================
 
 Adaptive input transforms estimate the perturbation from the published set's own statistics (the hacker

@@ -5,6 +5,10 @@
   authorized start exactly. In :mod:`uge.evaluate` such a hacker is written ``ARCH:MODE:theta0+SIGMA[:SEED]``.
 - ``copy-input``: a hacker who copies the authorized network's fixed input stage (keyed protection,
   :mod:`uge.protectors.keyed`) in front of their own network, and so stops seeing the keyed perturbation.
+- ``probe``: a hacker who trains only a linear head on fixed features. With a network pretrained on clean
+  images from elsewhere (the hacker ``ARCH:normal:@FILE.safetensors``) this is the linear probe of transfer
+  learning: features that never saw the protected set, so a shortcut in it is learnt only as far as those
+  features already respond to it.
 """
 from __future__ import annotations
 
@@ -51,3 +55,18 @@ class CopyInputStage(ModelAdapter):
         if stages and getattr(model, "make_blind", None) is not None:
             model.make_blind(stages[0].detach().clone().cpu())
         return model
+
+
+@register_countermeasure
+class LinearProbe(ModelAdapter):
+    """Train only the hacker network's linear head; its features (and BatchNorm statistics) stay fixed."""
+
+    name = "probe"
+    summary = ("a linear probe: only the hacker network's last linear layer learns, its features and BatchNorm "
+               "statistics stay as initialized; with a pretrained hacker (ARCH:normal:@FILE) the features of "
+               "clean images from elsewhere.")
+
+    def adapt(self, model, authorized: list):
+        if getattr(model, "freeze_features", None) is None:
+            raise ConfigError(f"countermeasure 'probe' needs a network with a linear head, not {type(model).__name__}")
+        return model.freeze_features()

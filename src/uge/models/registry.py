@@ -68,6 +68,23 @@ class Classifier(nn.Module):
         self.register_buffer("std", torch.full((1, in_channels, 1, 1), STD), persistent=False)
         self.body = body
         self.register_buffer("blind", None)  # (k, C) orthonormal directions the input stage removes, or None
+        self.frozen = False  # True: only the head learns (a linear probe), the features stay as they are
+
+    def freeze_features(self) -> Classifier:
+        """Fix everything but the linear head: no gradients for the body, and its BatchNorm statistics kept
+        (the body stays in eval mode whatever ``train()`` says), so training fits a linear probe on fixed
+        features. Returns self."""
+        self.frozen = True
+        self.body.requires_grad_(False)
+        self.body.head.requires_grad_(True)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if self.frozen:
+            self.body.eval()
+            self.body.head.train(mode)
+        return self
 
     def make_blind(self, directions) -> Classifier:
         """Put the fixed input stage in front: the network stops seeing colour along ``directions`` ((k, C)
