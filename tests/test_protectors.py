@@ -23,6 +23,7 @@ from uge.published import publish, read_published, verify
 from uge.result import Protection
 from uge.similarity import PSNR_CAP, psnr, similarity, ssim
 from uge.training import Recipe, predict, train
+from uge.weights import load_into, save_weights
 
 UGE_TINY = {"authorized": ["cnn:0"], "recipe": TINY_RECIPE, "trajectory_epochs": 2, "generator_epochs": 1,
             "generator_width": 4, "generator_batch_size": 32, "encoder_arch": "lenet",
@@ -246,6 +247,25 @@ def test_em_noise_lowers_a_fixed_networks_loss_below_random_noise(digits_small, 
     delta = em.minimize_noise(source_net, images, labels, random)
     assert delta.abs().max() <= em.rho + 1e-6
     assert _loss(source_net, images, labels, delta) < 0.75 * _loss(source_net, images, labels, random)
+
+
+def test_em_against_a_linear_probe_on_pretrained_features_keeps_them_fixed(digits_small, source_net, tmp_path):
+    """``init`` + ``probe``: the source starts from a weights file and only its head learns; fitting the noise
+    leaves the features frozen (the source trains on between rounds), and a missing file is a one-line error."""
+    save_weights(tmp_path / "pre.safetensors", source_net.state_dict())
+    em = build_protector("em", **{**TINY["em"], "arch": "cnn", "init": str(tmp_path / "pre.safetensors"),
+                                  "probe": True})
+    net = load_into(create_model("cnn", 10, 1, seed=5), tmp_path / "pre.safetensors").freeze_features()
+    images, labels = digits_small.tensors()
+    random = uniform_start(images.shape, em.rho, 0, "cpu")
+    delta = em.minimize_noise(net, images, labels, random)
+    assert _loss(net, images, labels, delta) < _loss(net, images, labels, random)
+    assert [n for n, p in net.named_parameters() if p.requires_grad] == ["body.head.weight", "body.head.bias"]
+    result = em.protect(digits_small, device="cpu", progress=False, seed=0)
+    assert result.history and np.abs(result.protected.images.astype(int) - digits_small.images).max() <= 8
+    with pytest.raises(ConfigError, match="weights file not found"):
+        build_protector("em", **{**TINY["em"], "init": str(tmp_path / "none.safetensors")}).protect(
+            digits_small, device="cpu", progress=False)
 
 
 def test_cell_means_make_a_perturbation_constant_over_cells_and_channels_within_the_ball():

@@ -13,13 +13,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.dataset import ImageDataset
-from ..models import create_model, list_models
+from ..models import list_models
 from ..params import budget, param
 from ..pgd import pgd, uniform_start
 from ..result import Protection
 from ..seeds import derive
 from ..training import Recipe, SupervisedTask, accuracy, train
 from ..utils import resolve_device
+from ..weights import build_network
 from .base import NoiseBand, Protector, add_noise, band_cell, noise_result, register_protector
 
 
@@ -35,6 +36,9 @@ class ErrorMinimizing(NoiseBand, Protector):
     learn the noise instead of the images. Paper (CIFAR-10, ResNet-18 source): ρ = 8/255, 20 PGD steps of
     0.8/255, 10 training steps per round, stop at 99 % accuracy. The source here trains through
     :func:`uge.training.train` (SGD + momentum, constant lr, no augmentation); its momentum restarts each round.
+
+    ``init`` (a weights file, e.g. from ``scripts/pretrain.py``) and ``probe`` fit the noise to a source that
+    starts from those weights and trains only its linear head: noise for fixed pretrained features (ours).
 
     Example: ``build_protector("em", arch="cnn", max_rounds=5).protect(train)``.
     """
@@ -53,6 +57,10 @@ class ErrorMinimizing(NoiseBand, Protector):
     lr: float = param(0.1, low=0, low_open=True)
     cell: int = band_cell()  # the noise's subspace (NoiseBand; not in the papers)
     luminance: bool = False
+    # The source's θ0: a safetensors file (e.g. written by scripts/pretrain.py) instead of a random init; with
+    # ``probe`` only its linear head trains, so the noise is fitted to fixed features (not in the papers).
+    init: str | None = None
+    probe: bool = False
 
     # The two pieces REM changes: how the source network trains, and what the noise minimizes.
     def task(self):
@@ -64,6 +72,7 @@ class ErrorMinimizing(NoiseBand, Protector):
     def minimize_noise(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                        delta: torch.Tensor) -> torch.Tensor:
         """``pgd_steps`` steps on every δ of the set (uint8 ``images`` (N, C, H, W)) against a fixed ``model``."""
+        learns = [p.requires_grad for p in model.parameters()]
         model.eval().requires_grad_(False)  # eval: the noise must fit the network as it predicts
         out = torch.empty_like(delta)
         subspace = self.subspace()
@@ -71,13 +80,15 @@ class ErrorMinimizing(NoiseBand, Protector):
             x, y = images[i:i + self.batch_size].float() / 255, labels[i:i + self.batch_size]
             out[i:i + len(x)] = pgd(lambda x_u, y=y: self.noise_loss(model, x_u, y), x, delta[i:i + len(x)],
                                     self.rho, self.pgd_steps, self.step_size, minimize=True, subspace=subspace)
-        model.requires_grad_(True)
+        for p, g in zip(model.parameters(), learns):
+            p.requires_grad_(g)  # a probe's features stay fixed
         return out
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:
         device = resolve_device(device)
-        model = create_model(self.arch, data.num_classes, data.channels, seed=seed).to(device)
+        model = build_network(self.arch, data.num_classes, data.channels, seed=seed, weights=self.init)
+        model = (model.freeze_features() if self.probe else model).to(device)
         images, labels = data.tensors(device)
         delta = uniform_start(images.shape, self.rho, seed, device)  # Huang et al. start from random noise
         if (subspace := self.subspace()) is not None:
