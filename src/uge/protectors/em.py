@@ -57,9 +57,7 @@ class ErrorMinimizing(NoiseBand, Protector):
     lr: float = param(0.1, low=0, low_open=True)
     cell: int = band_cell()  # the noise's subspace (NoiseBand; not in the papers)
     luminance: bool = False
-    # The source's θ0: a safetensors file (e.g. written by scripts/pretrain.py) instead of a random init; with
-    # ``probe`` only its linear head trains, so the noise is fitted to fixed features (not in the papers).
-    init: str | None = None
+    init: str | None = None  # the source's θ0 from a safetensors file instead of a random init (see above)
     probe: bool = False
 
     # The two pieces REM changes: how the source network trains, and what the noise minimizes.
