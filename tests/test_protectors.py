@@ -329,6 +329,23 @@ def test_tap_moves_the_source_networks_predictions_to_the_target_class(digits_sm
     assert result.history == [{"source_at_target": round(hit_tap * 100, 2)}]  # what protect.json reports
 
 
+def test_tap_against_a_linear_probe_trains_only_the_sources_head(digits_small, source_net, tmp_path):
+    """``init`` + ``probe`` (shared with EM): TAP's source starts from the weights file, and training it on the
+    clean set moves its head and nothing else; the noise still pulls that source toward the target class."""
+    save_weights(tmp_path / "pre.safetensors", source_net.state_dict())
+    tap = build_protector("tap", arch="cnn", epochs=2, batch_size=20, lr=0.05, steps=10, augment=False,
+                          init=str(tmp_path / "pre.safetensors"), probe=True)
+    net = tap.source_network(digits_small, device="cpu", seed=3)
+    before, after = source_net.state_dict(), net.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"body.head.weight", "body.head.bias"}
+    result = tap.protect(digits_small, device="cpu", progress=False, seed=3)
+    targets = tap.targets(torch.from_numpy(digits_small.labels), 10)
+    ce = lambda d: F.cross_entropy(predict(net, d.tensors()[0]), targets).item()
+    assert ce(result.protected) < 0.9 * ce(digits_small)
+    assert np.abs(result.protected.images.astype(int) - digits_small.images).max() <= 8
+
+
 def test_tap_in_cells_of_luminance_publishes_a_perturbation_of_that_shape():
     """TAP restricted to the means of 4-px cells, one value for every channel (the band JPEG's block means and
     grayscale keep): the published perturbation is that, up to 8-bit rounding (±1 level)."""

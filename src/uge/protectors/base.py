@@ -31,6 +31,8 @@ from ..errors import ConfigError
 from ..params import Param, param, specs, validate
 from ..pgd import cell_means
 from ..result import Protection, quantize
+from ..utils import resolve_device
+from ..weights import build_network
 
 _REGISTRY: dict[str, type[Protector]] = {}
 
@@ -54,6 +56,22 @@ class NoiseBand:
         if self.cell == 1 and not self.luminance:
             return None
         return lambda d: cell_means(d, self.cell, self.luminance)
+
+
+class PretrainedSource:
+    """A source network (EM, REM, TAP) that may start from a weights file (``init``, e.g. from
+    ``scripts/pretrain.py``) and train only its linear head (``probe``): noise for fixed pretrained features, the
+    linear probe a hacker with features of its own runs (ours; the papers' sources start at random). The protector
+    declares ``arch``, ``init: str | None = None`` and ``probe: bool = False``."""
+
+    arch: str
+    init: str | None
+    probe: bool
+
+    def source_model(self, data: ImageDataset, seed: int, device) -> torch.nn.Module:
+        """The untrained source network for ``data`` on ``device``; a probe's features stay fixed."""
+        model = build_network(self.arch, data.num_classes, data.channels, seed=seed, weights=self.init)
+        return (model.freeze_features() if self.probe else model).to(resolve_device(device))
 
 
 class Protector:

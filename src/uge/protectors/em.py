@@ -20,13 +20,12 @@ from ..result import Protection
 from ..seeds import derive
 from ..training import Recipe, SupervisedTask, accuracy, train
 from ..utils import resolve_device
-from ..weights import build_network
-from .base import NoiseBand, Protector, add_noise, band_cell, noise_result, register_protector
+from .base import NoiseBand, PretrainedSource, Protector, add_noise, band_cell, noise_result, register_protector
 
 
 @register_protector
 @dataclass
-class ErrorMinimizing(NoiseBand, Protector):
+class ErrorMinimizing(NoiseBand, PretrainedSource, Protector):
     """Sample-wise error-minimizing noise: min over δ (‖δ‖∞ ≤ ρ) of min over θ of the training loss on x + δ.
 
     The bi-level problem is solved by alternation (Huang et al., Sec. 3): train a source network on x + δ
@@ -37,8 +36,7 @@ class ErrorMinimizing(NoiseBand, Protector):
     0.8/255, 10 training steps per round, stop at 99 % accuracy. The source here trains through
     :func:`uge.training.train` (SGD + momentum, constant lr, no augmentation); its momentum restarts each round.
 
-    ``init`` (a weights file, e.g. from ``scripts/pretrain.py``) and ``probe`` fit the noise to a source that
-    starts from those weights and trains only its linear head: noise for fixed pretrained features (ours).
+    ``init`` and ``probe`` (:class:`PretrainedSource`) fit the noise to fixed pretrained features (ours).
 
     Example: ``build_protector("em", arch="cnn", max_rounds=5).protect(train)``.
     """
@@ -85,8 +83,7 @@ class ErrorMinimizing(NoiseBand, Protector):
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:
         device = resolve_device(device)
-        model = build_network(self.arch, data.num_classes, data.channels, seed=seed, weights=self.init)
-        model = (model.freeze_features() if self.probe else model).to(device)
+        model = self.source_model(data, seed, device)
         images, labels = data.tensors(device)
         delta = uniform_start(images.shape, self.rho, seed, device)  # Huang et al. start from random noise
         if (subspace := self.subspace()) is not None:

@@ -13,19 +13,19 @@ from tqdm.auto import tqdm
 
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
-from ..models import create_model, list_models
+from ..models import list_models
 from ..params import budget, param
 from ..pgd import pgd, uniform_start
 from ..result import Protection
 from ..training import Recipe, accuracy, train
 from ..training import augment as crop_flip
 from ..utils import resolve_device
-from .base import NoiseBand, Protector, add_noise, band_cell, image_result, register_protector
+from .base import NoiseBand, PretrainedSource, Protector, add_noise, band_cell, image_result, register_protector
 
 
 @register_protector
 @dataclass
-class TargetedAdversarialPoisoning(NoiseBand, Protector):
+class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     """Class-targeted adversarial examples of a clean-trained source network, published with the true labels.
 
     Each image x of class y gets δ (‖δ‖∞ ≤ ρ) that makes the source network predict the class
@@ -34,7 +34,8 @@ class TargetedAdversarialPoisoning(NoiseBand, Protector):
     pick up instead of the image content. Paper (CIFAR-10, ResNet-18 source): ρ = 8/255, 250 steps,
     differentiable augmentation in every step. Here ``augment`` applies the training loop's random crop and
     flip (differentiable in the image) to x + δ at every step; the step size defaults to 2.5ρ/steps
-    (Madry et al.'s rule), as the paper's own is not restated here.
+    (Madry et al.'s rule), as the paper's own is not restated here. ``init`` and ``probe``
+    (:class:`PretrainedSource`): the source is a linear probe trained on fixed pretrained features (ours).
 
     Example: ``build_protector("tap", arch="cnn", epochs=5, steps=50).protect(train)``.
     """
@@ -53,13 +54,15 @@ class TargetedAdversarialPoisoning(NoiseBand, Protector):
     augment: bool = True
     cell: int = band_cell()  # the noise's subspace (NoiseBand; not in the papers)
     luminance: bool = False
+    init: str | None = None  # the source's θ0 from a safetensors file instead of a random init
+    probe: bool = False  # train only the source's linear head
 
     def targets(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         return (labels + self.shift) % num_classes
 
     def source_network(self, data: ImageDataset, *, device="auto", seed: int = 0, progress: bool = False) -> nn.Module:
         """The clean-trained source network that :meth:`protect` attacks (equal seeds: equal networks)."""
-        model = create_model(self.arch, data.num_classes, data.channels, seed=seed)
+        model = self.source_model(data, seed, device)
         recipe = Recipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
         return train(model, data, recipe, device=device, seed=seed, progress=progress, desc="TAP source")
 
