@@ -40,7 +40,7 @@ def wanted(cfg, v):
     cms = cfg.countermeasures if v.countermeasures is None else v.countermeasures
     hackers = cfg.hackers if v.hackers is None else v.hackers
     suffixes = {f"__{countermeasure_slug(parse_countermeasures(c))}" if c else "" for c in cms}
-    names = {f"{v.slug}_hacker_{h.arch}_{h.mode}_s{h.seed}{s}" for h in hackers for s in suffixes}
+    names = {f"{v.slug}_hacker_{h.key}{s}" for h in hackers for s in suffixes}  # the runner's names
     auth = suffixes if cfg.countermeasures_authorized else {""}
     # the authorized networks this config trains (none where key holders unseal: `authorized = []`)
     authorized = {f"{v.slug}_authorized{k}_{a.arch}" for k, a in enumerate(cfg.authorized(v))}

@@ -517,6 +517,24 @@ def test_reuse_records_copies_only_the_same_cells_and_the_runner_skips_them(tmp_
 
 
 
+def test_reuse_records_copies_a_pretrained_hackers_records_by_the_runners_name(tmp_path):
+    """A hacker from a weights file (``ARCH:normal:@FILE``) is named after the file, not a seed: its records are
+    cells of a new run with the same hacker too (they were skipped once, and trained again)."""
+    from uge.models import create_model
+    from uge.weights import save_weights
+    reuse = _script("reuse_records")
+    weights = tmp_path / "pre.safetensors"
+    save_weights(weights, create_model("lenet", 10, 1, seed=4).state_dict())
+    ev = {"hackers": [f"lenet:normal:@{weights}"], "countermeasures": ["none", "probe"],
+          "countermeasures_authorized": False}
+    cfg = tiny(variant=[{"name": "Original", "protector": "clean"}], evaluate=ev,
+               protect={**TINY["protect"], "authorized": []})
+    run_benchmark(parse_config(cfg), tmp_path / "a", progress=False)
+    copied = reuse.reuse(parse_config(cfg), tmp_path / "new", [tmp_path / "a"])
+    assert sorted(r["record"] for r in copied) == ["original/original_hacker_lenet_normal_at-pre.json",
+                                                   "original/original_hacker_lenet_normal_at-pre__probe.json"]
+
+
 def test_reuse_records_compares_each_protectors_own_parameters(tmp_path):
     """A [protect] key the protector does not have (UGE's generator settings, the authorized networks) does not make
     another experiment of a random-noise variant; the variant's own parameter does; and where the new config trains
