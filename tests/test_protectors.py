@@ -346,6 +346,36 @@ def test_tap_against_a_linear_probe_trains_only_the_sources_head(digits_small, s
     assert np.abs(result.protected.images.astype(int) - digits_small.images).max() <= 8
 
 
+def test_soft_iss_is_isss_grayscale_and_jpeg_and_passes_a_gradient():
+    """TAP's ``iss`` view: within a level or two of the countermeasure ``grayscale+jpeg:quality=10`` on smooth
+    RGB images (it removes ten times that), and differentiable in the image."""
+    from uge.countermeasures import parse_countermeasures, transform_data
+    from uge.protectors.noise import soft_iss
+    g = torch.Generator().manual_seed(0)
+    x = F.interpolate(torch.rand(16, 3, 8, 8, generator=g), size=32, mode="bilinear", align_corners=False)
+    x = (x + 0.05 * torch.randn(16, 3, 32, 32, generator=g)).clamp(0, 1)
+    u8 = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    real = transform_data(parse_countermeasures("grayscale+jpeg:quality=10"),
+                          ImageDataset(u8, np.zeros(16, np.int64), list("ab"))).images.astype(float)
+    x = torch.from_numpy(u8).permute(0, 3, 1, 2).float().div(255).requires_grad_(True)
+    soft = soft_iss(x)
+    diff = np.abs(soft.detach().permute(0, 2, 3, 1).numpy() * 255 - real).mean()
+    assert diff < 2 and np.abs(real - u8).mean() > 10 * diff
+    (grad,) = torch.autograd.grad(soft.sum(), x)
+    assert grad.abs().sum() > 0
+
+
+def test_tap_with_iss_in_its_expectation_sees_iss_on_some_steps(digits_small):
+    tap = build_protector("tap", **{**TINY["tap"], "iss": 0.5})
+    x = torch.rand(4, 1, 8, 8)
+    torch.manual_seed(0)
+    seen = [not torch.equal(tap.squeeze(x), x) for _ in range(40)]
+    assert 5 < sum(seen) < 35  # about half the steps
+    assert build_protector("tap", **TINY["tap"]).squeeze(x) is x
+    result = tap.protect(digits_small, device="cpu", progress=False, seed=0)
+    assert np.abs(result.protected.images.astype(int) - digits_small.images).max() <= 8
+
+
 def test_tap_in_cells_of_luminance_publishes_a_perturbation_of_that_shape():
     """TAP restricted to the means of 4-px cells, one value for every channel (the band JPEG's block means and
     grayscale keep): the published perturbation is that, up to 8-bit rounding (±1 level)."""

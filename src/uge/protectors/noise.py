@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
@@ -442,6 +445,27 @@ def _block_idct(y: torch.Tensor) -> torch.Tensor:
     d = _dct_matrix().to(y.dtype)
     n, c, by, bx = y.shape[:4]
     return (d.T @ y @ d).transpose(3, 4).reshape(n, c, by * 8, bx * 8)
+
+
+@functools.lru_cache(maxsize=None)
+def jpeg_luma_table(quality: int) -> torch.Tensor:
+    """(8, 8): the luminance quantization table Pillow's encoder uses at ``quality`` (read from a file it wrote)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, format="JPEG", quality=quality)
+    return torch.tensor(list(Image.open(buf).quantization[0]), dtype=torch.float32).reshape(8, 8)
+
+
+def soft_iss(x: torch.Tensor, quality: int = 10) -> torch.Tensor:
+    """ISS's grayscale + JPEG (countermeasure ``grayscale+jpeg``) as a differentiable function of x (B, C, H, W) in
+    [0, 1]: BT.601 luma, each 8×8 block's DCT quantized with the encoder's table and rounded straight-through (the
+    forward pass rounds, the gradient passes as if it did not), copied to every channel. Within a level or two of
+    the real transform on natural images (Pillow's integer DCT and its rounding differ slightly)."""
+    luma = x if x.shape[1] == 1 else torch.einsum("bchw,c->bhw", x, x.new_tensor([0.299, 0.587, 0.114]))[:, None]
+    q = jpeg_luma_table(quality).to(x.device, x.dtype)
+    y = _block_dct(luma * 255 - 128) / q
+    y = y + (torch.round(y) - y).detach()
+    out = ((_block_idct(y * q) + 128) / 255).clamp(0, 1)
+    return out.expand(-1, x.shape[1], -1, -1)
 
 
 def _dct(u: int, v: int) -> torch.Tensor:

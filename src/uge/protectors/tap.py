@@ -21,6 +21,7 @@ from ..training import Recipe, accuracy, train
 from ..training import augment as crop_flip
 from ..utils import resolve_device
 from .base import NoiseBand, PretrainedSource, Protector, add_noise, band_cell, image_result, register_protector
+from .noise import soft_iss
 
 
 @register_protector
@@ -35,7 +36,8 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     differentiable augmentation in every step. Here ``augment`` applies the training loop's random crop and
     flip (differentiable in the image) to x + δ at every step; the step size defaults to 2.5ρ/steps
     (Madry et al.'s rule), as the paper's own is not restated here. ``init`` and ``probe``
-    (:class:`PretrainedSource`): the source is a linear probe trained on fixed pretrained features (ours).
+    (:class:`PretrainedSource`): the source is a linear probe trained on fixed pretrained features; ``iss``: the
+    expectation over transformations includes ISS, the attack that undoes TAP (ours; not in the paper).
 
     Example: ``build_protector("tap", arch="cnn", epochs=5, steps=50).protect(train)``.
     """
@@ -56,9 +58,16 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     luminance: bool = False
     init: str | None = None  # the source's θ0 from a safetensors file instead of a random init
     probe: bool = False  # train only the source's linear head
+    # the chance that a PGD step sees x + δ through ISS (grayscale + JPEG at iss_quality, differentiable: soft_iss)
+    iss: float = param(0.0, low=0, high=1)
+    iss_quality: int = param(10, low=1, high=100)
 
     def targets(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         return (labels + self.shift) % num_classes
+
+    def squeeze(self, x_u: torch.Tensor) -> torch.Tensor:
+        """x + δ, or with chance ``iss`` (torch's RNG) what ISS leaves of it, for one PGD step."""
+        return soft_iss(x_u, self.iss_quality) if self.iss and torch.rand(()) < self.iss else x_u
 
     def source_network(self, data: ImageDataset, *, device="auto", seed: int = 0, progress: bool = False) -> nn.Module:
         """The clean-trained source network that :meth:`protect` attacks (equal seeds: equal networks)."""
@@ -86,8 +95,9 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
                           leave=False):
                 x = images[i:i + self.batch_size].float() / 255
                 t = self.targets(labels[i:i + len(x)], data.num_classes)
-                delta[i:i + len(x)] = pgd(lambda x_u, t=t: F.cross_entropy(model(view(x_u)), t), x, delta[i:i + len(x)],
-                                          self.rho, self.steps, step, minimize=True, subspace=subspace)
+                delta[i:i + len(x)] = pgd(lambda x_u, t=t: F.cross_entropy(model(view(self.squeeze(x_u))), t), x,
+                                          delta[i:i + len(x)], self.rho, self.steps, step, minimize=True,
+                                          subspace=subspace)
         published = add_noise(data, delta, self.rho)
         # how often the source network predicts the target class on what is published: the attack's success
         targeted = ImageDataset(published.images, self.targets(published.labels, data.num_classes), list(data.classes))
