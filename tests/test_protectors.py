@@ -372,6 +372,8 @@ def test_tap_with_iss_in_its_expectation_sees_iss_on_some_steps(digits_small):
     seen = [not torch.equal(tap.squeeze(x), x) for _ in range(40)]
     assert 5 < sum(seen) < 35  # about half the steps
     assert build_protector("tap", **TINY["tap"]).squeeze(x) is x
+    with pytest.raises(ConfigError, match="iss_quality is used only with iss > 0"):
+        build_protector("tap", **TINY["tap"], iss_quality=20)
     result = tap.protect(digits_small, device="cpu", progress=False, seed=0)
     assert np.abs(result.protected.images.astype(int) - digits_small.images).max() <= 8
 

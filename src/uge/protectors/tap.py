@@ -62,6 +62,11 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     iss: float = param(0.0, low=0, high=1)
     iss_quality: int = param(10, low=1, high=100)
 
+    def cross_checks(self):
+        if not self.iss and self.iss_quality != 10:  # not silently ignored
+            return [f"iss_quality is used only with iss > 0, got iss_quality={self.iss_quality} and iss=0"]
+        return []
+
     def targets(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         return (labels + self.shift) % num_classes
 
