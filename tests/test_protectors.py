@@ -363,6 +363,24 @@ def test_soft_iss_is_isss_grayscale_and_jpeg_and_passes_a_gradient():
     assert diff < 2 and np.abs(real - u8).mean() > 10 * diff
     (grad,) = torch.autograd.grad(soft.sum(), x)
     assert grad.abs().sum() > 0
+    cubic = soft_iss(x, grad="cubic")
+    assert torch.allclose(cubic, soft, atol=1e-5)  # the same forward pass (up to float error), another gradient
+    (grad_cubic,) = torch.autograd.grad(cubic.sum(), x)
+    assert grad_cubic.abs().sum() > 0 and not torch.allclose(grad_cubic, grad)
+
+
+def test_soft_iss_cubic_gradient_is_largest_half_way_between_quantization_levels():
+    """``grad="cubic"``: a block whose DC coefficient lies half-way between two levels of the quality-10 table gets
+    a gradient, one that lies on a level gets none (the straight-through gradient is the same for both)."""
+    from uge.protectors.noise import jpeg_luma_table, soft_iss
+    step = float(jpeg_luma_table(10)[0, 0]) / 8 / 255  # one DC level as a change of the block's mean on [0, 1]
+    on_level = 128 / 255  # DC 0: exactly on a level
+    half_way = on_level + 0.5 * step
+    x = torch.tensor([on_level, half_way]).view(2, 1, 1, 1).expand(2, 1, 8, 8).clone().requires_grad_(True)
+    (cubic,) = torch.autograd.grad(soft_iss(x, grad="cubic").sum(), x)
+    (ste,) = torch.autograd.grad(soft_iss(x).sum(), x)
+    assert cubic[0].abs().max() < 1e-6 < cubic[1].abs().min()
+    assert torch.allclose(ste[0], ste[1])
 
 
 def test_tap_with_iss_in_its_expectation_sees_iss_on_some_steps(digits_small):
@@ -372,8 +390,10 @@ def test_tap_with_iss_in_its_expectation_sees_iss_on_some_steps(digits_small):
     seen = [not torch.equal(tap.squeeze(x), x) for _ in range(40)]
     assert 5 < sum(seen) < 35  # about half the steps
     assert build_protector("tap", **TINY["tap"]).squeeze(x) is x
-    with pytest.raises(ConfigError, match="iss_quality is used only with iss > 0"):
+    with pytest.raises(ConfigError, match="iss_quality and iss_grad are used only with iss > 0"):
         build_protector("tap", **TINY["tap"], iss_quality=20)
+    with pytest.raises(ConfigError, match="iss_grad='cubic'"):
+        build_protector("tap", **TINY["tap"], iss_grad="cubic")
     result = tap.protect(digits_small, device="cpu", progress=False, seed=0)
     assert np.abs(result.protected.images.astype(int) - digits_small.images).max() <= 8
 

@@ -455,15 +455,23 @@ def jpeg_luma_table(quality: int) -> torch.Tensor:
     return torch.tensor(list(Image.open(buf).quantization[0]), dtype=torch.float32).reshape(8, 8)
 
 
-def soft_iss(x: torch.Tensor, quality: int = 10) -> torch.Tensor:
+ISS_GRADS = ("ste", "cubic")  # soft_iss's gradients of rounding
+
+
+def soft_iss(x: torch.Tensor, quality: int = 10, grad: str = "ste") -> torch.Tensor:
     """ISS's grayscale + JPEG (countermeasure ``grayscale+jpeg``) as a differentiable function of x (B, C, H, W) in
-    [0, 1]: BT.601 luma, each 8×8 block's DCT quantized with the encoder's table and rounded straight-through (the
-    forward pass rounds, the gradient passes as if it did not), copied to every channel. Within a level or two of
-    the real transform on natural images (Pillow's integer DCT and its rounding differ slightly)."""
+    [0, 1]: BT.601 luma, each 8×8 block's DCT quantized with the encoder's table, copied to every channel. Within a
+    level or two of the real transform on natural images (Pillow's integer DCT and its rounding differ slightly).
+
+    The forward pass rounds exactly; ``grad`` is the rounding's gradient: "ste" passes it as if there were no
+    rounding (straight-through), "cubic" as that of round(y) + (y − round(y))³ (Shin & Song, 2017's JPEG
+    approximation): 3(y − round(y))², zero for a coefficient at a quantization level and largest half-way between
+    two, where a small change of the image flips what survives."""
     luma = x if x.shape[1] == 1 else torch.einsum("bchw,c->bhw", x, x.new_tensor([0.299, 0.587, 0.114]))[:, None]
     q = jpeg_luma_table(quality).to(x.device, x.dtype)
     y = _block_dct(luma * 255 - 128) / q
-    y = y + (torch.round(y) - y).detach()
+    rounded = torch.round(y).detach()
+    y = rounded + (y - rounded) ** 3 - ((y - rounded) ** 3).detach() if grad == "cubic" else y + (rounded - y).detach()
     out = ((_block_idct(y * q) + 128) / 255).clamp(0, 1)
     return out.expand(-1, x.shape[1], -1, -1)
 

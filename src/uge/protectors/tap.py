@@ -21,7 +21,7 @@ from ..training import Recipe, accuracy, train
 from ..training import augment as crop_flip
 from ..utils import resolve_device
 from .base import NoiseBand, PretrainedSource, Protector, add_noise, band_cell, image_result, register_protector
-from .noise import soft_iss
+from .noise import ISS_GRADS, soft_iss
 
 
 @register_protector
@@ -61,10 +61,12 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     # the chance that a PGD step sees x + δ through ISS (grayscale + JPEG at iss_quality, differentiable: soft_iss)
     iss: float = param(0.0, low=0, high=1)
     iss_quality: int = param(10, low=1, high=100)
+    iss_grad: str = param("ste", choices=ISS_GRADS)  # the rounding's gradient in soft_iss: straight-through or cubic
 
     def cross_checks(self):
-        if not self.iss and self.iss_quality != 10:  # not silently ignored
-            return [f"iss_quality is used only with iss > 0, got iss_quality={self.iss_quality} and iss=0"]
+        if not self.iss and (self.iss_quality, self.iss_grad) != (10, "ste"):  # not silently ignored
+            return [f"iss_quality and iss_grad are used only with iss > 0, got iss_quality={self.iss_quality}, "
+                    f"iss_grad={self.iss_grad!r} and iss=0"]
         return []
 
     def targets(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -72,7 +74,7 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
 
     def squeeze(self, x_u: torch.Tensor) -> torch.Tensor:
         """x + δ, or with chance ``iss`` (torch's RNG) what ISS leaves of it, for one PGD step."""
-        return soft_iss(x_u, self.iss_quality) if self.iss and torch.rand(()) < self.iss else x_u
+        return soft_iss(x_u, self.iss_quality, self.iss_grad) if self.iss and torch.rand(()) < self.iss else x_u
 
     def source_network(self, data: ImageDataset, *, device="auto", seed: int = 0, progress: bool = False) -> nn.Module:
         """The clean-trained source network that :meth:`protect` attacks (equal seeds: equal networks)."""
