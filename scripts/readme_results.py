@@ -23,8 +23,9 @@ from uge.benchmark import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
-# (label, run folder, variant, key holder): "sealed" = trains on the unsealed originals, "authorized" = the
-# run's authorized network on the published set
+# (label, run folder, variant, key holder[, hacker]): "sealed" = trains on the unsealed originals, "authorized" =
+# the run's authorized network on the published set; hacker: the records' "init" (e.g. "seed:1") where the run has
+# several hackers (without it, the run's hacker records are taken as one)
 DEFAULT = ("grating", "battery-cpu", "Grating code mixed with secret weights, sign per block, power-matched", "sealed")
 FULL = ("battery-gpu", DEFAULT[2], "sealed")  # the default at full size (one GPU), printed beside it too
 ROWS = [
@@ -56,13 +57,17 @@ ROWS = [
 
 
 @functools.lru_cache(maxsize=None)
-def numbers(run: str, variant: str, key: str) -> dict:
+def numbers(run: str, variant: str, key: str, hacker: str | None = None) -> dict:
     """A variant's measured standing: the key holder's and the (ResNetC-20) hacker's accuracy, plain and at worst
-    (once per variant: the table and the standing both ask)."""
+    (once per variant: the table and the standing both ask); ``hacker``: only the records of that init."""
     recs = _records(run)
     plain = [r for r in recs if not r.get("countermeasures")]
     mine = [r for r in recs if r["variant"] == variant]
-    hack = [r for r in mine if r["role"] == "hacker" and r["mode"] == "normal"]
+    hack = [r for r in mine if r["role"] == "hacker" and r["mode"] == "normal"
+            and (hacker is None or r.get("init") == hacker)]
+    if not hack:
+        raise SystemExit(f"results/{run}: no hacker records of variant {variant!r}"
+                         + (f" with init {hacker!r}" if hacker else ""))
     arch, seed = hack[0]["arch"], hack[0].get("init")
     clean_hack = next(r["test_acc"] for r in plain if r["role"] == "hacker" and r["protector"] == "clean"
                       and r["arch"] == arch and r["mode"] == "normal" and r.get("init") == seed)
@@ -89,11 +94,12 @@ def _records(run: str) -> list[dict]:
     return read_records(ROOT / "results" / run)  # read once per run, not once per row
 
 
-def _row(label: str, run: str, variant: str, key: str) -> str:
-    n = numbers(run, variant, key)
+def _row(label: str, run: str, variant: str, key: str, hacker: str | None = None) -> str:
+    n = numbers(run, variant, key, hacker)
     holder = (f"{n['key_holder']:.1f} (= clean, unsealed)" if key == "sealed"
               else f"{n['key_holder']:.1f} (clean {n['clean_key_holder']:.1f})")
-    return (f"| {label} | {holder} | {NETWORKS.get(n['network'], n['network'])} | {n['plain']:.1f} "
+    network = NETWORKS.get(n["network"], n["network"]) + (", pretrained" if (hacker or "").startswith("file:") else "")
+    return (f"| {label} | {holder} | {network} | {n['plain']:.1f} "
             f"(clean {n['clean']:.1f}) | {n['worst']:.1f} by `{n['by']}`: "
             f"keeps {n['fraction']:.2f} of clean learning ({n['attacks']} attacks) | "
             f"[{run}](results/{run}/report/report.md) |")

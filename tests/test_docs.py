@@ -185,3 +185,22 @@ def test_readme_results_table_is_written_from_the_records():
     spec.loader.exec_module(mod)
     text = (ROOT / "README.md").read_text()
     assert mod.table() in text
+
+
+def test_readme_results_reads_one_hacker_of_a_run_with_several():
+    """A row may name its hacker by the records' init: a run with a pretrained and a random-init hacker gives each
+    its own clean accuracy and worst case, not the worst over both; an init without records is an error."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_results", ROOT / "scripts" / "readme_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run, variant = "battery-tap-probe-cpu", "TAP against the owner's pretrained features, linear probe"
+    pre = mod.numbers(run, variant, "sealed", "file:resnetc20-c100-250-s1.safetensors")
+    rand = mod.numbers(run, variant, "sealed", "seed:1")
+    both = mod.numbers(run, variant, "sealed")
+    assert (pre["clean"], rand["clean"]) == (71.2, 56.9)
+    assert pre["attacks"] == rand["attacks"] == 5 and both["attacks"] == 11
+    assert both["worst"] == max(pre["worst"], rand["worst"]) and pre["worst"] != rand["worst"]
+    with pytest.raises(SystemExit, match="no hacker records"):
+        mod.numbers(run, variant, "sealed", "seed:7")
