@@ -398,6 +398,21 @@ def test_tap_with_iss_in_its_expectation_sees_iss_on_some_steps(digits_small):
     assert np.abs(result.protected.images.astype(int) - digits_small.images).max() <= 8
 
 
+def test_tap_with_the_blanket_in_its_expectation_sees_block_means_on_some_steps():
+    """``blanket``: a share of the PGD steps see only x + δ's 8×8 block means; with ``iss`` the two shares add up
+    (at most 1)."""
+    from uge.pgd import cell_means
+    tap = build_protector("tap", **{**TINY["tap"], "iss": 0.3, "blanket": 0.3})
+    x = torch.rand(2, 3, 16, 16)
+    torch.manual_seed(0)
+    views = [tap.squeeze(x) for _ in range(200)]
+    means = sum(torch.equal(v, cell_means(x, 8)) for v in views)
+    plain = sum(v is x for v in views)
+    assert 35 < means < 85 and 35 < 200 - plain - means < 85 and 50 < plain < 110  # about 0.3, 0.3 and 0.4
+    with pytest.raises(ConfigError, match="at most 1"):
+        build_protector("tap", **TINY["tap"], iss=0.6, blanket=0.6)
+
+
 def test_tap_in_cells_of_luminance_publishes_a_perturbation_of_that_shape():
     """TAP restricted to the means of 4-px cells, one value for every channel (the band JPEG's block means and
     grayscale keep): the published perturbation is that, up to 8-bit rounding (±1 level)."""

@@ -15,7 +15,7 @@ from ..data.dataset import ImageDataset
 from ..errors import ConfigError
 from ..models import list_models
 from ..params import budget, param
-from ..pgd import pgd, uniform_start
+from ..pgd import cell_means, pgd, uniform_start
 from ..result import Protection
 from ..training import Recipe, accuracy, train
 from ..training import augment as crop_flip
@@ -37,7 +37,8 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     flip (differentiable in the image) to x + δ at every step; the step size defaults to 2.5ρ/steps
     (Madry et al.'s rule), as the paper's own is not restated here. ``init`` and ``probe``
     (:class:`PretrainedSource`): the source is a linear probe trained on fixed pretrained features; ``iss``: the
-    expectation over transformations includes ISS, the attack that undoes TAP (ours; not in the paper).
+    expectation over transformations includes ISS, the attack that undoes TAP, and ``blanket`` the 8×8 block
+    means that the blanket removal keeps (ours; not in the paper).
 
     Example: ``build_protector("tap", arch="cnn", epochs=5, steps=50).protect(train)``.
     """
@@ -62,19 +63,29 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     iss: float = param(0.0, low=0, high=1)
     iss_quality: int = param(10, low=1, high=100)
     iss_grad: str = param("ste", choices=ISS_GRADS)  # the rounding's gradient in soft_iss: straight-through or cubic
+    # the chance that a PGD step sees only x + δ's 8×8 block means (what the blanket block-DCT removal keeps)
+    blanket: float = param(0.0, low=0, high=1)
 
     def cross_checks(self):
         if not self.iss and (self.iss_quality, self.iss_grad) != (10, "ste"):  # not silently ignored
             return [f"iss_quality and iss_grad are used only with iss > 0, got iss_quality={self.iss_quality}, "
                     f"iss_grad={self.iss_grad!r} and iss=0"]
+        if self.iss + self.blanket > 1:
+            return [f"iss + blanket is the chance of a transformed step, at most 1; got {self.iss} + {self.blanket}"]
         return []
 
     def targets(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         return (labels + self.shift) % num_classes
 
     def squeeze(self, x_u: torch.Tensor) -> torch.Tensor:
-        """x + δ, or with chance ``iss`` (torch's RNG) what ISS leaves of it, for one PGD step."""
-        return soft_iss(x_u, self.iss_quality, self.iss_grad) if self.iss and torch.rand(()) < self.iss else x_u
+        """x + δ for one PGD step, or with chance ``iss`` (torch's RNG) what ISS leaves of it, with chance
+        ``blanket`` its 8×8 block means."""
+        if not (self.iss or self.blanket):
+            return x_u
+        r = torch.rand(())
+        if r < self.iss:
+            return soft_iss(x_u, self.iss_quality, self.iss_grad)
+        return cell_means(x_u, 8) if r < self.iss + self.blanket else x_u
 
     def source_network(self, data: ImageDataset, *, device="auto", seed: int = 0, progress: bool = False) -> nn.Module:
         """The clean-trained source network that :meth:`protect` attacks (equal seeds: equal networks)."""
