@@ -102,7 +102,7 @@ def _row(label: str, run: str, variant: str, key: str, hacker: str | None = None
     n = numbers(run, variant, key, hacker)
     holder = (f"{n['key_holder']:.1f} (= clean, unsealed)" if key == "sealed"
               else f"{n['key_holder']:.1f} (clean {n['clean_key_holder']:.1f})")
-    network = NETWORKS.get(n["network"], n["network"]) + (", pretrained" if (hacker or "").startswith("file:") else "")
+    network = NETWORKS.get(n["network"], n["network"]) + (", pretrained" if _pretrained(hacker) else "")
     return (f"| {label} | {holder} | {network} | {n['plain']:.1f} "
             f"(clean {n['clean']:.1f}) | {n['worst']:.1f} by `{n['by']}`: "
             f"keeps {n['fraction']:.2f} of clean learning ({n['attacks']} attacks) | "
@@ -110,6 +110,11 @@ def _row(label: str, run: str, variant: str, key: str, hacker: str | None = None
 
 
 NETWORKS = {"resnetc20": "ResNetC-20", "resnet18": "ResNet-18"}
+
+
+def _pretrained(hacker: str | None) -> bool:
+    """A row's hacker (the records' init) starts from a weights file: another hacker than the default's."""
+    return (hacker or "").startswith("file:")
 
 
 def table() -> str:
@@ -124,7 +129,7 @@ def standing() -> str:
     method, *row = DEFAULT
     # against the default's hacker (ResNetC-20 from random init): a pretrained hacker's row is another hacker
     others = [numbers(*r[1:])["fraction"] for r in ROWS if tuple(r[1:]) not in (tuple(row), FULL)
-              and not (r[4:] and r[4].startswith("file:"))]
+              and not _pretrained(r[4] if len(r) > 4 else None)]
     values = {"method": method, **numbers(*row), "lowest_other": min(others), "protections": len(others) + 1,
               "full_size": numbers(*FULL)}
     return (f'"""The default protection\'s measured standing, which ``uge protect`` prints: written by '

@@ -471,7 +471,11 @@ def soft_iss(x: torch.Tensor, quality: int = 10, grad: str = "ste") -> torch.Ten
     q = jpeg_luma_table(quality).to(x.device, x.dtype)
     y = _block_dct(luma * 255 - 128) / q
     rounded = torch.round(y).detach()
-    y = rounded + (y - rounded) ** 3 - ((y - rounded) ** 3).detach() if grad == "cubic" else y + (rounded - y).detach()
+    if grad == "cubic":
+        cube = (y - rounded) ** 3  # forward: rounded (the cube cancels); gradient: 3(y − round(y))²
+        y = rounded + cube - cube.detach()
+    else:
+        y = y + (rounded - y).detach()
     out = ((_block_idct(y * q) + 128) / 255).clamp(0, 1)
     return out.expand(-1, x.shape[1], -1, -1)
 
