@@ -551,3 +551,20 @@ def test_reuse_records_compares_each_protectors_own_parameters(tmp_path):
     copied = reuse.reuse(parse_config(louder), tmp_path / "other", [tmp_path / "a"])
     assert sorted(r["record"] for r in copied) == ["original/original_authorized0_lenet.json",
                                                    "original/original_hacker_lenet_normal_s1.json"]
+
+
+def test_source_at_target_trains_the_same_source_and_measures_the_attack(tmp_path):
+    """scripts/source_at_target.py: the source trained again is the benchmark's (its share on the published images
+    is protect.json's ``source_at_target``), and TAP sends more published images than clean ones to the target."""
+    measure = _script("source_at_target").measure
+    tap = {"name": "TAP", "protector": "tap", "arch": "cnn", "epochs": 30, "steps": 10, "batch_size": 32, "lr": 0.05,
+           "rho": 0.1, "augment": False}
+    ev = {"hackers": ["lenet:normal:1"], "countermeasures": ["none"], "countermeasures_authorized": False}
+    cfg = parse_config(tiny(variant=[tap], evaluate=ev, protect={**TINY["protect"], "authorized": []}))
+    run_benchmark(cfg, tmp_path / "run", progress=False)
+    out = measure(cfg, tmp_path / "run", "TAP")
+    logged = json.loads((tmp_path / "run" / "variants" / "tap" / "protect.json").read_text())
+    assert out["source_published_full_at_target"] == logged["parts"][0]["history"][0]["source_at_target"]
+    assert out["source_published_full_at_target"] > out["source_clean_full_at_target"] + 10
+    with pytest.raises(SystemExit, match="no TAP variant"):
+        measure(cfg, tmp_path / "run", "Original")

@@ -387,9 +387,10 @@ def test_tap_with_iss_in_its_expectation_sees_iss_on_some_steps(digits_small):
     tap = build_protector("tap", **{**TINY["tap"], "iss": 0.5})
     x = torch.rand(4, 1, 8, 8)
     torch.manual_seed(0)
-    seen = [not torch.equal(tap.squeeze(x), x) for _ in range(40)]
+    seen = [not torch.equal(tap.squeeze(x)[0], x) for _ in range(40)]
     assert 5 < sum(seen) < 35  # about half the steps
-    assert build_protector("tap", **TINY["tap"]).squeeze(x) is x
+    plain, coarse = build_protector("tap", **TINY["tap"]).squeeze(x)
+    assert plain is x and not coarse
     with pytest.raises(ConfigError, match="iss_quality and iss_grad are used only with iss > 0"):
         build_protector("tap", **TINY["tap"], iss_quality=20)
     with pytest.raises(ConfigError, match="iss_grad='cubic'"):
@@ -406,11 +407,40 @@ def test_tap_with_the_blanket_in_its_expectation_sees_block_means_on_some_steps(
     x = torch.rand(2, 3, 16, 16)
     torch.manual_seed(0)
     views = [tap.squeeze(x) for _ in range(200)]
-    means = sum(torch.equal(v, cell_means(x, 8)) for v in views)
-    plain = sum(v is x for v in views)
+    means = sum(torch.equal(v, cell_means(x, 8)) and coarse for v, coarse in views)
+    plain = sum(v is x and not coarse for v, coarse in views)
     assert 35 < means < 85 and 35 < 200 - plain - means < 85 and 50 < plain < 110  # about 0.3, 0.3 and 0.4
     with pytest.raises(ConfigError, match="at most 1"):
         build_protector("tap", **TINY["tap"], iss=0.6, blanket=0.6)
+
+
+def test_tap_source_blanket_attacks_a_source_trained_on_what_the_blanket_removal_leaves(monkeypatch):
+    """``source_blanket``: the steps that see block means attack a second source, trained on the clean images' 8×8
+    block means, exactly what the blanket ``blockdct`` removal (every AC coefficient zeroed) leaves of them; with
+    ``blanket = 1`` it is the only source. Each source's success is logged."""
+    import uge.protectors.tap as tap_module
+    from uge.countermeasures import parse_countermeasures, transform_data
+
+    rng = np.random.default_rng(0)
+    data = ImageDataset(rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), np.arange(12) % 3, list("abc"))
+    blanket = transform_data(parse_countermeasures("blockdct:k=192,ratio=0.5"), data, reference=data)
+    means = tap_module.block_means(data)
+    assert np.abs(means.images.astype(int) - blanket.images).max() <= 1
+    assert np.abs(means.images.astype(int) - data.images).max() > 50  # the blocks' detail is gone
+    seen = []
+    real = tap_module.train
+    monkeypatch.setattr(tap_module, "train", lambda model, d, *a, **k: seen.append(d.images) or real(model, d, *a, **k))
+    two = build_protector("tap", **TINY["tap"], blanket=0.5, source_blanket=True).protect(data, device="cpu",
+                                                                                          progress=False)
+    assert [np.array_equal(s, means.images) for s in seen] == [False, True]
+    assert np.array_equal(seen[0], data.images)
+    assert set(two.history[0]) == {"source_at_target", "blanket_source_at_target"}
+    seen.clear()
+    one = build_protector("tap", **TINY["tap"], blanket=1.0, source_blanket=True, cell=8).protect(data, device="cpu",
+                                                                                                 progress=False)
+    assert len(seen) == 1 and np.array_equal(seen[0], means.images) and set(one.history[0]) == {"source_at_target"}
+    with pytest.raises(ConfigError, match="source_blanket needs blanket > 0"):
+        build_protector("tap", **TINY["tap"], source_blanket=True)
 
 
 def test_tap_in_cells_of_luminance_publishes_a_perturbation_of_that_shape():

@@ -24,6 +24,13 @@ from .base import NoiseBand, PretrainedSource, Protector, add_noise, band_cell, 
 from .noise import ISS_GRADS, soft_iss
 
 
+def block_means(data: ImageDataset) -> ImageDataset:
+    """``data`` with each image's 8×8 blocks replaced by their means, rounded to 8 bits: what the blanket removal
+    (``blockdct`` with every AC coefficient zeroed) leaves of a clean set."""
+    x = cell_means(data.tensors()[0].float(), 8).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return ImageDataset(x, data.labels, list(data.classes))
+
+
 @register_protector
 @dataclass
 class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
@@ -38,7 +45,8 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     (Madry et al.'s rule), as the paper's own is not restated here. ``init`` and ``probe``
     (:class:`PretrainedSource`): the source is a linear probe trained on fixed pretrained features; ``iss``: the
     expectation over transformations includes ISS, the attack that undoes TAP, and ``blanket`` the 8×8 block
-    means that the blanket removal keeps (ours; not in the paper).
+    means that the blanket removal keeps, and ``source_blanket`` trains the source on those means (ours; not in
+    the paper).
 
     Example: ``build_protector("tap", arch="cnn", epochs=5, steps=50).protect(train)``.
     """
@@ -65,6 +73,9 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     iss_grad: str = param("ste", choices=ISS_GRADS)  # the rounding's gradient in soft_iss: straight-through or cubic
     # the chance that a PGD step sees only x + δ's 8×8 block means (what the blanket block-DCT removal keeps)
     blanket: float = param(0.0, low=0, high=1)
+    # the blanket steps attack a second source trained on the clean images' 8×8 block means (a model of the hacker
+    # who trains after the blanket removal) instead of the one trained on full images; with blanket = 1 the only one
+    source_blanket: bool = False
 
     def cross_checks(self):
         if not self.iss and (self.iss_quality, self.iss_grad) != (10, "ste"):  # not silently ignored
@@ -72,24 +83,35 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
                     f"iss_grad={self.iss_grad!r} and iss=0"]
         if self.iss + self.blanket > 1:
             return [f"iss + blanket is the chance of a transformed step, at most 1; got {self.iss} + {self.blanket}"]
+        if self.source_blanket and not self.blanket:  # its source would never be attacked
+            return ["source_blanket needs blanket > 0 (the steps that attack its source), got blanket=0"]
         return []
 
     def targets(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         return (labels + self.shift) % num_classes
 
-    def squeeze(self, x_u: torch.Tensor) -> torch.Tensor:
-        """x + δ for one PGD step, or with chance ``iss`` (torch's RNG) what ISS leaves of it, with chance
-        ``blanket`` its 8×8 block means."""
+    def squeeze(self, x_u: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(x + δ for one PGD step, or with chance ``iss`` (torch's RNG) what ISS leaves of it, with chance
+        ``blanket`` its 8×8 block means; whether it is the block means)."""
         if not (self.iss or self.blanket):
-            return x_u
+            return x_u, False
         r = torch.rand(())
         if r < self.iss:
-            return soft_iss(x_u, self.iss_quality, self.iss_grad)
-        return cell_means(x_u, 8) if r < self.iss + self.blanket else x_u
+            return soft_iss(x_u, self.iss_quality, self.iss_grad), False
+        return (cell_means(x_u, 8), True) if r < self.iss + self.blanket else (x_u, False)
 
-    def source_network(self, data: ImageDataset, *, device="auto", seed: int = 0, progress: bool = False) -> nn.Module:
-        """The clean-trained source network that :meth:`protect` attacks (equal seeds: equal networks)."""
+    def source_kinds(self) -> list[bool]:
+        """Whether each source the PGD steps attack is trained on block means: one on full images, unless every step
+        sees block means and has its own; one on block means with ``source_blanket``."""
+        return ([] if self.source_blanket and self.blanket == 1 else [False]) + ([True] if self.source_blanket else [])
+
+    def source_network(self, data: ImageDataset, *, device="auto", seed: int = 0, progress: bool = False,
+                       blanket: bool = False) -> nn.Module:
+        """The clean-trained source network that :meth:`protect` attacks (equal seeds: equal networks); with
+        ``blanket``, the one trained on the clean images' block means (``source_blanket``)."""
         model = self.source_model(data, seed, device)
+        if blanket:
+            data = block_means(data)
         recipe = Recipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
         return train(model, data, recipe, device=device, seed=seed, progress=progress, desc="TAP source")
 
@@ -99,7 +121,8 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
             raise ConfigError(f"protector 'tap': parameter shift={self.shift} maps every class to itself for "
                               f"{data.num_classes} classes; use a shift that is not a multiple of it")
         device, start = resolve_device(device), time.perf_counter()
-        model = self.source_network(data, device=device, seed=seed, progress=progress).requires_grad_(False)
+        sources = {k: self.source_network(data, device=device, seed=seed, progress=progress,
+                                          blanket=k).requires_grad_(False) for k in self.source_kinds()}
         trained = time.perf_counter()
         images, labels = data.tensors(device)
         delta = uniform_start(images.shape, self.rho, seed, device)
@@ -113,12 +136,19 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
                           leave=False):
                 x = images[i:i + self.batch_size].float() / 255
                 t = self.targets(labels[i:i + len(x)], data.num_classes)
-                delta[i:i + len(x)] = pgd(lambda x_u, t=t: F.cross_entropy(model(view(self.squeeze(x_u))), t), x,
+                delta[i:i + len(x)] = pgd(lambda x_u, t=t: self.loss(sources, view, x_u, t), x,
                                           delta[i:i + len(x)], self.rho, self.steps, step, minimize=True,
                                           subspace=subspace)
         published = add_noise(data, delta, self.rho)
-        # how often the source network predicts the target class on what is published: the attack's success
-        targeted = ImageDataset(published.images, self.targets(published.labels, data.num_classes), list(data.classes))
-        return image_result(self, data, published.images, seed,
-                            history=[{"source_at_target": round(accuracy(model, targeted), 2)}],
+        # how often each source predicts the target class on what is published, as it sees it: the attack's success
+        target = self.targets(published.labels, data.num_classes)
+        success = {("blanket_" if k and len(sources) > 1 else "") + "source_at_target": round(accuracy(
+            model, ImageDataset((block_means(published) if k else published).images, target, data.classes)), 2)
+            for k, model in sources.items()}
+        return image_result(self, data, published.images, seed, history=[success],
                             seconds={"source": trained - start, "noise": time.perf_counter() - trained})
+
+    def loss(self, sources: dict[bool, nn.Module], view, x_u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One PGD step's loss: the cross-entropy towards ``t`` of the source for the step's view of x + δ."""
+        seen, coarse = self.squeeze(x_u)
+        return F.cross_entropy(sources[coarse and self.source_blanket](view(seen)), t)
