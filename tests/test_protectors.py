@@ -443,6 +443,30 @@ def test_tap_source_blanket_attacks_a_source_trained_on_what_the_blanket_removal
         build_protector("tap", **TINY["tap"], source_blanket=True)
 
 
+def test_tap_views_vote_moves_each_pixel_by_the_weighted_vote_of_every_views_gradient_sign():
+    """``views = "vote"``: every step's gradient is the chance-weighted sum of the plain, ISS and block-mean views'
+    gradient signs (each against its own source), so a pixel moves where the views' weights agree; "draw" is one view."""
+    from uge.protectors.noise import soft_iss
+    torch.manual_seed(0)
+    full, coarse = (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4)) for _ in range(2))
+    x, t = torch.rand(2, 3, 16, 16), torch.tensor([1, 2])
+    tap = build_protector("tap", **TINY["tap"], iss=0.3, blanket=0.2, source_blanket=True, views="vote")
+    delta = torch.zeros_like(x, requires_grad=True)
+    (got,) = torch.autograd.grad(tap.loss({False: full, True: coarse}, lambda u: u, x + delta, t), delta)
+    signs = []
+    for model, view in ((full, lambda u: u), (full, lambda u: soft_iss(u)), (coarse, lambda u: cell_means(u, 8))):
+        d = torch.zeros_like(x, requires_grad=True)
+        signs.append(torch.autograd.grad(F.cross_entropy(model(view(x + d)), t), d)[0].sign())
+    assert torch.allclose(got, 0.5 * signs[0] + 0.3 * signs[1] + 0.2 * signs[2])
+    assert (got.sign() != signs[0]).any() and (got.sign() == signs[0]).float().mean() > 0.5  # the plain view wins most
+    with pytest.raises(ConfigError, match="views='vote' needs a view besides the plain one"):
+        build_protector("tap", **TINY["tap"], views="vote")
+    data = ImageDataset(np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), np.arange(8) % 2,
+                        ["a", "b"])
+    out = tap.protect(data, device="cpu", progress=False).protected.images.astype(int)
+    assert 0 < np.abs(out - data.images).max() <= 8  # ρ = 8/255 by default
+
+
 def test_tap_in_cells_of_luminance_publishes_a_perturbation_of_that_shape():
     """TAP restricted to the means of 4-px cells, one value for every channel (the band JPEG's block means and
     grayscale keep): the published perturbation is that, up to 8-bit rounding (±1 level)."""

@@ -31,6 +31,9 @@ def block_means(data: ImageDataset) -> ImageDataset:
     return ImageDataset(x, data.labels, list(data.classes))
 
 
+VIEWS = ("draw", "vote")
+
+
 @register_protector
 @dataclass
 class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
@@ -76,6 +79,9 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     # the blanket steps attack a second source trained on the clean images' 8×8 block means (a model of the hacker
     # who trains after the blanket removal) instead of the one trained on full images; with blanket = 1 the only one
     source_blanket: bool = False
+    # how the steps use the views: "draw" one view per step (chances iss, blanket and the rest plain), or "vote":
+    # every step takes each view's gradient and moves each pixel by the sign of their chance-weighted signs
+    views: str = param("draw", choices=VIEWS)
 
     def cross_checks(self):
         if not self.iss and (self.iss_quality, self.iss_grad) != (10, "ste"):  # not silently ignored
@@ -83,6 +89,8 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
                     f"iss_grad={self.iss_grad!r} and iss=0"]
         if self.iss + self.blanket > 1:
             return [f"iss + blanket is the chance of a transformed step, at most 1; got {self.iss} + {self.blanket}"]
+        if self.views == "vote" and not (self.iss or self.blanket):
+            return ["views='vote' needs a view besides the plain one (iss > 0 or blanket > 0)"]
         if self.source_blanket and not self.blanket:  # its source would never be attacked
             return ["source_blanket needs blanket > 0 (the steps that attack its source), got blanket=0"]
         return []
@@ -149,6 +157,16 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
                             seconds={"source": trained - start, "noise": time.perf_counter() - trained})
 
     def loss(self, sources: dict[bool, nn.Module], view, x_u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """One PGD step's loss: the cross-entropy towards ``t`` of the source for the step's view of x + δ."""
-        seen, coarse = self.squeeze(x_u)
-        return F.cross_entropy(sources[coarse and self.source_blanket](view(seen)), t)
+        """One PGD step's loss: the cross-entropy towards ``t`` of the source for the step's view of x + δ; with
+        ``views = "vote"`` a surrogate whose gradient is the chance-weighted sum of every view's gradient sign."""
+        if self.views == "draw":
+            seen, coarse = self.squeeze(x_u)
+            return F.cross_entropy(sources[coarse and self.source_blanket](view(seen)), t)
+        vote = torch.zeros_like(x_u)
+        for chance, seen, coarse in ((1 - self.iss - self.blanket, lambda u: u, False),
+                                     (self.iss, lambda u: soft_iss(u, self.iss_quality, self.iss_grad), False),
+                                     (self.blanket, lambda u: cell_means(u, 8), True)):
+            if chance > 0:
+                ce = F.cross_entropy(sources[coarse and self.source_blanket](view(seen(x_u))), t)
+                vote += chance * torch.autograd.grad(ce, x_u)[0].sign()
+        return (x_u * vote).sum()  # its gradient with respect to δ is the vote
