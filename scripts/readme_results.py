@@ -29,6 +29,8 @@ START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 DEFAULT = ("grating", "battery-cpu", "Grating code mixed with secret weights, sign per block, power-matched", "sealed")
 FULL = ("battery-gpu", DEFAULT[2], "sealed")  # the default at full size (one GPU), printed beside it too
 CUBIC = "TAP against the owner's pretrained features, linear probe, ISS in half its steps, cubic rounding gradient"
+VOTE = ("TAP, owner's features and a block-mean probe, every step a vote of the plain, ISS (cubic) and block-mean "
+        "views")
 ROWS = [
     ("Keyed (blind network; key in one colour direction)", "battery-cpu", "Keyed (4×4 cells along (1,−2,1))",
      "authorized"),
@@ -54,6 +56,9 @@ ROWS = [
     ("TAP against the owner's pretrained features, ISS (cubic gradient) in half its steps (ours), sealed",
      "battery-tap-cubic-cpu", CUBIC, "sealed", "file:resnetc20-c100-250-s1.safetensors"),
     ("the same, against a hacker from random init", "battery-tap-cubic-cpu", CUBIC, "sealed", "seed:1"),
+    ("TAP against the owner's features and a block-mean probe, each step a vote of plain, ISS and block-mean views "
+     "(ours), sealed", "battery-tap-vote-cpu", VOTE, "sealed", "file:resnetc20-c100-250-s1.safetensors"),
+    ("the same, against a hacker from random init", "battery-tap-vote-cpu", VOTE, "sealed", "seed:1"),
     ("UGE's generator, batch mean removed (its strongest poison), sealed", "battery-uge-cpu",
      "UGE (paper reading), batch mean removed", "sealed"),
     ("UGE, the paper's method (key: θ0)", "robustness-cpu", "UGE", "authorized"),
