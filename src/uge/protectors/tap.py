@@ -166,7 +166,7 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
         for chance, seen, coarse in ((1 - self.iss - self.blanket, lambda u: u, False),
                                      (self.iss, lambda u: soft_iss(u, self.iss_quality, self.iss_grad), False),
                                      (self.blanket, lambda u: cell_means(u, 8), True)):
-            if chance > 0:
+            if chance > 1e-9:  # (1 − iss − blanket may round to a hair above 0)
                 ce = F.cross_entropy(sources[coarse and self.source_blanket](view(seen(x_u))), t)
                 vote += chance * torch.autograd.grad(ce, x_u)[0].sign()
         return (x_u * vote).sum()  # its gradient with respect to δ is the vote
