@@ -35,15 +35,18 @@ def measure(cfg, run_dir: Path, variant: str) -> dict:
     tap = build_protector("tap", **cfg.params(v))
     train, _ = load_data(cfg)
     published = read_published(run_dir / "variants" / v.slug / "published").data
+    sets = {}  # (the set, its view) -> (that view, its target labels): computed once for every source
+    for name, data in (("published", published), ("clean", train)):
+        target = tap.targets(data.labels, data.num_classes)
+        for view, d in (("full", data), ("block_means", block_means(data))):
+            sets[name, view] = d, ImageDataset(d.images, target, d.classes)
     out = {"variant": v.name}
     for coarse in tap.source_kinds():  # each source on what it sees, and on the other view
         model = tap.source_network(train, device="cpu", seed=cfg.seed, blanket=coarse).requires_grad_(False)
-        for name, data in (("published", published), ("clean", train)):
-            target = tap.targets(data.labels, data.num_classes)
-            for view, d in (("full", data), ("block_means", block_means(data))):
-                key = f"{'blanket_' * coarse}source_{name}_{view}"
-                out[f"{key}_at_target"] = round(accuracy(model, ImageDataset(d.images, target, d.classes)), 2)
-                out[f"{key}_correct"] = round(accuracy(model, d), 2)
+        for (name, view), (d, targeted) in sets.items():
+            key = f"{'blanket_' * coarse}source_{name}_{view}"
+            out[f"{key}_at_target"] = round(accuracy(model, targeted), 2)
+            out[f"{key}_correct"] = round(accuracy(model, d), 2)
     return out
 
 

@@ -3,6 +3,7 @@ NeurIPS 2021."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,15 +99,24 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     def targets(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         return (labels + self.shift) % num_classes
 
+    def step_views(self) -> list[tuple[float, Callable[[torch.Tensor], torch.Tensor], bool]]:
+        """(chance, the view of x + δ, whether it is the block means) of each view a PGD step may take: the plain
+        images, what ISS leaves of them, their 8×8 block means."""
+        return [(1 - self.iss - self.blanket, lambda u: u, False),
+                (self.iss, lambda u: soft_iss(u, self.iss_quality, self.iss_grad), False),
+                (self.blanket, lambda u: cell_means(u, 8), True)]
+
     def squeeze(self, x_u: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """(x + δ for one PGD step, or with chance ``iss`` (torch's RNG) what ISS leaves of it, with chance
         ``blanket`` its 8×8 block means; whether it is the block means)."""
         if not (self.iss or self.blanket):
             return x_u, False
-        r = torch.rand(())
-        if r < self.iss:
-            return soft_iss(x_u, self.iss_quality, self.iss_grad), False
-        return (cell_means(x_u, 8), True) if r < self.iss + self.blanket else (x_u, False)
+        r, edge = torch.rand(()), 0.0
+        for chance, see, coarse in self.step_views()[1:]:
+            edge += chance
+            if r < edge:
+                return see(x_u), coarse
+        return x_u, False
 
     def source_kinds(self) -> list[bool]:
         """Whether each source the PGD steps attack is trained on block means: one on full images, unless every step
@@ -159,14 +169,13 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     def loss(self, sources: dict[bool, nn.Module], view, x_u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """One PGD step's loss: the cross-entropy towards ``t`` of the source for the step's view of x + δ; with
         ``views = "vote"`` a surrogate whose gradient is the chance-weighted sum of every view's gradient sign."""
-        if self.views == "draw":
-            seen, coarse = self.squeeze(x_u)
+        def ce(seen: torch.Tensor, coarse: bool) -> torch.Tensor:  # against the source for that view
             return F.cross_entropy(sources[coarse and self.source_blanket](view(seen)), t)
+
+        if self.views == "draw":
+            return ce(*self.squeeze(x_u))
         vote = torch.zeros_like(x_u)
-        for chance, seen, coarse in ((1 - self.iss - self.blanket, lambda u: u, False),
-                                     (self.iss, lambda u: soft_iss(u, self.iss_quality, self.iss_grad), False),
-                                     (self.blanket, lambda u: cell_means(u, 8), True)):
+        for chance, see, coarse in self.step_views():
             if chance > 1e-9:  # (1 − iss − blanket may round to a hair above 0)
-                ce = F.cross_entropy(sources[coarse and self.source_blanket](view(seen(x_u))), t)
-                vote += chance * torch.autograd.grad(ce, x_u)[0].sign()
+                vote += chance * torch.autograd.grad(ce(see(x_u), coarse), x_u)[0].sign()
         return (x_u * vote).sum()  # its gradient with respect to δ is the vote
