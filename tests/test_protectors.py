@@ -369,6 +369,37 @@ def test_soft_iss_is_isss_grayscale_and_jpeg_and_passes_a_gradient():
     assert grad_cubic.abs().sum() > 0 and not torch.allclose(grad_cubic, grad)
 
 
+@pytest.mark.parametrize("quality", [10, 30])
+def test_soft_jpeg_is_colour_jpeg_and_passes_a_gradient(quality):
+    """TAP's ``jpeg`` view: within about a level of the countermeasure ``jpeg`` (Pillow, 4:2:0) on smooth RGB
+    images, where that countermeasure changes ten times as much, and differentiable in the image."""
+    from uge.countermeasures import parse_countermeasures, transform_data
+    from uge.protectors.noise import soft_jpeg
+    g = torch.Generator().manual_seed(0)
+    x = F.interpolate(torch.rand(16, 3, 8, 8, generator=g), size=32, mode="bilinear", align_corners=False)
+    x = (x + 0.05 * torch.randn(16, 3, 32, 32, generator=g)).clamp(0, 1)
+    u8 = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    real = transform_data(parse_countermeasures(f"jpeg:quality={quality}"),
+                          ImageDataset(u8, np.zeros(16, np.int64), list("ab"))).images.astype(float)
+    x = torch.from_numpy(u8).permute(0, 3, 1, 2).float().div(255).requires_grad_(True)
+    soft = soft_jpeg(x, quality, grad="cubic")
+    diff = np.abs(soft.detach().permute(0, 2, 3, 1).numpy() * 255 - real).mean()
+    assert diff < 2 and np.abs(real - u8).mean() > 10 * diff
+    assert not np.allclose(real[..., 0], real[..., 1])  # colour is kept (ISS's grayscale would make them equal)
+    (grad,) = torch.autograd.grad(soft.sum(), x)
+    assert grad.abs().sum() > 0
+
+
+def test_tap_jpeg_view_is_drawn_and_needs_colour(digits_small):
+    from uge.protectors.noise import soft_jpeg
+    tap = build_protector("tap", **TINY["tap"], jpeg=1.0)
+    x = torch.rand(2, 3, 16, 16)
+    seen, coarse = tap.squeeze(x)
+    assert torch.equal(seen, soft_jpeg(x)) and not coarse
+    with pytest.raises(ConfigError, match="needs RGB images"):
+        tap.protect(digits_small, device="cpu", progress=False)
+
+
 def test_soft_iss_cubic_gradient_is_largest_half_way_between_quantization_levels():
     """``grad="cubic"``: a block whose DC coefficient lies half-way between two levels of the quality-10 table gets
     a gradient, one that lies on a level gets none (the straight-through gradient is the same for both)."""
@@ -391,8 +422,12 @@ def test_tap_with_iss_in_its_expectation_sees_iss_on_some_steps(digits_small):
     assert 5 < sum(seen) < 35  # about half the steps
     plain, coarse = build_protector("tap", **TINY["tap"]).squeeze(x)
     assert plain is x and not coarse
-    with pytest.raises(ConfigError, match="iss_quality and iss_grad are used only with iss > 0"):
+    with pytest.raises(ConfigError, match="iss_quality is used only with iss > 0"):
         build_protector("tap", **TINY["tap"], iss_quality=20)
+    with pytest.raises(ConfigError, match="jpeg_quality is used only with jpeg > 0"):
+        build_protector("tap", **TINY["tap"], jpeg_quality=30)
+    with pytest.raises(ConfigError, match="iss \\+ jpeg \\+ blanket is the chance"):
+        build_protector("tap", **TINY["tap"], iss=0.5, jpeg=0.5, blanket=0.25)
     with pytest.raises(ConfigError, match="iss_grad='cubic'"):
         build_protector("tap", **TINY["tap"], iss_grad="cubic")
     result = tap.protect(digits_small, device="cpu", progress=False, seed=0)
@@ -446,7 +481,7 @@ def test_tap_source_blanket_attacks_a_source_trained_on_what_the_blanket_removal
 def test_tap_views_vote_moves_each_pixel_by_the_weighted_vote_of_every_views_gradient_sign():
     """``views = "vote"``: every step's gradient is the chance-weighted sum of the plain, ISS and block-mean views'
     gradient signs (each against its own source), so a pixel moves where the views' weights agree; "draw" is one view."""
-    from uge.protectors.noise import soft_iss
+    from uge.protectors.noise import soft_iss, soft_jpeg
     torch.manual_seed(0)
     full, coarse = (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4)) for _ in range(2))
     x, t = torch.rand(2, 3, 16, 16), torch.tensor([1, 2])
@@ -454,10 +489,15 @@ def test_tap_views_vote_moves_each_pixel_by_the_weighted_vote_of_every_views_gra
     delta = torch.zeros_like(x, requires_grad=True)
     (got,) = torch.autograd.grad(tap.loss({False: full, True: coarse}, lambda u: u, x + delta, t), delta)
     signs = []
-    for model, view in ((full, lambda u: u), (full, lambda u: soft_iss(u)), (coarse, lambda u: cell_means(u, 8))):
+    for model, view in ((full, lambda u: u), (full, lambda u: soft_iss(u)), (coarse, lambda u: cell_means(u, 8)),
+                        (full, lambda u: soft_jpeg(u))):
         d = torch.zeros_like(x, requires_grad=True)
         signs.append(torch.autograd.grad(F.cross_entropy(model(view(x + d)), t), d)[0].sign())
     assert torch.allclose(got, 0.5 * signs[0] + 0.3 * signs[1] + 0.2 * signs[2])
+    with_jpeg = build_protector("tap", **TINY["tap"], iss=0.3, jpeg=0.1, blanket=0.2, source_blanket=True,
+                                views="vote")
+    (got_jpeg,) = torch.autograd.grad(with_jpeg.loss({False: full, True: coarse}, lambda u: u, x + delta, t), delta)
+    assert torch.allclose(got_jpeg, 0.4 * signs[0] + 0.3 * signs[1] + 0.2 * signs[2] + 0.1 * signs[3])
     assert (got.sign() != signs[0]).any() and (got.sign() == signs[0]).float().mean() > 0.5  # the plain view wins most
     with pytest.raises(ConfigError, match="views='vote' needs a view besides the plain one"):
         build_protector("tap", **TINY["tap"], views="vote")

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..data.dataset import ImageDataset
@@ -448,36 +449,66 @@ def _block_idct(y: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def jpeg_luma_table(quality: int) -> torch.Tensor:
-    """(8, 8): the luminance quantization table Pillow's encoder uses at ``quality`` (read from a file it wrote)."""
+def jpeg_tables(quality: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(8, 8) each: the luminance and chrominance quantization tables Pillow's encoder uses at ``quality`` (read
+    from a colour file it wrote)."""
     buf = io.BytesIO()
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, format="JPEG", quality=quality)
-    return torch.tensor(list(Image.open(buf).quantization[0]), dtype=torch.float32).reshape(8, 8)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buf, format="JPEG", quality=quality)
+    tables = Image.open(buf).quantization
+    return tuple(torch.tensor(list(tables[i]), dtype=torch.float32).reshape(8, 8) for i in (0, 1))
 
 
-ISS_GRADS = ("ste", "cubic")  # soft_iss's gradients of rounding
+def jpeg_luma_table(quality: int) -> torch.Tensor:
+    """(8, 8): the luminance quantization table Pillow's encoder uses at ``quality``."""
+    return jpeg_tables(quality)[0]
 
 
-def soft_iss(x: torch.Tensor, quality: int = 10, grad: str = "ste") -> torch.Tensor:
-    """ISS's grayscale + JPEG (countermeasure ``grayscale+jpeg``) as a differentiable function of x (B, C, H, W) in
-    [0, 1]: BT.601 luma, each 8×8 block's DCT quantized with the encoder's table, copied to every channel. Within a
-    level or two of the real transform on natural images (Pillow's integer DCT and its rounding differ slightly).
+ISS_GRADS = ("ste", "cubic")  # the gradients of JPEG's rounding in soft_iss and soft_jpeg
 
-    The forward pass rounds exactly; ``grad`` is the rounding's gradient: "ste" passes it as if there were no
-    rounding (straight-through), "cubic" as that of round(y) + (y − round(y))³ (Shin & Song, 2017's JPEG
+
+def _quantized(plane: torch.Tensor, table: torch.Tensor, grad: str) -> torch.Tensor:
+    """``plane`` (N, C, H, W, on JPEG's centred 0–255 scale) through its 8×8 blocks' DCT quantized with ``table``
+    and back. The forward pass rounds exactly; ``grad`` is the rounding's gradient: "ste" passes it as if there
+    were no rounding (straight-through), "cubic" as that of round(y) + (y − round(y))³ (Shin & Song, 2017's JPEG
     approximation): 3(y − round(y))², zero for a coefficient at a quantization level and largest half-way between
     two, where a small change of the image flips what survives."""
-    luma = x if x.shape[1] == 1 else torch.einsum("bchw,c->bhw", x, x.new_tensor([0.299, 0.587, 0.114]))[:, None]
-    q = jpeg_luma_table(quality).to(x.device, x.dtype)
-    y = _block_dct(luma * 255 - 128) / q
+    q = table.to(plane.device, plane.dtype)
+    y = _block_dct(plane) / q
     rounded = torch.round(y).detach()
     if grad == "cubic":
         cube = (y - rounded) ** 3  # forward: rounded (the cube cancels); gradient: 3(y − round(y))²
         y = rounded + cube - cube.detach()
     else:
         y = y + (rounded - y).detach()
-    out = ((_block_idct(y * q) + 128) / 255).clamp(0, 1)
+    return _block_idct(y * q)
+
+
+_TO_YCC = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))  # JFIF; row 0: luma
+
+
+def soft_iss(x: torch.Tensor, quality: int = 10, grad: str = "ste") -> torch.Tensor:
+    """ISS's grayscale + JPEG (countermeasure ``grayscale+jpeg``) as a differentiable function of x (B, C, H, W) in
+    [0, 1]: BT.601 luma, each 8×8 block's DCT quantized with the encoder's table (``grad``: the rounding's gradient,
+    see :func:`_quantized`), copied to every channel. Within a level or two of the real transform on natural images
+    (Pillow's integer DCT and its rounding differ slightly)."""
+    luma = x if x.shape[1] == 1 else torch.einsum("bchw,c->bhw", x, x.new_tensor(_TO_YCC[0]))[:, None]
+    out = ((_quantized(luma * 255 - 128, jpeg_luma_table(quality), grad) + 128) / 255).clamp(0, 1)
     return out.expand(-1, x.shape[1], -1, -1)
+
+
+def soft_jpeg(x: torch.Tensor, quality: int = 10, grad: str = "ste") -> torch.Tensor:
+    """Colour JPEG (countermeasure ``jpeg``: Pillow's encoder, 4:2:0) as a differentiable function of RGB x
+    (B, 3, H, W) in [0, 1]: JFIF YCbCr, the chroma planes averaged over 2×2 pixels, every plane's 8×8 blocks
+    quantized with the encoder's luminance or chrominance table (:func:`_quantized`), the chroma brought back to full
+    size bilinearly (the decoder's "fancy" upsampling: weights 3/4 and 1/4) and back to RGB. Within a few levels
+    of the real transform on smooth images (an image's 2×2 chroma detail makes the upsampling's difference larger)."""
+    m = x.new_tensor(_TO_YCC)
+    ycc = torch.einsum("bchw,dc->bdhw", x * 255, m)
+    luma_table, chroma_table = jpeg_tables(quality)
+    y = _quantized(ycc[:, :1] - 128, luma_table, grad) + 128
+    chroma = _quantized(F.avg_pool2d(ycc[:, 1:], 2), chroma_table, grad)  # centred: Cb, Cr without the +128
+    ycc = torch.cat([y, F.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False)], 1)
+    return (torch.einsum("bdhw,cd->bchw", ycc, torch.linalg.inv(m)) / 255).clamp(0, 1)
 
 
 def _dct(u: int, v: int) -> torch.Tensor:

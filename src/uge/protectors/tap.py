@@ -18,11 +18,11 @@ from ..models import list_models
 from ..params import budget, param
 from ..pgd import cell_means, pgd, uniform_start
 from ..result import Protection
-from ..training import Recipe, accuracy, train
+from ..training import Recipe, accuracy, autocast, train
 from ..training import augment as crop_flip
 from ..utils import resolve_device
 from .base import NoiseBand, PretrainedSource, Protector, add_noise, band_cell, image_result, register_protector
-from .noise import ISS_GRADS, soft_iss
+from .noise import ISS_GRADS, soft_iss, soft_jpeg
 
 
 def block_means(data: ImageDataset) -> ImageDataset:
@@ -48,7 +48,7 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     flip (differentiable in the image) to x + δ at every step; the step size defaults to 2.5ρ/steps
     (Madry et al.'s rule), as the paper's own is not restated here. ``init`` and ``probe``
     (:class:`PretrainedSource`): the source is a linear probe trained on fixed pretrained features; ``iss``: the
-    expectation over transformations includes ISS, the attack that undoes TAP, and ``blanket`` the 8×8 block
+    expectation over transformations includes ISS, the attack that undoes TAP, ``jpeg`` colour JPEG, and ``blanket`` the 8×8 block
     means that the blanket removal keeps, and ``source_blanket`` trains the source on those means (ours; not in
     the paper).
 
@@ -74,24 +74,31 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     # the chance that a PGD step sees x + δ through ISS (grayscale + JPEG at iss_quality, differentiable: soft_iss)
     iss: float = param(0.0, low=0, high=1)
     iss_quality: int = param(10, low=1, high=100)
-    iss_grad: str = param("ste", choices=ISS_GRADS)  # the rounding's gradient in soft_iss: straight-through or cubic
+    iss_grad: str = param("ste", choices=ISS_GRADS)  # JPEG rounding's gradient in the views: straight-through or cubic
+    # the chance that a PGD step sees x + δ through colour JPEG at jpeg_quality (differentiable: soft_jpeg)
+    jpeg: float = param(0.0, low=0, high=1)
+    jpeg_quality: int = param(10, low=1, high=100)
     # the chance that a PGD step sees only x + δ's 8×8 block means (what the blanket block-DCT removal keeps)
     blanket: float = param(0.0, low=0, high=1)
     # the blanket steps attack a second source trained on the clean images' 8×8 block means (a model of the hacker
     # who trains after the blanket removal) instead of the one trained on full images; with blanket = 1 the only one
     source_blanket: bool = False
-    # how the steps use the views: "draw" one view per step (chances iss, blanket and the rest plain), or "vote":
+    # how the steps use the views: "draw" one view per step (chances iss, jpeg, blanket, the rest plain), or "vote":
     # every step takes each view's gradient and moves each pixel by the sign of their chance-weighted signs
     views: str = param("draw", choices=VIEWS)
 
     def cross_checks(self):
-        if not self.iss and (self.iss_quality, self.iss_grad) != (10, "ste"):  # not silently ignored
-            return [f"iss_quality and iss_grad are used only with iss > 0, got iss_quality={self.iss_quality}, "
-                    f"iss_grad={self.iss_grad!r} and iss=0"]
-        if self.iss + self.blanket > 1:
-            return [f"iss + blanket is the chance of a transformed step, at most 1; got {self.iss} + {self.blanket}"]
-        if self.views == "vote" and not (self.iss or self.blanket):
-            return ["views='vote' needs a view besides the plain one (iss > 0 or blanket > 0)"]
+        if not self.iss and self.iss_quality != 10:  # not silently ignored
+            return [f"iss_quality is used only with iss > 0, got iss_quality={self.iss_quality} and iss=0"]
+        if not self.jpeg and self.jpeg_quality != 10:
+            return [f"jpeg_quality is used only with jpeg > 0, got jpeg_quality={self.jpeg_quality} and jpeg=0"]
+        if not (self.iss or self.jpeg) and self.iss_grad != "ste":
+            return [f"iss_grad is used only with iss or jpeg > 0, got iss_grad={self.iss_grad!r} and neither"]
+        if self.iss + self.jpeg + self.blanket > 1:
+            return [f"iss + jpeg + blanket is the chance of a transformed step, at most 1; got {self.iss} + "
+                    f"{self.jpeg} + {self.blanket}"]
+        if self.views == "vote" and not (self.iss or self.jpeg or self.blanket):
+            return ["views='vote' needs a view besides the plain one (iss, jpeg or blanket > 0)"]
         if self.source_blanket and not self.blanket:  # its source would never be attacked
             return ["source_blanket needs blanket > 0 (the steps that attack its source), got blanket=0"]
         return []
@@ -101,15 +108,16 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
 
     def step_views(self) -> list[tuple[float, Callable[[torch.Tensor], torch.Tensor], bool]]:
         """(chance, the view of x + δ, whether it is the block means) of each view a PGD step may take: the plain
-        images, what ISS leaves of them, their 8×8 block means."""
-        return [(1 - self.iss - self.blanket, lambda u: u, False),
+        images, what ISS leaves of them, what colour JPEG leaves of them, their 8×8 block means."""
+        return [(1 - self.iss - self.jpeg - self.blanket, lambda u: u, False),
                 (self.iss, lambda u: soft_iss(u, self.iss_quality, self.iss_grad), False),
+                (self.jpeg, lambda u: soft_jpeg(u, self.jpeg_quality, self.iss_grad), False),
                 (self.blanket, lambda u: cell_means(u, 8), True)]
 
     def squeeze(self, x_u: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """(x + δ for one PGD step, or with chance ``iss`` (torch's RNG) what ISS leaves of it, with chance
-        ``blanket`` its 8×8 block means; whether it is the block means)."""
-        if not (self.iss or self.blanket):
+        """(x + δ for one PGD step, or with chance ``iss`` (torch's RNG) what ISS leaves of it, with chance ``jpeg``
+        what colour JPEG leaves of it, with chance ``blanket`` its 8×8 block means; whether it is the block means)."""
+        if not (self.iss or self.jpeg or self.blanket):
             return x_u, False
         r, edge = torch.rand(()), 0.0
         for chance, see, coarse in self.step_views()[1:]:
@@ -135,6 +143,9 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:
+        if self.jpeg and data.images.shape[-1] != 3:
+            raise ConfigError(f"protector 'tap': jpeg > 0 is a colour JPEG view and needs RGB images, got "
+                              f"{data.images.shape[-1]} channel(s); use iss for grayscale images")
         if self.shift % data.num_classes == 0:
             raise ConfigError(f"protector 'tap': parameter shift={self.shift} maps every class to itself for "
                               f"{data.num_classes} classes; use a shift that is not a multiple of it")
@@ -170,12 +181,14 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
         """One PGD step's loss: the cross-entropy towards ``t`` of the source for the step's view of x + δ; with
         ``views = "vote"`` a surrogate whose gradient is the chance-weighted sum of every view's gradient sign."""
         def ce(seen: torch.Tensor, coarse: bool) -> torch.Tensor:  # against the source for that view
-            return F.cross_entropy(sources[coarse and self.source_blanket](view(seen)), t)
+            with autocast(seen.device):  # bf16 on a GPU, as in training: only the gradient's sign is used
+                logits = sources[coarse and self.source_blanket](view(seen))
+            return F.cross_entropy(logits.float(), t)
 
         if self.views == "draw":
             return ce(*self.squeeze(x_u))
         vote = torch.zeros_like(x_u)
         for chance, see, coarse in self.step_views():
-            if chance > 1e-9:  # (1 − iss − blanket may round to a hair above 0)
+            if chance > 1e-9:  # (1 − iss − jpeg − blanket may round to a hair above 0)
                 vote += chance * torch.autograd.grad(ce(see(x_u), coarse), x_u)[0].sign()
         return (x_u * vote).sum()  # its gradient with respect to δ is the vote
