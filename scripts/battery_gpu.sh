@@ -12,6 +12,7 @@
 # On a CPU, at tiny sizes, to test the script itself (the smoke config is the battery too):
 #   TINY=1 OUT=/tmp/out BUDGET=60 bash scripts/battery_gpu.sh
 # Another battery: CONFIG=configs/battery-gpu-dc.toml SMOKE=configs/battery-gpu-dc-smoke.toml bash scripts/battery_gpu.sh …
+# (SEED_RUN=DIR starts the battery from a copy of the run folder DIR, e.g. one with reused records)
 set -uo pipefail
 DATA=${1:-../shared/datasets/cifar10-jpeg.tar.gz}
 OUT=${OUT:-results/battery-gpu-out}
@@ -46,6 +47,8 @@ fi
 t1=$(date +%s)
 printf 'smoke\t%s\n' $((t1 - t0)) >> "$RES/timings.tsv"
 echo "smoke passed in $((t1 - t0)) s"
+# SEED_RUN: a run folder to start from (records reused from earlier runs: scripts/reuse_records.py)
+if [[ -n "${SEED_RUN:-}" ]]; then cp -r "$SEED_RUN" "$RES/run"; fi
 for i in $(seq 1 "$WORKERS"); do
   timeout -k 30 "$BUDGET" $UGE benchmark "$CONFIG" "${DATA_ARG[@]}" --out "$RES/run" --device $DEVICE --quiet \
     > "$RES/worker$i.log" 2>&1 &

@@ -9,6 +9,8 @@ protected again (``variants/*/protect.json``) with the source run's: equal stati
 
     python scripts/reuse_records.py configs/battery-cpu.toml results/battery-cpu --from results/ladder-cpu ...
     python scripts/reuse_records.py configs/battery-cpu.toml results/battery-cpu --check
+    python scripts/reuse_records.py configs/battery-gpu-tap.toml results/battery-gpu-tap --from results/battery-gpu \
+        --data .data/cifar10-jpeg.tar.gz       # the data as the GPU machine's run names it (`benchmark --data`)
 """
 from __future__ import annotations
 
@@ -128,8 +130,12 @@ if __name__ == "__main__":
     p.add_argument("run", type=Path)
     p.add_argument("--from", dest="sources", type=Path, nargs="+", default=[])
     p.add_argument("--check", action="store_true", help="compare the re-protected variants with their sources")
+    p.add_argument("--data", help="the config's data source as the run will have it (`uge benchmark --data`)")
     a = p.parse_args()
     if a.check:
         sys.exit(1 if check(a.run) else 0)
-    for r in reuse(load_config(a.config), a.run, a.sources):
+    cfg = load_config(a.config)
+    if a.data:  # the same experiment on data stored elsewhere (e.g. a copy on a GPU machine)
+        cfg.data.source = a.data
+    for r in reuse(cfg, a.run, a.sources):
         print(f"{r['record']:110s} {r['test_acc']:6.2f}  {r['source']}")

@@ -151,7 +151,8 @@ def augment(x: torch.Tensor, crop: bool = True, flip: bool = True, *, batch: int
     return x
 
 
-def _autocast(device: torch.device):
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU; on the CPU a no-op (full precision)."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
@@ -221,7 +222,7 @@ def train(model: nn.Module, data: ImageDataset, recipe: Recipe, *, task=None, de
                     x = x.contiguous(memory_format=torch.channels_last)
                 for g in opt.param_groups:
                     g["lr"] = recipe.lr_at(step, total)
-                with _autocast(device):
+                with autocast(device):
                     loss = task.loss(net, x, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -296,7 +297,7 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> t
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        with _autocast(device):
+        with autocast(device):
             out.append(model(x).float())
     return torch.cat(out)
 
