@@ -13,6 +13,9 @@
 #   TINY=1 OUT=/tmp/out BUDGET=60 bash scripts/battery_gpu.sh
 # Another battery: CONFIG=configs/battery-gpu-dc.toml SMOKE=configs/battery-gpu-dc-smoke.toml bash scripts/battery_gpu.sh …
 # (SEED_RUN=DIR starts the battery from a copy of the run folder DIR, e.g. one with reused records)
+# The next device check (prepared; no machine was lent in stop 40): TAP at full size, the Original's columns reused:
+#   CONFIG=configs/battery-gpu-tap.toml SMOKE=configs/battery-gpu-tap-smoke.toml SEED_RUN=results/battery-gpu-tap \
+#       BUDGET=440 bash scripts/battery_gpu.sh .data/cifar10-jpeg.tar.gz
 set -uo pipefail
 DATA=${1:-../shared/datasets/cifar10-jpeg.tar.gz}
 OUT=${OUT:-results/battery-gpu-out}
