@@ -4,7 +4,7 @@ Usage: python scripts/source_at_target.py CONFIG RUN_DIR VARIANT [--out FILE.jso
 
 Trains the variant's source network again (the benchmark's seed: the same network, on the same device kind) and
 reads the published set from RUN_DIR. Prints, for each source (the one trained on full images, the ``blanket_`` one
-trained on block means for ``source_blanket``), the share of published images it sends to the target class, on the
+trained on block means for ``source_blanket``, the ``scratch_`` one from random init for ``scratch``), the share of published images it sends to the target class, on the
 full images and on their 8×8 block means, beside the same on the clean images and its accuracy: how far the attack
 got on its own model. ``protect.json``'s ``source_at_target`` is each source's share on its own view (the block means
 for the blanket source) for runs made after stop 39; before, the full images for every source. Writes JSON with
@@ -41,10 +41,10 @@ def measure(cfg, run_dir: Path, variant: str) -> dict:
         for view, d in (("full", data), ("block_means", block_means(data))):
             sets[name, view] = d, ImageDataset(d.images, target, d.classes)
     out = {"variant": v.name}
-    for coarse in tap.source_kinds():  # each source on what it sees, and on the other view
-        model = tap.source_network(train, device="cpu", seed=cfg.seed, blanket=coarse).requires_grad_(False)
+    for kind in tap.source_kinds():  # each source on what it sees, and on the other view
+        model = tap.source_network(train, device="cpu", seed=cfg.seed, kind=kind).requires_grad_(False)
         for (name, view), (d, targeted) in sets.items():
-            key = f"{'blanket_' * coarse}source_{name}_{view}"
+            key = f"{'' if kind == 'full' else kind + '_'}source_{name}_{view}"
             out[f"{key}_at_target"] = round(accuracy(model, targeted), 2)
             out[f"{key}_correct"] = round(accuracy(model, d), 2)
     return out

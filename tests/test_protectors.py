@@ -394,8 +394,8 @@ def test_tap_jpeg_view_is_drawn_and_needs_colour(digits_small):
     from uge.protectors.noise import soft_jpeg
     tap = build_protector("tap", **TINY["tap"], jpeg=1.0)
     x = torch.rand(2, 3, 16, 16)
-    seen, coarse = tap.squeeze(x)
-    assert torch.equal(seen, soft_jpeg(x)) and not coarse
+    seen, source = tap.squeeze(x)
+    assert torch.equal(seen, soft_jpeg(x)) and source == "full"
     with pytest.raises(ConfigError, match="needs RGB images"):
         tap.protect(digits_small, device="cpu", progress=False)
 
@@ -420,13 +420,13 @@ def test_tap_with_iss_in_its_expectation_sees_iss_on_some_steps(digits_small):
     torch.manual_seed(0)
     seen = [not torch.equal(tap.squeeze(x)[0], x) for _ in range(40)]
     assert 5 < sum(seen) < 35  # about half the steps
-    plain, coarse = build_protector("tap", **TINY["tap"]).squeeze(x)
-    assert plain is x and not coarse
+    plain, source = build_protector("tap", **TINY["tap"]).squeeze(x)
+    assert plain is x and source == "full"
     with pytest.raises(ConfigError, match="iss_quality is used only with iss > 0"):
         build_protector("tap", **TINY["tap"], iss_quality=20)
     with pytest.raises(ConfigError, match="jpeg_quality is used only with jpeg > 0"):
         build_protector("tap", **TINY["tap"], jpeg_quality=30)
-    with pytest.raises(ConfigError, match="iss \\+ jpeg \\+ blanket is the chance"):
+    with pytest.raises(ConfigError, match="iss \\+ jpeg \\+ blanket \\+ scratch is the chance"):
         build_protector("tap", **TINY["tap"], iss=0.5, jpeg=0.5, blanket=0.25)
     with pytest.raises(ConfigError, match="iss_grad='cubic'"):
         build_protector("tap", **TINY["tap"], iss_grad="cubic")
@@ -442,8 +442,8 @@ def test_tap_with_the_blanket_in_its_expectation_sees_block_means_on_some_steps(
     x = torch.rand(2, 3, 16, 16)
     torch.manual_seed(0)
     views = [tap.squeeze(x) for _ in range(200)]
-    means = sum(torch.equal(v, cell_means(x, 8)) and coarse for v, coarse in views)
-    plain = sum(v is x and not coarse for v, coarse in views)
+    means = sum(torch.equal(v, cell_means(x, 8)) and source == "full" for v, source in views)  # no blanket source
+    plain = sum(v is x and source == "full" for v, source in views)
     assert 35 < means < 85 and 35 < 200 - plain - means < 85 and 50 < plain < 110  # about 0.3, 0.3 and 0.4
     with pytest.raises(ConfigError, match="at most 1"):
         build_protector("tap", **TINY["tap"], iss=0.6, blanket=0.6)
@@ -478,6 +478,30 @@ def test_tap_source_blanket_attacks_a_source_trained_on_what_the_blanket_removal
         build_protector("tap", **TINY["tap"], source_blanket=True)
 
 
+def test_tap_scratch_attacks_a_second_source_from_random_init_beside_the_pretrained_probe(tmp_path, monkeypatch):
+    """``scratch``: beside the probe on ``init``'s fixed features, a second source on full images trained from
+    random init with every layer; both attacked, both logged. Without ``init`` it is refused (the main source is
+    from random init already)."""
+    import uge.protectors.tap as tap_module
+    rng = np.random.default_rng(0)
+    data = ImageDataset(rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), np.arange(12) % 3, list("abc"))
+    init = tmp_path / "features.safetensors"
+    save_weights(init, create_model("lenet", 3, 3, seed=5).state_dict())
+    trained = []
+    real = tap_module.train
+    monkeypatch.setattr(tap_module, "train", lambda model, d, *a, **k: trained.append(
+        [n for n, p in model.named_parameters() if p.requires_grad]) or real(model, d, *a, **k))
+    tap = build_protector("tap", **TINY["tap"], init=str(init), probe=True, scratch=0.5)
+    assert tap.source_kinds() == ["full", "scratch"]
+    result = tap.protect(data, device="cpu", progress=False)
+    probe, scratch = trained
+    assert len(probe) < len(scratch)  # the probe trains its head only, the scratch source every layer
+    assert set(result.history[0]) == {"source_at_target", "scratch_source_at_target"}
+    assert 0 < np.abs(result.protected.images.astype(int) - data.images).max() <= 8
+    with pytest.raises(ConfigError, match="scratch needs init"):
+        build_protector("tap", **TINY["tap"], scratch=0.5)
+
+
 def test_tap_views_vote_moves_each_pixel_by_the_weighted_vote_of_every_views_gradient_sign():
     """``views = "vote"``: every step's gradient is the chance-weighted sum of the plain, ISS and block-mean views'
     gradient signs (each against its own source), so a pixel moves where the views' weights agree; "draw" is one view."""
@@ -487,7 +511,7 @@ def test_tap_views_vote_moves_each_pixel_by_the_weighted_vote_of_every_views_gra
     x, t = torch.rand(2, 3, 16, 16), torch.tensor([1, 2])
     tap = build_protector("tap", **TINY["tap"], iss=0.3, blanket=0.2, source_blanket=True, views="vote")
     delta = torch.zeros_like(x, requires_grad=True)
-    (got,) = torch.autograd.grad(tap.loss({False: full, True: coarse}, lambda u: u, x + delta, t), delta)
+    (got,) = torch.autograd.grad(tap.loss({"full": full, "blanket": coarse}, lambda u: u, x + delta, t), delta)
     signs = []
     for model, view in ((full, lambda u: u), (full, lambda u: soft_iss(u)), (coarse, lambda u: cell_means(u, 8)),
                         (full, lambda u: soft_jpeg(u))):
@@ -496,8 +520,17 @@ def test_tap_views_vote_moves_each_pixel_by_the_weighted_vote_of_every_views_gra
     assert torch.allclose(got, 0.5 * signs[0] + 0.3 * signs[1] + 0.2 * signs[2])
     with_jpeg = build_protector("tap", **TINY["tap"], iss=0.3, jpeg=0.1, blanket=0.2, source_blanket=True,
                                 views="vote")
-    (got_jpeg,) = torch.autograd.grad(with_jpeg.loss({False: full, True: coarse}, lambda u: u, x + delta, t), delta)
+    (got_jpeg,) = torch.autograd.grad(with_jpeg.loss({"full": full, "blanket": coarse}, lambda u: u, x + delta, t),
+                                      delta)
     assert torch.allclose(got_jpeg, 0.4 * signs[0] + 0.3 * signs[1] + 0.2 * signs[2] + 0.1 * signs[3])
+    scratch = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
+    d = torch.zeros_like(x, requires_grad=True)
+    scratch_sign = torch.autograd.grad(F.cross_entropy(scratch(x + d), t), d)[0].sign()
+    with_scratch = build_protector("tap", **TINY["tap"], iss=0.3, scratch=0.25, blanket=0.2, source_blanket=True,
+                                   views="vote", init="unused.safetensors")
+    (got_scratch,) = torch.autograd.grad(with_scratch.loss({"full": full, "blanket": coarse, "scratch": scratch},
+                                                           lambda u: u, x + delta, t), delta)
+    assert torch.allclose(got_scratch, 0.25 * signs[0] + 0.3 * signs[1] + 0.2 * signs[2] + 0.25 * scratch_sign)
     assert (got.sign() != signs[0]).any() and (got.sign() == signs[0]).float().mean() > 0.5  # the plain view wins most
     with pytest.raises(ConfigError, match="views='vote' needs a view besides the plain one"):
         build_protector("tap", **TINY["tap"], views="vote")

@@ -68,10 +68,12 @@ class PretrainedSource:
     init: str | None
     probe: bool
 
-    def source_model(self, data: ImageDataset, seed: int, device) -> torch.nn.Module:
-        """The untrained source network for ``data`` on ``device``; a probe's features stay fixed."""
-        model = build_network(self.arch, data.num_classes, data.channels, seed=seed, weights=self.init)
-        return (model.freeze_features() if self.probe else model).to(resolve_device(device))
+    def source_model(self, data: ImageDataset, seed: int, device, pretrained: bool = True) -> torch.nn.Module:
+        """The untrained source network for ``data`` on ``device``; a probe's features stay fixed. ``pretrained``
+        False: from random init, every layer trained, whatever ``init`` and ``probe`` say."""
+        model = build_network(self.arch, data.num_classes, data.channels, seed=seed,
+                              weights=self.init if pretrained else None)
+        return (model.freeze_features() if self.probe and pretrained else model).to(resolve_device(device))
 
 
 class Protector:

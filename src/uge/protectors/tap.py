@@ -48,9 +48,9 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     flip (differentiable in the image) to x + δ at every step; the step size defaults to 2.5ρ/steps
     (Madry et al.'s rule), as the paper's own is not restated here. ``init`` and ``probe``
     (:class:`PretrainedSource`): the source is a linear probe trained on fixed pretrained features; ``iss``: the
-    expectation over transformations includes ISS, the attack that undoes TAP, ``jpeg`` colour JPEG, and ``blanket`` the 8×8 block
-    means that the blanket removal keeps, and ``source_blanket`` trains the source on those means (ours; not in
-    the paper).
+    expectation over transformations includes ISS, the attack that undoes TAP, ``jpeg`` colour JPEG, ``blanket``
+    the 8×8 block means that the blanket removal keeps (``source_blanket``: against a source trained on those
+    means), and ``scratch`` the plain images against a second source from random init (ours; not in the paper).
 
     Example: ``build_protector("tap", arch="cnn", epochs=5, steps=50).protect(train)``.
     """
@@ -83,6 +83,9 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     # the blanket steps attack a second source trained on the clean images' 8×8 block means (a model of the hacker
     # who trains after the blanket removal) instead of the one trained on full images; with blanket = 1 the only one
     source_blanket: bool = False
+    # the chance that a step sees x + δ plainly and attacks a second full-image source, trained from random init with
+    # every layer (not `init`'s features): a model of the hacker without pretrained features (needs init)
+    scratch: float = param(0.0, low=0, high=1)
     # how the steps use the views: "draw" one view per step (chances iss, jpeg, blanket, the rest plain), or "vote":
     # every step takes each view's gradient and moves each pixel by the sign of their chance-weighted signs
     views: str = param("draw", choices=VIEWS)
@@ -94,11 +97,13 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
             return [f"jpeg_quality is used only with jpeg > 0, got jpeg_quality={self.jpeg_quality} and jpeg=0"]
         if not (self.iss or self.jpeg) and self.iss_grad != "ste":
             return [f"iss_grad is used only with iss or jpeg > 0, got iss_grad={self.iss_grad!r} and neither"]
-        if self.iss + self.jpeg + self.blanket > 1:
-            return [f"iss + jpeg + blanket is the chance of a transformed step, at most 1; got {self.iss} + "
-                    f"{self.jpeg} + {self.blanket}"]
-        if self.views == "vote" and not (self.iss or self.jpeg or self.blanket):
-            return ["views='vote' needs a view besides the plain one (iss, jpeg or blanket > 0)"]
+        if self.iss + self.jpeg + self.blanket + self.scratch > 1:
+            return [f"iss + jpeg + blanket + scratch is the chance of a step that is not the plain one, at most 1; "
+                    f"got {self.iss} + {self.jpeg} + {self.blanket} + {self.scratch}"]
+        if self.views == "vote" and not (self.iss or self.jpeg or self.blanket or self.scratch):
+            return ["views='vote' needs a view besides the plain one (iss, jpeg, blanket or scratch > 0)"]
+        if self.scratch and self.init is None:  # the main source is then from random init already
+            return ["scratch needs init (a pretrained main source), got init=None"]
         if self.source_blanket and not self.blanket:  # its source would never be attacked
             return ["source_blanket needs blanket > 0 (the steps that attack its source), got blanket=0"]
         return []
@@ -106,37 +111,42 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     def targets(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         return (labels + self.shift) % num_classes
 
-    def step_views(self) -> list[tuple[float, Callable[[torch.Tensor], torch.Tensor], bool]]:
-        """(chance, the view of x + δ, whether it is the block means) of each view a PGD step may take: the plain
-        images, what ISS leaves of them, what colour JPEG leaves of them, their 8×8 block means."""
-        return [(1 - self.iss - self.jpeg - self.blanket, lambda u: u, False),
-                (self.iss, lambda u: soft_iss(u, self.iss_quality, self.iss_grad), False),
-                (self.jpeg, lambda u: soft_jpeg(u, self.jpeg_quality, self.iss_grad), False),
-                (self.blanket, lambda u: cell_means(u, 8), True)]
+    def step_views(self) -> list[tuple[float, Callable[[torch.Tensor], torch.Tensor], str]]:
+        """(chance, the view of x + δ, the source it attacks: a :meth:`source_kinds` name) of each view a PGD step may
+        take: the plain images, what ISS leaves of them, what colour JPEG leaves of them, their 8×8 block means, the
+        plain images against the source from random init."""
+        plain = 1 - self.iss - self.jpeg - self.blanket - self.scratch
+        return [(plain, lambda u: u, "full"),
+                (self.iss, lambda u: soft_iss(u, self.iss_quality, self.iss_grad), "full"),
+                (self.jpeg, lambda u: soft_jpeg(u, self.jpeg_quality, self.iss_grad), "full"),
+                (self.blanket, lambda u: cell_means(u, 8), "blanket" if self.source_blanket else "full"),
+                (self.scratch, lambda u: u, "scratch")]
 
-    def squeeze(self, x_u: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def squeeze(self, x_u: torch.Tensor) -> tuple[torch.Tensor, str]:
         """(x + δ for one PGD step, or with chance ``iss`` (torch's RNG) what ISS leaves of it, with chance ``jpeg``
-        what colour JPEG leaves of it, with chance ``blanket`` its 8×8 block means; whether it is the block means)."""
-        if not (self.iss or self.jpeg or self.blanket):
-            return x_u, False
+        what colour JPEG leaves of it, with chance ``blanket`` its 8×8 block means; the source that step attacks)."""
+        if not (self.iss or self.jpeg or self.blanket or self.scratch):
+            return x_u, "full"
         r, edge = torch.rand(()), 0.0
-        for chance, see, coarse in self.step_views()[1:]:
+        for chance, see, source in self.step_views()[1:]:
             edge += chance
             if r < edge:
-                return see(x_u), coarse
-        return x_u, False
+                return see(x_u), source
+        return x_u, "full"
 
-    def source_kinds(self) -> list[bool]:
-        """Whether each source the PGD steps attack is trained on block means: one on full images, unless every step
-        sees block means and has its own; one on block means with ``source_blanket``."""
-        return ([] if self.source_blanket and self.blanket == 1 else [False]) + ([True] if self.source_blanket else [])
+    def source_kinds(self) -> list[str]:
+        """The sources the PGD steps attack: "full" (on full images, from ``init`` with ``probe`` as set), unless
+        every step sees block means and has its own; "blanket" (on the block means) with ``source_blanket``;
+        "scratch" (full images, from random init) with ``scratch``."""
+        return ([] if self.source_blanket and self.blanket == 1 else ["full"]) + (
+            ["blanket"] if self.source_blanket else []) + (["scratch"] if self.scratch else [])
 
     def source_network(self, data: ImageDataset, *, device="auto", seed: int = 0, progress: bool = False,
-                       blanket: bool = False) -> nn.Module:
-        """The clean-trained source network that :meth:`protect` attacks (equal seeds: equal networks); with
-        ``blanket``, the one trained on the clean images' block means (``source_blanket``)."""
-        model = self.source_model(data, seed, device)
-        if blanket:
+                       kind: str = "full") -> nn.Module:
+        """The clean-trained source network of :meth:`source_kinds`'s ``kind`` that :meth:`protect` attacks (equal
+        seeds: equal networks)."""
+        model = self.source_model(data, seed, device, pretrained=kind != "scratch")
+        if kind == "blanket":
             data = block_means(data)
         recipe = Recipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
         return train(model, data, recipe, device=device, seed=seed, progress=progress, desc="TAP source")
@@ -150,8 +160,9 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
             raise ConfigError(f"protector 'tap': parameter shift={self.shift} maps every class to itself for "
                               f"{data.num_classes} classes; use a shift that is not a multiple of it")
         device, start = resolve_device(device), time.perf_counter()
+        kinds = self.source_kinds()
         sources = {k: self.source_network(data, device=device, seed=seed, progress=progress,
-                                          blanket=k).requires_grad_(False) for k in self.source_kinds()}
+                                          kind=k).requires_grad_(False) for k in kinds}
         trained = time.perf_counter()
         images, labels = data.tensors(device)
         delta = uniform_start(images.shape, self.rho, seed, device)
@@ -171,24 +182,24 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
         published = add_noise(data, delta, self.rho)
         # how often each source predicts the target class on what is published, as it sees it: the attack's success
         target = self.targets(published.labels, data.num_classes)
-        success = {("blanket_" if k and len(sources) > 1 else "") + "source_at_target": round(accuracy(
-            model, ImageDataset((block_means(published) if k else published).images, target, data.classes)), 2)
+        success = {("" if k == kinds[0] else f"{k}_") + "source_at_target": round(accuracy(model, ImageDataset(
+            (block_means(published) if k == "blanket" else published).images, target, data.classes)), 2)
             for k, model in sources.items()}
         return image_result(self, data, published.images, seed, history=[success],
                             seconds={"source": trained - start, "noise": time.perf_counter() - trained})
 
-    def loss(self, sources: dict[bool, nn.Module], view, x_u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def loss(self, sources: dict[str, nn.Module], view, x_u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """One PGD step's loss: the cross-entropy towards ``t`` of the source for the step's view of x + δ; with
         ``views = "vote"`` a surrogate whose gradient is the chance-weighted sum of every view's gradient sign."""
-        def ce(seen: torch.Tensor, coarse: bool) -> torch.Tensor:  # against the source for that view
+        def ce(seen: torch.Tensor, source: str) -> torch.Tensor:  # against the source for that view
             with autocast(seen.device):  # bf16 on a GPU, as in training: only the gradient's sign is used
-                logits = sources[coarse and self.source_blanket](view(seen))
+                logits = sources[source](view(seen))
             return F.cross_entropy(logits.float(), t)
 
         if self.views == "draw":
             return ce(*self.squeeze(x_u))
         vote = torch.zeros_like(x_u)
-        for chance, see, coarse in self.step_views():
-            if chance > 1e-9:  # (1 − iss − jpeg − blanket may round to a hair above 0)
-                vote += chance * torch.autograd.grad(ce(see(x_u), coarse), x_u)[0].sign()
+        for chance, see, source in self.step_views():
+            if chance > 1e-9:  # (1 − iss − jpeg − blanket − scratch may round to a hair above 0)
+                vote += chance * torch.autograd.grad(ce(see(x_u), source), x_u)[0].sign()
         return (x_u * vote).sum()  # its gradient with respect to δ is the vote
