@@ -400,6 +400,33 @@ def test_tap_jpeg_view_is_drawn_and_needs_colour(digits_small):
         tap.protect(digits_small, device="cpu", progress=False)
 
 
+def test_tap_quality_ranges_draw_each_views_quality_afresh(monkeypatch):
+    """``iss_quality_max`` / ``jpeg_quality_max``: every ISS or JPEG view draws its quality from the range (each
+    value about equally often); without them the one quality; a range below its low end or without its view is
+    refused."""
+    import uge.protectors.tap as tap_module
+    asked = []
+    monkeypatch.setattr(tap_module, "soft_iss", lambda u, q, grad: asked.append(("iss", q)) or u)
+    monkeypatch.setattr(tap_module, "soft_jpeg", lambda u, q, grad: asked.append(("jpeg", q)) or u)
+    tap = build_protector("tap", **TINY["tap"], iss=0.5, iss_quality=10, iss_quality_max=30, jpeg=0.5,
+                          jpeg_quality=20, jpeg_quality_max=21)
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 8, 8)
+    for _ in range(300):
+        for chance, see, _source in tap.step_views()[1:3]:
+            see(x)
+    iss = [q for view, q in asked if view == "iss"]
+    jpeg = [q for view, q in asked if view == "jpeg"]
+    assert set(iss) == set(range(10, 31)) and set(jpeg) == {20, 21} and 100 < jpeg.count(20) < 200
+    asked.clear()
+    build_protector("tap", **TINY["tap"], iss=0.5, iss_quality=30).step_views()[1][1](x)
+    assert asked == [("iss", 30)]
+    with pytest.raises(ConfigError, match="iss_quality_max must be at least iss_quality"):
+        build_protector("tap", **TINY["tap"], iss=0.5, iss_quality=30, iss_quality_max=20)
+    with pytest.raises(ConfigError, match="jpeg_quality_max is used only with jpeg > 0"):
+        build_protector("tap", **TINY["tap"], jpeg_quality_max=50)
+
+
 def test_soft_iss_cubic_gradient_is_largest_half_way_between_quantization_levels():
     """``grad="cubic"``: a block whose DC coefficient lies half-way between two levels of the quality-10 table gets
     a gradient, one that lies on a level gets none (the straight-through gradient is the same for both)."""

@@ -35,6 +35,11 @@ def block_means(data: ImageDataset) -> ImageDataset:
 VIEWS = ("draw", "vote")
 
 
+def _quality(low: int, high: int | None) -> int:
+    """One view's JPEG quality: ``low``, or with ``high`` drawn uniformly from low..high (torch's RNG)."""
+    return low if high is None else int(torch.randint(low, high + 1, ()))
+
+
 @register_protector
 @dataclass
 class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
@@ -78,6 +83,10 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     # the chance that a PGD step sees x + δ through colour JPEG at jpeg_quality (differentiable: soft_jpeg)
     jpeg: float = param(0.0, low=0, high=1)
     jpeg_quality: int = param(10, low=1, high=100)
+    # set: every ISS (JPEG) view draws its quality uniformly from iss_quality..iss_quality_max (jpeg_quality..
+    # jpeg_quality_max) afresh, the family of squeezings rather than one member
+    iss_quality_max: int | None = param(None, low=1, high=100)
+    jpeg_quality_max: int | None = param(None, low=1, high=100)
     # the chance that a PGD step sees only x + δ's 8×8 block means (what the blanket block-DCT removal keeps)
     blanket: float = param(0.0, low=0, high=1)
     # the blanket steps attack a second source trained on the clean images' 8×8 block means (a model of the hacker
@@ -95,6 +104,12 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
             return [f"iss_quality is used only with iss > 0, got iss_quality={self.iss_quality} and iss=0"]
         if not self.jpeg and self.jpeg_quality != 10:
             return [f"jpeg_quality is used only with jpeg > 0, got jpeg_quality={self.jpeg_quality} and jpeg=0"]
+        for view, low, high in (("iss", self.iss_quality, self.iss_quality_max),
+                                ("jpeg", self.jpeg_quality, self.jpeg_quality_max)):
+            if high is not None and not getattr(self, view):
+                return [f"{view}_quality_max is used only with {view} > 0, got {view}_quality_max={high} and {view}=0"]
+            if high is not None and high < low:
+                return [f"{view}_quality_max must be at least {view}_quality ({low}), got {high}"]
         if not (self.iss or self.jpeg) and self.iss_grad != "ste":
             return [f"iss_grad is used only with iss or jpeg > 0, got iss_grad={self.iss_grad!r} and neither"]
         if self.iss + self.jpeg + self.blanket + self.scratch > 1:
@@ -117,8 +132,10 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
         plain images against the source from random init."""
         plain = 1 - self.iss - self.jpeg - self.blanket - self.scratch
         return [(plain, lambda u: u, "full"),
-                (self.iss, lambda u: soft_iss(u, self.iss_quality, self.iss_grad), "full"),
-                (self.jpeg, lambda u: soft_jpeg(u, self.jpeg_quality, self.iss_grad), "full"),
+                (self.iss, lambda u: soft_iss(u, _quality(self.iss_quality, self.iss_quality_max), self.iss_grad),
+                 "full"),
+                (self.jpeg, lambda u: soft_jpeg(u, _quality(self.jpeg_quality, self.jpeg_quality_max), self.iss_grad),
+                 "full"),
                 (self.blanket, lambda u: cell_means(u, 8), "blanket" if self.source_blanket else "full"),
                 (self.scratch, lambda u: u, "scratch")]
 
