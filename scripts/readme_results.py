@@ -31,6 +31,9 @@ FULL = ("battery-gpu", DEFAULT[2], "sealed")  # the default at full size (one GP
 CUBIC = "TAP against the owner's pretrained features, linear probe, ISS in half its steps, cubic rounding gradient"
 VOTE = ("TAP, owner's features and a block-mean probe, every step a vote of the plain, ISS (cubic) and block-mean "
         "views")
+JPEG_VOTE = ("TAP, owner's features and a block-mean probe, every step a vote of the plain, ISS (cubic), colour JPEG "
+             "(cubic) and block-mean views")
+FIVE = "TAP, owner's features, a block-mean probe and a source from random init, every step a vote of five views"
 ROWS = [
     ("Keyed (blind network; key in one colour direction)", "battery-cpu", "Keyed (4×4 cells along (1,−2,1))",
      "authorized"),
@@ -59,6 +62,12 @@ ROWS = [
     ("TAP against the owner's features and a block-mean probe, each step a vote of plain, ISS and block-mean views "
      "(ours), sealed", "battery-tap-vote-cpu", VOTE, "sealed", "file:resnetc20-c100-250-s1.safetensors"),
     ("the same, against a hacker from random init", "battery-tap-vote-cpu", VOTE, "sealed", "seed:1"),
+    ("the same with a colour JPEG 10 view in the vote (ours), sealed", "battery-tap-vote-cpu", JPEG_VOTE, "sealed",
+     "file:resnetc20-c100-250-s1.safetensors"),
+    ("the same, against a hacker from random init", "battery-tap-vote-cpu", JPEG_VOTE, "sealed", "seed:1"),
+    ("the same with a fifth view against a source from random init (ours), sealed", "battery-tap-vote-cpu", FIVE,
+     "sealed", "file:resnetc20-c100-250-s1.safetensors"),
+    ("the same, against a hacker from random init", "battery-tap-vote-cpu", FIVE, "sealed", "seed:1"),
     ("UGE's generator, batch mean removed (its strongest poison), sealed", "battery-uge-cpu",
      "UGE (paper reading), batch mean removed", "sealed"),
     ("UGE, the paper's method (key: θ0)", "robustness-cpu", "UGE", "authorized"),
