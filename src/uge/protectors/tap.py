@@ -95,8 +95,8 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     # the chance that a step sees x + δ plainly and attacks a second full-image source, trained from random init with
     # every layer (not `init`'s features): a model of the hacker without pretrained features (needs init)
     scratch: float = param(0.0, low=0, high=1)
-    # how the steps use the views: "draw" one view per step (chances iss, jpeg, blanket, scratch, else plain), or "vote":
-    # every step takes each view's gradient and moves each pixel by the sign of their chance-weighted signs
+    # how the steps use the views: "draw" one view per step (chances iss, jpeg, blanket, scratch, else plain), or
+    # "vote": every step takes each view's gradient and moves each pixel by the sign of their chance-weighted signs
     views: str = param("draw", choices=VIEWS)
 
     def cross_checks(self):
