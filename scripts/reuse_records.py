@@ -132,6 +132,8 @@ if __name__ == "__main__":
     p.add_argument("--check", action="store_true", help="compare the re-protected variants with their sources")
     p.add_argument("--data", help="the config's data source as the run will have it (`uge benchmark --data`)")
     a = p.parse_args()
+    if a.check and (a.data or a.sources):  # --check reads only the run folder: neither would be used
+        p.error("--check takes no --data or --from")
     if a.check:
         sys.exit(1 if check(a.run) else 0)
     cfg = load_config(a.config)

@@ -346,18 +346,24 @@ def test_tap_against_a_linear_probe_trains_only_the_sources_head(digits_small, s
     assert np.abs(result.protected.images.astype(int) - digits_small.images).max() <= 8
 
 
-def test_soft_iss_is_isss_grayscale_and_jpeg_and_passes_a_gradient():
-    """TAP's ``iss`` view: within a level or two of the countermeasure ``grayscale+jpeg:quality=10`` on smooth
-    RGB images (it removes ten times that), and differentiable in the image."""
+def _smooth_rgb_through(countermeasure: str):
+    """16 smooth 32×32 RGB images with a little noise: (uint8 NHWC, the same in [0, 1] NCHW with a gradient, what
+    the countermeasure makes of them as floats)."""
     from uge.countermeasures import parse_countermeasures, transform_data
-    from uge.protectors.noise import soft_iss
     g = torch.Generator().manual_seed(0)
     x = F.interpolate(torch.rand(16, 3, 8, 8, generator=g), size=32, mode="bilinear", align_corners=False)
     x = (x + 0.05 * torch.randn(16, 3, 32, 32, generator=g)).clamp(0, 1)
     u8 = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    real = transform_data(parse_countermeasures("grayscale+jpeg:quality=10"),
+    real = transform_data(parse_countermeasures(countermeasure),
                           ImageDataset(u8, np.zeros(16, np.int64), list("ab"))).images.astype(float)
-    x = torch.from_numpy(u8).permute(0, 3, 1, 2).float().div(255).requires_grad_(True)
+    return u8, torch.from_numpy(u8).permute(0, 3, 1, 2).float().div(255).requires_grad_(True), real
+
+
+def test_soft_iss_is_isss_grayscale_and_jpeg_and_passes_a_gradient():
+    """TAP's ``iss`` view: within a level or two of the countermeasure ``grayscale+jpeg:quality=10`` on smooth
+    RGB images (it removes ten times that), and differentiable in the image."""
+    from uge.protectors.noise import soft_iss
+    u8, x, real = _smooth_rgb_through("grayscale+jpeg:quality=10")
     soft = soft_iss(x)
     diff = np.abs(soft.detach().permute(0, 2, 3, 1).numpy() * 255 - real).mean()
     assert diff < 2 and np.abs(real - u8).mean() > 10 * diff
@@ -373,15 +379,8 @@ def test_soft_iss_is_isss_grayscale_and_jpeg_and_passes_a_gradient():
 def test_soft_jpeg_is_colour_jpeg_and_passes_a_gradient(quality):
     """TAP's ``jpeg`` view: within about a level of the countermeasure ``jpeg`` (Pillow, 4:2:0) on smooth RGB
     images, where that countermeasure changes ten times as much, and differentiable in the image."""
-    from uge.countermeasures import parse_countermeasures, transform_data
     from uge.protectors.noise import soft_jpeg
-    g = torch.Generator().manual_seed(0)
-    x = F.interpolate(torch.rand(16, 3, 8, 8, generator=g), size=32, mode="bilinear", align_corners=False)
-    x = (x + 0.05 * torch.randn(16, 3, 32, 32, generator=g)).clamp(0, 1)
-    u8 = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    real = transform_data(parse_countermeasures(f"jpeg:quality={quality}"),
-                          ImageDataset(u8, np.zeros(16, np.int64), list("ab"))).images.astype(float)
-    x = torch.from_numpy(u8).permute(0, 3, 1, 2).float().div(255).requires_grad_(True)
+    u8, x, real = _smooth_rgb_through(f"jpeg:quality={quality}")
     soft = soft_jpeg(x, quality, grad="cubic")
     diff = np.abs(soft.detach().permute(0, 2, 3, 1).numpy() * 255 - real).mean()
     assert diff < 2 and np.abs(real - u8).mean() > 10 * diff

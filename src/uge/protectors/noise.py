@@ -484,6 +484,7 @@ def _quantized(plane: torch.Tensor, table: torch.Tensor, grad: str) -> torch.Ten
 
 
 _TO_YCC = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))  # JFIF; row 0: luma
+_FROM_YCC = torch.linalg.inv(torch.tensor(_TO_YCC))  # once, not in every PGD step
 
 
 def soft_iss(x: torch.Tensor, quality: int = 10, grad: str = "ste") -> torch.Tensor:
@@ -508,7 +509,7 @@ def soft_jpeg(x: torch.Tensor, quality: int = 10, grad: str = "ste") -> torch.Te
     y = _quantized(ycc[:, :1] - 128, luma_table, grad) + 128
     chroma = _quantized(F.avg_pool2d(ycc[:, 1:], 2), chroma_table, grad)  # centred: Cb, Cr without the +128
     ycc = torch.cat([y, F.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False)], 1)
-    return (torch.einsum("bdhw,cd->bchw", ycc, torch.linalg.inv(m)) / 255).clamp(0, 1)
+    return (torch.einsum("bdhw,cd->bchw", ycc, _FROM_YCC.to(x)) / 255).clamp(0, 1)
 
 
 def _dct(u: int, v: int) -> torch.Tensor:

@@ -170,9 +170,9 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:
-        if self.jpeg and data.images.shape[-1] != 3:
+        if self.jpeg and data.channels != 3:
             raise ConfigError(f"protector 'tap': jpeg > 0 is a colour JPEG view and needs RGB images, got "
-                              f"{data.images.shape[-1]} channel(s); use iss for grayscale images")
+                              f"{data.channels} channel(s); use iss for grayscale images")
         if self.shift % data.num_classes == 0:
             raise ConfigError(f"protector 'tap': parameter shift={self.shift} maps every class to itself for "
                               f"{data.num_classes} classes; use a shift that is not a multiple of it")
