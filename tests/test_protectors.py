@@ -397,6 +397,11 @@ def test_tap_jpeg_view_is_drawn_and_needs_colour(digits_small):
     assert torch.equal(seen, soft_jpeg(x)) and source == "full"
     with pytest.raises(ConfigError, match="needs RGB images"):
         tap.protect(digits_small, device="cpu", progress=False)
+    against_scratch = build_protector("tap", **TINY["tap"], scratch_jpeg=1.0, init="unused.safetensors")
+    seen, source = against_scratch.squeeze(x)  # the same view, against the source from random init
+    assert torch.equal(seen, soft_jpeg(x)) and source == "scratch"
+    with pytest.raises(ConfigError, match="needs RGB images"):
+        against_scratch.protect(digits_small, device="cpu", progress=False)
 
 
 def test_tap_quality_ranges_draw_each_views_quality_afresh(monkeypatch):
@@ -450,9 +455,9 @@ def test_tap_with_iss_in_its_expectation_sees_iss_on_some_steps(digits_small):
     assert plain is x and source == "full"
     with pytest.raises(ConfigError, match="iss_quality is used only with iss > 0"):
         build_protector("tap", **TINY["tap"], iss_quality=20)
-    with pytest.raises(ConfigError, match="jpeg_quality is used only with jpeg > 0"):
+    with pytest.raises(ConfigError, match="jpeg_quality is used only with jpeg or scratch_jpeg > 0"):
         build_protector("tap", **TINY["tap"], jpeg_quality=30)
-    with pytest.raises(ConfigError, match="iss \\+ jpeg \\+ blanket \\+ scratch is the chance"):
+    with pytest.raises(ConfigError, match="iss \\+ jpeg \\+ blanket \\+ scratch \\+ scratch_jpeg is the chance"):
         build_protector("tap", **TINY["tap"], iss=0.5, jpeg=0.5, blanket=0.25)
     with pytest.raises(ConfigError, match="iss_grad='cubic'"):
         build_protector("tap", **TINY["tap"], iss_grad="cubic")
@@ -526,6 +531,9 @@ def test_tap_scratch_attacks_a_second_source_from_random_init_beside_the_pretrai
     assert 0 < np.abs(result.protected.images.astype(int) - data.images).max() <= 8
     with pytest.raises(ConfigError, match="scratch needs init"):
         build_protector("tap", **TINY["tap"], scratch=0.5)
+    with pytest.raises(ConfigError, match="scratch_jpeg needs init"):
+        build_protector("tap", **TINY["tap"], scratch_jpeg=0.5)
+    assert build_protector("tap", **TINY["tap"], init=str(init), scratch_jpeg=0.5).source_kinds() == ["full", "scratch"]
 
 
 def test_tap_views_vote_moves_each_pixel_by_the_weighted_vote_of_every_views_gradient_sign():
@@ -557,6 +565,13 @@ def test_tap_views_vote_moves_each_pixel_by_the_weighted_vote_of_every_views_gra
     (got_scratch,) = torch.autograd.grad(with_scratch.loss({"full": full, "blanket": coarse, "scratch": scratch},
                                                            lambda u: u, x + delta, t), delta)
     assert torch.allclose(got_scratch, 0.25 * signs[0] + 0.3 * signs[1] + 0.2 * signs[2] + 0.25 * scratch_sign)
+    scratch_jpeg_sign = torch.autograd.grad(F.cross_entropy(scratch(soft_jpeg(x + d)), t), d)[0].sign()
+    with_both = build_protector("tap", **TINY["tap"], iss=0.3, scratch=0.2, scratch_jpeg=0.15, blanket=0.2,
+                                source_blanket=True, views="vote", init="unused.safetensors")
+    (got_both,) = torch.autograd.grad(with_both.loss({"full": full, "blanket": coarse, "scratch": scratch},
+                                                     lambda u: u, x + delta, t), delta)
+    assert torch.allclose(got_both, 0.15 * signs[0] + 0.3 * signs[1] + 0.2 * signs[2] + 0.2 * scratch_sign
+                          + 0.15 * scratch_jpeg_sign)
     assert (got.sign() != signs[0]).any() and (got.sign() == signs[0]).float().mean() > 0.5  # the plain view wins most
     with pytest.raises(ConfigError, match="views='vote' needs a view besides the plain one"):
         build_protector("tap", **TINY["tap"], views="vote")

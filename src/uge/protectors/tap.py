@@ -55,7 +55,8 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     (:class:`PretrainedSource`): the source is a linear probe trained on fixed pretrained features; ``iss``: the
     expectation over transformations includes ISS, the attack that undoes TAP, ``jpeg`` colour JPEG, ``blanket``
     the 8×8 block means that the blanket removal keeps (``source_blanket``: against a source trained on those
-    means), and ``scratch`` the plain images against a second source from random init (ours; not in the paper).
+    means), ``scratch`` the plain images against a second source from random init, and ``scratch_jpeg`` their colour
+    JPEG against it (ours; not in the paper).
 
     Example: ``build_protector("tap", arch="cnn", epochs=5, steps=50).protect(train)``.
     """
@@ -95,30 +96,39 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     # the chance that a step sees x + δ plainly and attacks a second full-image source, trained from random init with
     # every layer (not `init`'s features): a model of the hacker without pretrained features (needs init)
     scratch: float = param(0.0, low=0, high=1)
-    # how the steps use the views: "draw" one view per step (chances iss, jpeg, blanket, scratch, else plain), or
+    # the chance that a step sees colour JPEG of x + δ (jpeg_quality..jpeg_quality_max) against that source from random
+    # init: the squeezings' fit for the hacker without pretrained features (needs init)
+    scratch_jpeg: float = param(0.0, low=0, high=1)
+    # how the steps use the views: "draw" one view per step (chances iss, jpeg, blanket, scratch, scratch_jpeg, else
+    # plain), or
     # "vote": every step takes each view's gradient and moves each pixel by the sign of their chance-weighted signs
     views: str = param("draw", choices=VIEWS)
 
     def cross_checks(self):
         if not self.iss and self.iss_quality != 10:  # not silently ignored
             return [f"iss_quality is used only with iss > 0, got iss_quality={self.iss_quality} and iss=0"]
-        if not self.jpeg and self.jpeg_quality != 10:
-            return [f"jpeg_quality is used only with jpeg > 0, got jpeg_quality={self.jpeg_quality} and jpeg=0"]
-        for view, low, high in (("iss", self.iss_quality, self.iss_quality_max),
-                                ("jpeg", self.jpeg_quality, self.jpeg_quality_max)):
-            if high is not None and not getattr(self, view):
+        jpeg = self.jpeg + self.scratch_jpeg  # the views that use jpeg_quality
+        if not jpeg and self.jpeg_quality != 10:
+            return [f"jpeg_quality is used only with jpeg or scratch_jpeg > 0, got jpeg_quality={self.jpeg_quality} "
+                    "and neither"]
+        for view, used, low, high in (("iss", self.iss, self.iss_quality, self.iss_quality_max),
+                                      ("jpeg", jpeg, self.jpeg_quality, self.jpeg_quality_max)):
+            if high is not None and not used:
                 return [f"{view}_quality_max is used only with {view} > 0, got {view}_quality_max={high} and {view}=0"]
             if high is not None and high < low:
                 return [f"{view}_quality_max must be at least {view}_quality ({low}), got {high}"]
-        if not (self.iss or self.jpeg) and self.iss_grad != "ste":
-            return [f"iss_grad is used only with iss or jpeg > 0, got iss_grad={self.iss_grad!r} and neither"]
-        if self.iss + self.jpeg + self.blanket + self.scratch > 1:
-            return [f"iss + jpeg + blanket + scratch is the chance of a step that is not the plain one, at most 1; "
-                    f"got {self.iss} + {self.jpeg} + {self.blanket} + {self.scratch}"]
-        if self.views == "vote" and not (self.iss or self.jpeg or self.blanket or self.scratch):
-            return ["views='vote' needs a view besides the plain one (iss, jpeg, blanket or scratch > 0)"]
-        if self.scratch and self.init is None:  # the main source is then from random init already
-            return ["scratch needs init (a pretrained main source), got init=None"]
+        if not (self.iss or jpeg) and self.iss_grad != "ste":
+            return [f"iss_grad is used only with iss, jpeg or scratch_jpeg > 0, got iss_grad={self.iss_grad!r} and "
+                    "none"]
+        others = (self.iss, self.jpeg, self.blanket, self.scratch, self.scratch_jpeg)
+        if sum(others) > 1:
+            return [f"iss + jpeg + blanket + scratch + scratch_jpeg is the chance of a step that is not the plain one, "
+                    f"at most 1; got {' + '.join(map(str, others))}"]
+        if self.views == "vote" and not any(others):
+            return ["views='vote' needs a view besides the plain one (iss, jpeg, blanket, scratch or scratch_jpeg > 0)"]
+        for name in ("scratch", "scratch_jpeg"):
+            if getattr(self, name) and self.init is None:  # the main source is then from random init already
+                return [f"{name} needs init (a pretrained main source), got init=None"]
         if self.source_blanket and not self.blanket:  # its source would never be attacked
             return ["source_blanket needs blanket > 0 (the steps that attack its source), got blanket=0"]
         return []
@@ -129,20 +139,22 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     def step_views(self) -> list[tuple[float, Callable[[torch.Tensor], torch.Tensor], str]]:
         """(chance, the view of x + δ, the source it attacks: a :meth:`source_kinds` name) of each view a PGD step may
         take: the plain images, what ISS leaves of them, what colour JPEG leaves of them, their 8×8 block means, the
-        plain images against the source from random init."""
-        plain = 1 - self.iss - self.jpeg - self.blanket - self.scratch
+        plain images and their colour JPEG against the source from random init."""
+        plain = 1 - self.iss - self.jpeg - self.blanket - self.scratch - self.scratch_jpeg
+        def jpeg(u):
+            return soft_jpeg(u, _quality(self.jpeg_quality, self.jpeg_quality_max), self.iss_grad)
         return [(plain, lambda u: u, "full"),
                 (self.iss, lambda u: soft_iss(u, _quality(self.iss_quality, self.iss_quality_max), self.iss_grad),
                  "full"),
-                (self.jpeg, lambda u: soft_jpeg(u, _quality(self.jpeg_quality, self.jpeg_quality_max), self.iss_grad),
-                 "full"),
+                (self.jpeg, jpeg, "full"),
                 (self.blanket, lambda u: cell_means(u, 8), "blanket" if self.source_blanket else "full"),
-                (self.scratch, lambda u: u, "scratch")]
+                (self.scratch, lambda u: u, "scratch"),
+                (self.scratch_jpeg, jpeg, "scratch")]
 
     def squeeze(self, x_u: torch.Tensor) -> tuple[torch.Tensor, str]:
         """(x + δ for one PGD step, or with chance ``iss`` (torch's RNG) what ISS leaves of it, with chance ``jpeg``
         what colour JPEG leaves of it, with chance ``blanket`` its 8×8 block means; the source that step attacks)."""
-        if not (self.iss or self.jpeg or self.blanket or self.scratch):
+        if not any((self.iss, self.jpeg, self.blanket, self.scratch, self.scratch_jpeg)):
             return x_u, "full"
         r, edge = torch.rand(()), 0.0
         for chance, see, source in self.step_views()[1:]:
@@ -154,9 +166,9 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     def source_kinds(self) -> list[str]:
         """The sources the PGD steps attack: "full" (on full images, from ``init`` with ``probe`` as set), unless
         every step sees block means and has its own; "blanket" (on the block means) with ``source_blanket``;
-        "scratch" (full images, from random init) with ``scratch``."""
+        "scratch" (full images, from random init) with ``scratch`` or ``scratch_jpeg``."""
         return ([] if self.source_blanket and self.blanket == 1 else ["full"]) + (
-            ["blanket"] if self.source_blanket else []) + (["scratch"] if self.scratch else [])
+            ["blanket"] if self.source_blanket else []) + (["scratch"] if self.scratch or self.scratch_jpeg else [])
 
     def source_network(self, data: ImageDataset, *, device="auto", seed: int = 0, progress: bool = False,
                        kind: str = "full") -> nn.Module:
@@ -170,9 +182,9 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
 
     def protect(self, data: ImageDataset, *, device="auto", work_dir: str | Path | None = None,
                 progress: bool = True, seed: int = 0) -> Protection:
-        if self.jpeg and data.channels != 3:
-            raise ConfigError(f"protector 'tap': jpeg > 0 is a colour JPEG view and needs RGB images, got "
-                              f"{data.channels} channel(s); use iss for grayscale images")
+        if (self.jpeg or self.scratch_jpeg) and data.channels != 3:
+            raise ConfigError(f"protector 'tap': jpeg or scratch_jpeg > 0 is a colour JPEG view and needs RGB images, "
+                              f"got {data.channels} channel(s); use iss for grayscale images")
         if self.shift % data.num_classes == 0:
             raise ConfigError(f"protector 'tap': parameter shift={self.shift} maps every class to itself for "
                               f"{data.num_classes} classes; use a shift that is not a multiple of it")
@@ -217,6 +229,6 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
             return ce(*self.squeeze(x_u))
         vote = torch.zeros_like(x_u)
         for chance, see, source in self.step_views():
-            if chance > 1e-9:  # (1 − iss − jpeg − blanket − scratch may round to a hair above 0)
+            if chance > 1e-9:  # (1 − the other views' chances may round to a hair above 0)
                 vote += chance * torch.autograd.grad(ce(see(x_u), source), x_u)[0].sign()
         return (x_u * vote).sum()  # its gradient with respect to δ is the vote
