@@ -100,9 +100,13 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     # init: the squeezings' fit for the hacker without pretrained features (needs init)
     scratch_jpeg: float = param(0.0, low=0, high=1)
     # how the steps use the views: "draw" one view per step (chances iss, jpeg, blanket, scratch, scratch_jpeg, else
-    # plain), or
-    # "vote": every step takes each view's gradient and moves each pixel by the sign of their chance-weighted signs
+    # plain), or "vote": every step takes each view's gradient and moves each pixel by the sign of their
+    # chance-weighted signs
     views: str = param("draw", choices=VIEWS)
+
+    def _other_chances(self) -> tuple[float, ...]:
+        """The chances of the views besides the plain one, in :meth:`step_views`'s order."""
+        return (self.iss, self.jpeg, self.blanket, self.scratch, self.scratch_jpeg)
 
     def cross_checks(self):
         if not self.iss and self.iss_quality != 10:  # not silently ignored
@@ -120,7 +124,7 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
         if not (self.iss or jpeg) and self.iss_grad != "ste":
             return [f"iss_grad is used only with iss, jpeg or scratch_jpeg > 0, got iss_grad={self.iss_grad!r} and "
                     "none"]
-        others = (self.iss, self.jpeg, self.blanket, self.scratch, self.scratch_jpeg)
+        others = self._other_chances()
         if sum(others) > 1:
             return [f"iss + jpeg + blanket + scratch + scratch_jpeg is the chance of a step that is not the plain one, "
                     f"at most 1; got {' + '.join(map(str, others))}"]
@@ -140,7 +144,10 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
         """(chance, the view of x + δ, the source it attacks: a :meth:`source_kinds` name) of each view a PGD step may
         take: the plain images, what ISS leaves of them, what colour JPEG leaves of them, their 8×8 block means, the
         plain images and their colour JPEG against the source from random init."""
-        plain = 1 - self.iss - self.jpeg - self.blanket - self.scratch - self.scratch_jpeg
+        plain = 1.0
+        for chance in self._other_chances():  # subtracted one by one, as the published sets were made
+            plain -= chance
+
         def jpeg(u):
             return soft_jpeg(u, _quality(self.jpeg_quality, self.jpeg_quality_max), self.iss_grad)
         return [(plain, lambda u: u, "full"),
@@ -154,7 +161,7 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     def squeeze(self, x_u: torch.Tensor) -> tuple[torch.Tensor, str]:
         """(x + δ for one PGD step, or with chance ``iss`` (torch's RNG) what ISS leaves of it, with chance ``jpeg``
         what colour JPEG leaves of it, with chance ``blanket`` its 8×8 block means; the source that step attacks)."""
-        if not any((self.iss, self.jpeg, self.blanket, self.scratch, self.scratch_jpeg)):
+        if not any(self._other_chances()):
             return x_u, "full"
         r, edge = torch.rand(()), 0.0
         for chance, see, source in self.step_views()[1:]:
