@@ -42,7 +42,7 @@ EXAMPLES = {
     "classmean": "classmean:strength=0.5", "orthogonal": "orthogonal:steps=5", "spectral": "spectral:k=8,ratio=1.5",
     "jpeg-grid": "jpeg-grid:quality=30,offset=3", "blockdct": "blockdct:k=4,ratio=1.5",
     "classdct": "classdct:k=4,ratio=1.5", "bitdepth": "bitdepth:bits=3", "knownbasis": "knownbasis:bases=4",
-    "knownband": "knownband:fmax=1", "classref": "classref:cell=4", "probe": "probe",
+    "knownband": "knownband:fmax=1", "lowband": "lowband:k=2", "classref": "classref:cell=4", "probe": "probe",
 }
 # One bad parameter per countermeasure: (spec, words the message must contain).
 BAD = {
@@ -66,6 +66,7 @@ BAD = {
     "bitdepth": ("bitdepth:bits=8", ["bits=8", "1..7"]),
     "knownbasis": ("knownbasis:bases=64", ["bases=64", "1..63"]),
     "knownband": ("knownband:fmax=0", ["fmax=0", "1..64"]),
+    "lowband": ("lowband:k=15", ["k=15", "1..14"]),
     "classref": ("classref:cell=0", ["cell=0", "1..256"]),
 }
 INPUTS = [n for n in list_countermeasures() if get_countermeasure(n).kind == "input"]

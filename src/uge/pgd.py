@@ -22,9 +22,10 @@ def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, delta:
         x: clean images in [0, 1] (no gradient).
         delta: the starting perturbation, |delta| ≤ rho.
         minimize: descend (EM, TAP, REM's outer noise) or ascend (adversarial examples).
-        subspace: a linear projection (e.g. :func:`cell_means`) applied to the gradient before its sign and to
-            ``delta`` before each step: the perturbation stays in that subspace, up to the valid pixel range's
-            clipping.
+        subspace: a linear projection (e.g. :func:`cell_means`, :func:`dct_band`) applied to the gradient before
+            its sign, to that sign (the sign of a vector in the subspace need not lie in it: a band of frequencies)
+            and to ``delta`` before each step: the perturbation stays in that subspace, up to the budget's and the
+            valid pixel range's clipping.
     Returns:
         delta with |delta| ≤ rho and x + delta in [0, 1].
     """
@@ -37,7 +38,9 @@ def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, delta:
         with torch.no_grad():
             if subspace is not None:  # the steepest signed step within the subspace, and back into it
                 grad, delta = subspace(grad), subspace(delta)
-            delta = (delta + sign * step_size * grad.sign()).clamp_(-rho, rho)
+            # cell means of a cell-constant sign are that sign, bit for bit; a band's projection changes it
+            step = grad.sign() if subspace is None else subspace(grad.sign())
+            delta = (delta + sign * step_size * step).clamp_(-rho, rho)
             delta = (x + delta).clamp_(0, 1) - x  # stay a valid image
     return delta.detach()
 
@@ -59,3 +62,39 @@ def cell_means(delta: torch.Tensor, cell: int = 1, luminance: bool = False) -> t
     if luminance:
         delta = delta.mean(1, keepdim=True).expand_as(delta)
     return delta.contiguous()
+
+
+def dct_band(delta: torch.Tensor, band: int) -> torch.Tensor:
+    """``delta`` (B, C, H, W) with only the coefficients (v, u), v + u ≤ ``band``, of each 8×8 block of JPEG's grid
+    in the orthonormal DCT basis (``band`` 0: the block means); the remainder of H, W that 8 does not tile is zeroed.
+    An orthogonal projection: the low frequencies that JPEG keeps and natural images have most power in."""
+    v, u = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    keep = (v + u <= band).to(delta.dtype).to(delta.device)
+    kept = block_idct(block_dct(delta) * keep)
+    out = torch.zeros_like(delta)
+    out[..., :kept.shape[-2], :kept.shape[-1]] = kept
+    return out
+
+
+def dct_matrix() -> torch.Tensor:
+    """The orthonormal 8-point DCT-II matrix D (D @ signal = coefficients)."""
+    k, n = torch.arange(8, dtype=torch.float64)[:, None], torch.arange(8, dtype=torch.float64)
+    d = torch.cos((2 * n + 1) * k * torch.pi / 16) * (2 / 8) ** 0.5
+    d[0] /= 2 ** 0.5
+    return d
+
+
+def block_dct(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) → (N, C, H//8, W//8, 8, 8): each 8×8 block of JPEG's grid in the orthonormal DCT basis,
+    indexed (v, u): v down, u across (the remainder of H, W that 8 does not tile is left out)."""
+    n, c, h, w = x.shape
+    b = x[..., :h // 8 * 8, :w // 8 * 8].reshape(n, c, h // 8, 8, w // 8, 8).transpose(3, 4)
+    d = dct_matrix().to(x.device, x.dtype)
+    return d @ b @ d.T
+
+
+def block_idct(y: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`block_dct`: (N, C, by, bx, 8, 8) → (N, C, 8·by, 8·bx)."""
+    d = dct_matrix().to(y.device, y.dtype)
+    n, c, by, bx = y.shape[:4]
+    return (d.T @ y @ d).transpose(3, 4).reshape(n, c, by * 8, bx * 8)

@@ -17,6 +17,7 @@ published set's own statistics and removes it before training.
 - ``knownbasis``: no statistics at all: the hacker has read this code, so knows the JPEG bases the default
   protection (``grating``) makes its class codes of, and projects their patterns out of every 8×8 block.
 - ``knownband``: the same for the ``smooth`` code: zero the coarse Fourier modes it is made of.
+- ``lowband``: the same for a noise confined to a band of low block-DCT frequencies (``tap``'s ``band``).
 - ``orthogonal``: the orthogonal projection attack (Sandoval-Segura et al., "What Can We Learn from Unlearnable
   Datasets?", NeurIPS 2023): fit a bias-free linear classifier on the flattened published images, project the
   span of its weight rows (QR-orthonormalized) out of every training image, train on the rest. Linearly
@@ -258,6 +259,28 @@ class KnownBand(InputTransform):
         f[:, band] = 0
         x = np.fft.irfft2(f, s=(h, w), axes=(1, 2))
         return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+@register_countermeasure
+class LowBand(InputTransform):
+    """Zero every 8×8-block DCT coefficient (v, u) with 1 ≤ v + u ≤ ``k`` on JPEG's grid, per channel; the block
+    means stay: ``knownbasis`` for a noise confined to that band (``tap`` with ``band = k``), which a hacker who
+    has read the code removes with the images' own coarse content within each block (what that costs is the
+    floor). Only the block means and the finer frequencies are left."""
+
+    name = "lowband"
+    summary = "zero the low 8x8-block DCT frequencies a band-limited noise lives in (read off uge's code)."
+    at_test = True
+    params: ClassVar[dict[str, Param]] = {
+        "k": Param(int, 4, 1, 14, help="the band: every coefficient with 1 <= v + u <= k"),
+    }
+
+    def transform(self, images: np.ndarray) -> np.ndarray:
+        f, grid = BlockDCTExcess._coefficients(images)  # (blocks, 8, 8, C), indexed (row, column): v, u
+        v, u = np.indices((8, 8))
+        f[:, (v + u >= 1) & (v + u <= self.k)] = 0
+        x = scipy.fft.idctn(f, type=2, norm="ortho", axes=(1, 2))
+        return _unblock(x.reshape(len(x), -1), images, 8, grid)
 
 
 def _class_pairs(cm: InputTransform, data: ImageDataset, reference: ImageDataset | None) -> list:

@@ -29,7 +29,7 @@ from ..data.dataset import ImageDataset
 from ..data.store import StoreWriter, open_images
 from ..errors import ConfigError
 from ..params import Param, param, specs, validate
-from ..pgd import cell_means
+from ..pgd import cell_means, dct_band
 from ..result import Protection, quantize
 from ..utils import resolve_device
 from ..weights import build_network
@@ -46,13 +46,18 @@ class NoiseBand:
     """The subspace an optimized noise (EM, REM, TAP) is confined to; not in the papers. The protector declares
     ``cell: int = band_cell()``: constant over cells of that many pixels on the image's grid (8: JPEG's block
     means, which JPEG and the blanket removal of every AC coefficient keep); and ``luminance: bool = False``: one
-    value for every channel (which grayscale keeps). 1 and False: every pixel and channel (the papers')."""
+    value for every channel (which grayscale keeps). 1 and False: every pixel and channel (the papers'). A protector
+    may also declare ``band: int | None = None``: only the 8×8-block DCT coefficients (v, u) with v + u ≤ band
+    (:func:`uge.pgd.dct_band`; with ``cell`` 1), the low frequencies natural images have most power in."""
 
     cell: int
     luminance: bool
+    band: int | None = None
 
     def subspace(self):
         """The projection onto the noise's subspace (None: every pixel and channel)."""
+        if self.band is not None:
+            return lambda d: dct_band(cell_means(d, 1, self.luminance), self.band)
         if self.cell == 1 and not self.luminance:
             return None
         return lambda d: cell_means(d, self.cell, self.luminance)

@@ -17,6 +17,7 @@ from PIL import Image
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
 from ..params import budget, param
+from ..pgd import block_dct, block_idct
 from ..result import Protection, quantize
 from .base import Protector, chunked_result, noise_chunk, register_protector
 
@@ -256,7 +257,8 @@ class JpegBlockPatch(Protector):
                 delta = torch.where(flip[part, 0, None, None, None], delta.flip(2), delta)
                 delta = torch.where(flip[part, 1, None, None, None], delta.flip(3), delta)
             return delta
-        content = _power_matcher(data, patches, delta_of, self.rho, self.match_to) if self.matched else None
+        content = power_matcher(data, _code_moment(data, patches), delta_of, self.rho, self.match_to) \
+            if self.matched else None
         return chunked_result(self, data, noise_chunk(self.rho, delta_of, content), seed, work_dir)
 
 
@@ -322,7 +324,7 @@ def grating_patterns(n: int, dct: bool = False) -> torch.Tensor:
     return torch.stack([_sign(b) for b in bases] + (bases if dct else []))
 
 
-def _set_chunks(data: ImageDataset, published=None):
+def set_chunks(data: ImageDataset, published=None):
     """The set chunk by chunk as uint8 (k, C, H, W) tensors: the clean images, or with ``published`` = (delta_of,
     content, rho) as a matcher's pass publishes them (x + δ + the content's change, rounded within the budget)."""
     for start, chunk in data.chunks():
@@ -333,44 +335,78 @@ def _set_chunks(data: ImageDataset, published=None):
         yield x
 
 
-def _power_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: float, match_to: float = 1.0,
-                   rounds: int = 3):
+def _code_moment(data: ImageDataset, patches: torch.Tensor) -> torch.Tensor:
+    """(8, 8, C, C): the second moment per block-DCT coefficient (v, u) of a code that gives each block of a class's
+    images the class's 8×8 block ``patches`` (K, C, 8, 8) times a random sign, weighted by the classes' shares."""
+    labels = torch.from_numpy(data.labels).long()
+    share = torch.bincount(labels, minlength=data.num_classes).double() / len(labels)
+    code = block_dct(patches.double() * 255)[:, :, 0, 0]  # (K, C, 8, 8) coefficients of each class's block
+    return torch.einsum("k,kcvu,kdvu->vucd", share, code, code)
+
+
+def delta_moment(delta: torch.Tensor) -> torch.Tensor:
+    """(8, 8, C, C): the second moment per block-DCT coefficient (v, u) of a sample-wise ``delta`` (N, C, H, W) on
+    the [0, 1] scale, in 8-bit units², over every block of JPEG's grid."""
+    return _block_moment((d, d) for d in (part.detach().cpu().double() * 255 for part in delta.split(512)))
+
+
+def content_cross(data: ImageDataset, delta: torch.Tensor) -> torch.Tensor:
+    """(8, 8, C, C): E[y δᵀ] per block-DCT coefficient (v, u), y the clean images' coefficients over the channels
+    and δ a sample-wise ``delta``'s (N, C, H, W, [0, 1] scale), in 8-bit units²: how much an optimized noise
+    follows the content it was fitted to (:func:`power_matcher`'s ``cross``)."""
+    def pairs():
+        for x in set_chunks(data):
+            start = pairs.done
+            pairs.done += len(x)
+            yield x.double(), delta[start:start + len(x)].detach().cpu().double() * 255
+    pairs.done = 0
+    return _block_moment(pairs())
+
+
+def _block_moment(chunks) -> torch.Tensor:
+    """(8, 8, C, C): the mean over every block of JPEG's grid of a bᵀ per DCT coefficient (v, u), a and b a block's
+    coefficient vectors over the channels, for (a, b) pairs of float64 (k, C, H, W) chunks of images."""
+    m, blocks = 0, 0
+    for a, b in chunks:
+        y = block_dct(a)
+        m = m + torch.einsum("ncyxvu,ndyxvu->vucd", y, y if b is a else block_dct(b))
+        blocks += y.shape[0] * y.shape[2] * y.shape[3]
+    return m / blocks
+
+
+def power_matcher(data: ImageDataset, s: torch.Tensor, delta_of, rho: float, match_to: float = 1.0,
+                   rounds: int = 3, cross: torch.Tensor | None = None):
     """``content(start, x)``: the change to images ``x`` (float (k, C, H, W) on the [0, 1] scale) that shrinks
     their content in JPEG's block-DCT basis so that the published set's second moment there, content plus the
-    code ``delta_of`` (each class's 8×8 block ``patches``, each block of each image times a random sign), equals
-    the clean set's, per AC coefficient (v, u) as a C×C matrix over the channels.
+    code ``delta_of``, equals the clean set's, per AC coefficient (v, u) as a C×C matrix over the channels. ``s``:
+    the code's own moment (8, 8, C, C) in 8-bit units² (:func:`_code_moment`, :func:`delta_moment`).
 
     The excess-power attacks (``blockdct``, ``spectral``, ``pca``) compare exactly these moments with clean
-    images from elsewhere. With M_vu the clean second moment and S_vu the code's (class-frequency weighted; a
-    random sign per block leaves no cross term), every block's coefficient vector y becomes T·y with
-    T = (M − S)^½ M^−½, so T M Tᵀ = M − S and adding the code gives M back in expectation. The budget's clipping
+    images from elsewhere. With M_vu the clean second moment and S_vu the code's (a random sign per block leaves
+    a class code no cross term with the content), every block's coefficient vector y becomes T·y with
+    T = (M − S)^½ M^−½, so T M Tᵀ = M − S and adding the code gives M back in expectation. A noise fitted to each
+    image has a cross term X = E[y δᵀ] (``cross``, :func:`content_cross`): the published moment is then
+    T M Tᵀ + T X + Xᵀ Tᵀ + S = (T + B) M (T + B)ᵀ − Xᵀ M⁻¹ X + S with B = Xᵀ M⁻¹, so
+    T = (M − S + Xᵀ M⁻¹ X)^½ M^−½ − B. The budget's clipping
     and 8-bit rounding add power of their own: each of ``rounds`` passes over the set measures the published
     moment A and adds A − M to S. Where the code has more power than the content (M − S not positive), the
     content's direction is removed entirely and the excess that is left stays visible. ``match_to`` < 1 aims the
     coefficients that carry the code at that fraction of the clean power (a deficit, not a match: an attack that
     removes what has more power than clean images from elsewhere then passes them over)."""
     c = data.channels
-    labels = torch.from_numpy(data.labels).long()
-    share = torch.bincount(labels, minlength=data.num_classes).double() / len(labels)
-    code = _block_dct(patches.double() * 255)[:, :, 0, 0]  # (K, C, 8, 8) coefficients of each class's block
-    s = torch.einsum("k,kcvu,kdvu->vucd", share, code, code)  # (8, 8, C, C)
     eye = torch.eye(c, dtype=torch.float64)
     t = None  # T − I per coefficient (8, 8, C, C): set by the passes below, before content is first called
 
     def content(start: int, x: torch.Tensor) -> torch.Tensor:
-        y = _block_dct(x.double() * 255)
-        change = _block_idct(torch.einsum("vucd,ndyxvu->ncyxvu", t, y)) / 255
+        y = block_dct(x.double() * 255)
+        change = block_idct(torch.einsum("vucd,ndyxvu->ncyxvu", t, y)) / 255
         out = torch.zeros_like(x)
         out[..., :change.shape[-2], :change.shape[-1]] = change.float()
         return out
 
     def moment(published: bool) -> torch.Tensor:
-        m, blocks = torch.zeros(8, 8, c, c, dtype=torch.float64), 0
-        for x in _set_chunks(data, (delta_of, content, rho) if published else None):
-            y = _block_dct(x.double())
-            m += torch.einsum("ncyxvu,ndyxvu->vucd", y, y)
-            blocks += y.shape[0] * y.shape[2] * y.shape[3]
-        return m / blocks
+        return _block_moment((x, x) for x in (x.double() for x in set_chunks(
+            data, (delta_of, content, rho) if published else None)))
 
     m = moment(False)
     target = m.clone()
@@ -378,11 +414,12 @@ def _power_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: flo
     target[coded] *= match_to
     w, q = torch.linalg.eigh(m)
     inv_root = q @ torch.diag_embed(w.clamp_min(1e-9).rsqrt()) @ q.transpose(-1, -2)
+    b = None if cross is None else cross.transpose(-1, -2) @ inv_root @ inv_root  # Xᵀ M⁻¹
     for r in range(rounds + 1):
         if r:
             s = s + moment(True) - target
-        w, q = torch.linalg.eigh(target - s)
-        t = q @ torch.diag_embed(w.clamp_min(0).sqrt()) @ q.transpose(-1, -2) @ inv_root - eye
+        w, q = torch.linalg.eigh(target - s if b is None else target - s + b @ cross)
+        t = q @ torch.diag_embed(w.clamp_min(0).sqrt()) @ q.transpose(-1, -2) @ inv_root - (eye if b is None else eye + b)
         t[0, 0] = 0  # the block's mean stays
     return content
 
@@ -397,7 +434,7 @@ def _fourier_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: f
     weighted), and an independent random shift leaves no cross term with the content. Each coefficient X becomes
     t·X with t = ((M − S) / M)^½, M the clean power; where the code has more power than the content (M ≤ S), t = 0
     and the excess stays visible. The budget's clipping and 8-bit rounding add power of their own: each of
-    ``rounds`` passes measures the published power A and adds A − M to S (as :func:`_power_matcher` does in JPEG's
+    ``rounds`` passes measures the published power A and adds A − M to S (as :func:`power_matcher` does in JPEG's
     basis). The images' mean colour (frequency 0) stays."""
     labels = torch.from_numpy(data.labels).long()
     share = torch.bincount(labels, minlength=data.num_classes).double() / len(labels)
@@ -410,7 +447,7 @@ def _fourier_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: f
 
     def power(published: bool) -> torch.Tensor:
         total, n = 0, 0
-        for x in _set_chunks(data, (delta_of, content, rho) if published else None):
+        for x in set_chunks(data, (delta_of, content, rho) if published else None):
             total = total + (torch.fft.rfft2(x.double()).abs() ** 2).sum(0)
             n += len(x)
         return total / n
@@ -422,30 +459,6 @@ def _fourier_matcher(data: ImageDataset, patches: torch.Tensor, delta_of, rho: f
         t = ((m - s).clamp_min(0) / m.clamp_min(1e-9)).sqrt()
         t[:, 0, 0] = 1  # the mean colour stays
     return content
-
-
-def _dct_matrix() -> torch.Tensor:
-    """The orthonormal 8-point DCT-II matrix D (D @ signal = coefficients)."""
-    k, n = torch.arange(8, dtype=torch.float64)[:, None], torch.arange(8, dtype=torch.float64)
-    d = torch.cos((2 * n + 1) * k * torch.pi / 16) * (2 / 8) ** 0.5
-    d[0] /= 2 ** 0.5
-    return d
-
-
-def _block_dct(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) → (N, C, H//8, W//8, 8, 8): each 8×8 block of JPEG's grid in the orthonormal DCT basis,
-    indexed (v, u): v down, u across (the remainder of H, W that 8 does not tile is left out)."""
-    n, c, h, w = x.shape
-    b = x[..., :h // 8 * 8, :w // 8 * 8].reshape(n, c, h // 8, 8, w // 8, 8).transpose(3, 4)
-    d = _dct_matrix().to(x.dtype)
-    return d @ b @ d.T
-
-
-def _block_idct(y: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`_block_dct`: (N, C, by, bx, 8, 8) → (N, C, 8·by, 8·bx)."""
-    d = _dct_matrix().to(y.dtype)
-    n, c, by, bx = y.shape[:4]
-    return (d.T @ y @ d).transpose(3, 4).reshape(n, c, by * 8, bx * 8)
 
 
 @functools.lru_cache(maxsize=None)
@@ -473,14 +486,14 @@ def _quantized(plane: torch.Tensor, table: torch.Tensor, grad: str) -> torch.Ten
     approximation): 3(y − round(y))², zero for a coefficient at a quantization level and largest half-way between
     two, where a small change of the image flips what survives."""
     q = table.to(plane.device, plane.dtype)
-    y = _block_dct(plane) / q
+    y = block_dct(plane) / q
     rounded = torch.round(y).detach()
     if grad == "cubic":
         cube = (y - rounded) ** 3  # forward: rounded (the cube cancels); gradient: 3(y − round(y))²
         y = rounded + cube - cube.detach()
     else:
         y = y + (rounded - y).detach()
-    return _block_idct(y * q)
+    return block_idct(y * q)
 
 
 _TO_YCC = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))  # JFIF; row 0: luma

@@ -22,7 +22,7 @@ from ..training import Recipe, accuracy, autocast, train
 from ..training import augment as crop_flip
 from ..utils import resolve_device
 from .base import NoiseBand, PretrainedSource, Protector, add_noise, band_cell, image_result, register_protector
-from .noise import ISS_GRADS, soft_iss, soft_jpeg
+from .noise import ISS_GRADS, content_cross, delta_moment, power_matcher, set_chunks, soft_iss, soft_jpeg
 
 
 def block_means(data: ImageDataset) -> ImageDataset:
@@ -75,6 +75,11 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     augment: bool = True
     cell: int = band_cell()  # the noise's subspace (NoiseBand; not in the papers)
     luminance: bool = False
+    band: int | None = param(None, low=0, high=14)  # only 8×8-block DCT coefficients v + u ≤ band (NoiseBand)
+    # shrink every image's content so that the published set's block-DCT power equals the clean set's (the
+    # noise's own power measured): the excess-power comparisons find nothing where the noise has less power than
+    # natural images (with band), and what they find elsewhere stays visible
+    matched: bool = False
     init: str | None = None  # the source's θ0 from a safetensors file instead of a random init
     probe: bool = False  # train only the source's linear head
     # the chance that a PGD step sees x + δ through ISS (grayscale + JPEG at iss_quality, differentiable: soft_iss)
@@ -133,6 +138,8 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
         for name in ("scratch", "scratch_jpeg"):
             if getattr(self, name) and self.init is None:  # the main source is then from random init already
                 return [f"{name} needs init (a pretrained main source), got init=None"]
+        if self.band is not None and self.cell != 1:
+            return [f"band needs cell = 1 (a band of each 8x8 block's frequencies), got cell={self.cell}"]
         if self.source_blanket and not self.blanket:  # its source would never be attacked
             return ["source_blanket needs blanket > 0 (the steps that attack its source), got blanket=0"]
         return []
@@ -215,7 +222,7 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
                 delta[i:i + len(x)] = pgd(lambda x_u, t=t: self.loss(sources, view, x_u, t), x,
                                           delta[i:i + len(x)], self.rho, self.steps, step, minimize=True,
                                           subspace=subspace)
-        published = add_noise(data, delta, self.rho)
+        published = self._matched(data, delta.cpu()) if self.matched else add_noise(data, delta, self.rho)
         # how often each source predicts the target class on what is published, as it sees it: the attack's success
         target = self.targets(published.labels, data.num_classes)
         success = {("" if k == kinds[0] else f"{k}_") + "source_at_target": round(accuracy(model, ImageDataset(
@@ -223,6 +230,16 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
             for k, model in sources.items()}
         return image_result(self, data, published.images, seed, history=[success],
                             seconds={"source": trained - start, "noise": time.perf_counter() - trained})
+
+    def _matched(self, data: ImageDataset, delta: torch.Tensor) -> ImageDataset:
+        """``data`` + ``delta`` with each image's content shrunk so that the set's block-DCT power is the clean
+        set's (:func:`uge.protectors.noise.power_matcher`), rounded within the budget."""
+        def delta_of(start: int, k: int) -> torch.Tensor:
+            return delta[start:start + k]
+
+        content = power_matcher(data, delta_moment(delta), delta_of, self.rho, cross=content_cross(data, delta))
+        images = torch.cat([x.permute(0, 2, 3, 1) for x in set_chunks(data, (delta_of, content, self.rho))])
+        return ImageDataset(images.numpy(), data.labels.copy(), list(data.classes))
 
     def loss(self, sources: dict[str, nn.Module], view, x_u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """One PGD step's loss: the cross-entropy towards ``t`` of the source for the step's view of x + δ; with
