@@ -290,3 +290,20 @@ def test_match_to_without_matched_is_refused_not_ignored():
 
     with pytest.raises(ConfigError, match="match_to=0.9 needs matched"):
         build_protector("jpeg-patch", size=8, match_to=0.9)
+
+
+def test_lowband_zeroes_the_band_and_keeps_the_block_means_and_finer_frequencies():
+    """``lowband:k=2`` removes a pattern of block-DCT coefficient (1, 1) entirely and leaves the block means and a
+    pattern at (3, 4) untouched (up to rounding); with k=7 the finer pattern goes too."""
+    import scipy.fft
+
+    def block(v, u, amp):
+        f = np.zeros((8, 8))
+        f[v, u] = amp
+        return np.tile(scipy.fft.idctn(f, norm="ortho"), (2, 2))
+
+    base = 128 + block(3, 4, 160)
+    x = np.repeat(np.rint(base + block(1, 1, 200))[None, ..., None], 3, 0).astype(np.uint8)
+    out = transform_data(parse_countermeasures("lowband:k=2"), dataset(x)).images.astype(int)
+    assert np.abs(out - np.rint(base)[None, ..., None]).max() <= 1
+    assert np.abs(transform_data(parse_countermeasures("lowband:k=7"), dataset(x)).images.astype(int) - 128).max() <= 1

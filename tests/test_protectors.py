@@ -757,3 +757,52 @@ def test_cuda_filters_every_colour_channel_of_rgb_images():
     other[..., 0] = 255 - other[..., 0]
     out2 = cuda.protect(ImageDataset(other, data.labels, data.classes), seed=0).protected.images
     assert np.array_equal(out2[..., 1:], out[..., 1:]) and not np.array_equal(out2[..., 0], out[..., 0])
+
+
+def test_tap_in_a_band_of_block_dct_frequencies_publishes_a_perturbation_in_that_band():
+    """``band = 2``: every 8×8 block of the published perturbation is made of the DCT coefficients v + u ≤ 2 (the
+    finer ones hold only what 8-bit rounding and the budget's clipping add); ``luminance`` makes it one value for
+    every channel. The sign steps are projected too, so the band holds after the last step; without ``band`` most
+    of the noise's power lies outside it."""
+    from uge.pgd import block_dct
+
+    rng = np.random.default_rng(0)
+    data = ImageDataset(rng.integers(40, 216, (24, 16, 16, 3), dtype=np.uint8), np.arange(24) % 4,
+                        ["a", "b", "c", "d"])
+    v, u = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    share = {}
+    for band in (None, 2):
+        tap = build_protector("tap", arch="cnn", rho=8 / 255, epochs=1, steps=5, batch_size=8, band=band,
+                              luminance=True)
+        pub = tap.protect(data, device="cpu", progress=False, seed=0).protected.images.astype(int)
+        d = torch.from_numpy(pub - data.images.astype(int)).permute(0, 3, 1, 2).double()
+        power = (block_dct(d) ** 2).mean((0, 1, 2, 3))  # (8, 8)
+        share[band] = (power[v + u > 2].sum() / power.sum()).item()  # outside the band
+        assert d.abs().max() <= 8 and d.abs().mean() > 1
+        assert (d.amax(1) - d.amin(1)).max() <= 1  # luminance: the channels differ by rounding only
+    assert share[2] < 0.1 and share[None] > 0.5
+    with pytest.raises(ConfigError, match="band needs cell = 1"):
+        build_protector("tap", band=2, cell=8)
+
+
+def test_tap_matched_publishes_the_clean_sets_block_dct_power_and_unmatched_does_not():
+    """``matched``: each image's content is shrunk so that the published set's power at every block-DCT coefficient
+    and channel equals the clean set's, the noise's cross term with the content included; without it the noise's
+    power shows. The budget holds on the images either way."""
+    from uge.countermeasures.adaptive import BlockDCTExcess
+
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:16, :16]
+    smooth = 60 * np.sin(xx[None] * rng.uniform(0.1, 0.6, (48, 1, 1)) + yy[None] * rng.uniform(0.1, 0.6, (48, 1, 1)))
+    images = np.clip(128 + smooth[..., None] + rng.normal(0, 12, (48, 16, 16, 3)), 20, 235).astype(np.uint8)
+    data = ImageDataset(images, np.arange(48) % 4, ["a", "b", "c", "d"])
+    power = lambda x: (BlockDCTExcess._coefficients(x)[0] ** 2).mean(0)  # noqa: E731
+    ac = np.arange(8)[:, None] + np.arange(8) > 0
+    ratio = {}
+    for matched in (False, True):
+        tap = build_protector("tap", arch="cnn", rho=8 / 255, epochs=1, steps=5, batch_size=16, band=3,
+                              luminance=True, matched=matched)
+        pub = tap.protect(data, device="cpu", progress=False, seed=0).protected.images
+        assert np.abs(pub.astype(int) - images).max() <= 8
+        ratio[matched] = (power(pub) / power(images))[ac]
+    assert ratio[False].max() > 1.2 and np.abs(ratio[True] - 1).max() < 0.02
