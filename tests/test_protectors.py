@@ -806,3 +806,31 @@ def test_tap_matched_publishes_the_clean_sets_block_dct_power_and_unmatched_does
         assert np.abs(pub.astype(int) - images).max() <= 8
         ratio[matched] = (power(pub) / power(images))[ac]
     assert ratio[False].max() > 1.2 and np.abs(ratio[True] - 1).max() < 0.02
+
+
+def test_tap_lowpass_attacks_a_source_trained_on_what_the_fine_block_dct_comparison_leaves(monkeypatch):
+    """``lowpass``: the steps that see x + δ with every block-DCT coefficient v + u > ``lowpass_band`` zeroed
+    attack a second source trained on the clean images so filtered: what ``blockdct`` leaves when it zeroes exactly
+    those coefficients (a noise that adds power there); its success is logged. ``lowpass_band`` without
+    ``lowpass`` is refused."""
+    import uge.protectors.tap as tap_module
+    from uge.countermeasures.adaptive import BlockDCTExcess
+
+    rng = np.random.default_rng(0)
+    data = ImageDataset(rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), np.arange(12) % 3, list("abc"))
+    low = tap_module.low_passed(data, 2)
+    f = BlockDCTExcess._coefficients(low.images)[0]
+    v, u = np.indices((8, 8))
+    fine, kept = (f[:, v + u > 2] ** 2).mean(), (f[:, v + u <= 2] ** 2).mean()
+    assert fine < 0.01 * kept  # rounding only where the filter zeroed
+    assert np.abs(low.images.astype(int) - data.images).max() > 50  # the fine detail is gone
+    seen = []
+    real = tap_module.train
+    monkeypatch.setattr(tap_module, "train", lambda model, d, *a, **k: seen.append(d.images) or real(model, d, *a, **k))
+    tap = build_protector("tap", **TINY["tap"], lowpass=0.5, lowpass_band=2)
+    assert tap.source_kinds() == ["full", "lowpass"] and tap.step_views()[-1][0] == 0.5
+    result = tap.protect(data, device="cpu", progress=False)
+    assert [np.array_equal(s, low.images) for s in seen] == [False, True]
+    assert set(result.history[0]) == {"source_at_target", "lowpass_source_at_target"}
+    with pytest.raises(ConfigError, match="lowpass_band is used only with lowpass"):
+        build_protector("tap", **TINY["tap"], lowpass_band=2)

@@ -16,7 +16,7 @@ from ..data.dataset import ImageDataset
 from ..errors import ConfigError
 from ..models import list_models
 from ..params import budget, param
-from ..pgd import cell_means, pgd, uniform_start
+from ..pgd import cell_means, dct_band, pgd, uniform_start
 from ..result import Protection
 from ..training import Recipe, accuracy, autocast, train
 from ..training import augment as crop_flip
@@ -29,6 +29,22 @@ def block_means(data: ImageDataset) -> ImageDataset:
     """``data`` with each image's 8×8 blocks replaced by their means, rounded to 8 bits: what the blanket removal
     (``blockdct`` with every AC coefficient zeroed) leaves of a clean set."""
     x = cell_means(data.tensors()[0].float(), 8).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return ImageDataset(x, data.labels, list(data.classes))
+
+
+def low_pass(x: torch.Tensor, band: int) -> torch.Tensor:
+    """``x`` (N, C, H, W) with every 8×8-block DCT coefficient (v, u), v + u > ``band``, of JPEG's grid zeroed (the
+    remainder that 8 does not tile kept): what the 1 % block-DCT comparison leaves of a set whose noise adds power at
+    the fine frequencies."""
+    out = x.clone()
+    h, w = x.shape[-2] // 8 * 8, x.shape[-1] // 8 * 8
+    out[..., :h, :w] = dct_band(x, band)[..., :h, :w]
+    return out
+
+
+def low_passed(data: ImageDataset, band: int) -> ImageDataset:
+    """``data`` through :func:`low_pass`, rounded to 8 bits."""
+    x = low_pass(data.tensors()[0].float(), band).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return ImageDataset(x, data.labels, list(data.classes))
 
 
@@ -55,8 +71,8 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     (:class:`PretrainedSource`): the source is a linear probe trained on fixed pretrained features; ``iss``: the
     expectation over transformations includes ISS, the attack that undoes TAP, ``jpeg`` colour JPEG, ``blanket``
     the 8×8 block means that the blanket removal keeps (``source_blanket``: against a source trained on those
-    means), ``scratch`` the plain images against a second source from random init, and ``scratch_jpeg`` their colour
-    JPEG against it; ``band`` confines the noise to low block-DCT frequencies and ``matched`` shrinks the content so
+    means), ``scratch`` the plain images against a second source from random init, ``scratch_jpeg`` their colour
+    JPEG against it, and ``lowpass`` their low block-DCT frequencies against a source trained on such; ``band`` confines the noise to low block-DCT frequencies and ``matched`` shrinks the content so
     the published set's block-DCT power is the clean set's (ours; not in the paper).
 
     Example: ``build_protector("tap", arch="cnn", epochs=5, steps=50).protect(train)``.
@@ -105,14 +121,19 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     # the chance that a step sees colour JPEG of x + δ (jpeg_quality..jpeg_quality_max) against that source from random
     # init: the squeezings' fit for the hacker without pretrained features (needs init)
     scratch_jpeg: float = param(0.0, low=0, high=1)
-    # how the steps use the views: "draw" one view per step (chances iss, jpeg, blanket, scratch, scratch_jpeg, else
-    # plain), or "vote": every step takes each view's gradient and moves each pixel by the sign of their
+    # the chance that a step sees x + δ with every block-DCT coefficient v + u > lowpass_band zeroed (what the 1 %
+    # block-DCT comparison leaves of a noise with power at the fine frequencies), against a source trained from init
+    # on the clean images so filtered (a model of the hacker who trains after that comparison)
+    lowpass: float = param(0.0, low=0, high=1)
+    lowpass_band: int = param(3, low=0, high=13)
+    # how the steps use the views: "draw" one view per step (chances iss, jpeg, blanket, scratch, scratch_jpeg, lowpass,
+    # else plain), or "vote": every step takes each view's gradient and moves each pixel by the sign of their
     # chance-weighted signs
     views: str = param("draw", choices=VIEWS)
 
     def _other_chances(self) -> tuple[float, ...]:
         """The chances of the views besides the plain one, in :meth:`step_views`'s order."""
-        return (self.iss, self.jpeg, self.blanket, self.scratch, self.scratch_jpeg)
+        return (self.iss, self.jpeg, self.blanket, self.scratch, self.scratch_jpeg, self.lowpass)
 
     def cross_checks(self):
         if not self.iss and self.iss_quality != 10:  # not silently ignored
@@ -132,15 +153,19 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
                     "none"]
         others = self._other_chances()
         if sum(others) > 1:
-            return [f"iss + jpeg + blanket + scratch + scratch_jpeg is the chance of a step that is not the plain one, "
+            return [f"iss + jpeg + blanket + scratch + scratch_jpeg + lowpass is the chance of a step that is not the "
+                    "plain one, "
                     f"at most 1; got {' + '.join(map(str, others))}"]
         if self.views == "vote" and not any(others):
-            return ["views='vote' needs a view besides the plain one (iss, jpeg, blanket, scratch or scratch_jpeg > 0)"]
+            return ["views='vote' needs a view besides the plain one (iss, jpeg, blanket, scratch, scratch_jpeg or "
+                    "lowpass > 0)"]
         for name in ("scratch", "scratch_jpeg"):
             if getattr(self, name) and self.init is None:  # the main source is then from random init already
                 return [f"{name} needs init (a pretrained main source), got init=None"]
         if self.band is not None and self.cell != 1:
             return [f"band needs cell = 1 (a band of each 8x8 block's frequencies), got cell={self.cell}"]
+        if not self.lowpass and self.lowpass_band != 3:  # not silently ignored
+            return [f"lowpass_band is used only with lowpass > 0, got lowpass_band={self.lowpass_band} and lowpass=0"]
         if self.source_blanket and not self.blanket:  # its source would never be attacked
             return ["source_blanket needs blanket > 0 (the steps that attack its source), got blanket=0"]
         return []
@@ -151,7 +176,7 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     def step_views(self) -> list[tuple[float, Callable[[torch.Tensor], torch.Tensor], str]]:
         """(chance, the view of x + δ, the source it attacks: a :meth:`source_kinds` name) of each view a PGD step may
         take: the plain images, what ISS leaves of them, what colour JPEG leaves of them, their 8×8 block means, the
-        plain images and their colour JPEG against the source from random init."""
+        plain images and their colour JPEG against the source from random init, their low-passed block DCT."""
         plain = 1.0
         for chance in self._other_chances():  # subtracted one by one, as the published sets were made
             plain -= chance
@@ -164,7 +189,8 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
                 (self.jpeg, jpeg, "full"),
                 (self.blanket, lambda u: cell_means(u, 8), "blanket" if self.source_blanket else "full"),
                 (self.scratch, lambda u: u, "scratch"),
-                (self.scratch_jpeg, jpeg, "scratch")]
+                (self.scratch_jpeg, jpeg, "scratch"),
+                (self.lowpass, lambda u: low_pass(u, self.lowpass_band), "lowpass")]
 
     def squeeze(self, x_u: torch.Tensor) -> tuple[torch.Tensor, str]:
         """(x + δ for one PGD step, or with chance ``iss`` (torch's RNG) what ISS leaves of it, with chance ``jpeg``
@@ -181,9 +207,11 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     def source_kinds(self) -> list[str]:
         """The sources the PGD steps attack: "full" (on full images, from ``init`` with ``probe`` as set), unless
         every step sees block means and has its own; "blanket" (on the block means) with ``source_blanket``;
-        "scratch" (full images, from random init) with ``scratch`` or ``scratch_jpeg``."""
+        "scratch" (full images, from random init) with ``scratch`` or ``scratch_jpeg``; "lowpass" (the low-passed
+        images, from ``init``) with ``lowpass``."""
         return ([] if self.source_blanket and self.blanket == 1 else ["full"]) + (
-            ["blanket"] if self.source_blanket else []) + (["scratch"] if self.scratch or self.scratch_jpeg else [])
+            ["blanket"] if self.source_blanket else []) + (["scratch"] if self.scratch or self.scratch_jpeg else []) + (
+            ["lowpass"] if self.lowpass else [])
 
     def source_network(self, data: ImageDataset, *, device="auto", seed: int = 0, progress: bool = False,
                        kind: str = "full") -> nn.Module:
@@ -192,6 +220,8 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
         model = self.source_model(data, seed, device, pretrained=kind != "scratch")
         if kind == "blanket":
             data = block_means(data)
+        elif kind == "lowpass":
+            data = low_passed(data, self.lowpass_band)
         recipe = Recipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
         return train(model, data, recipe, device=device, seed=seed, progress=progress, desc="TAP source")
 
@@ -227,10 +257,15 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
         # how often each source predicts the target class on what is published, as it sees it: the attack's success
         target = self.targets(published.labels, data.num_classes)
         success = {("" if k == kinds[0] else f"{k}_") + "source_at_target": round(accuracy(model, ImageDataset(
-            (block_means(published) if k == "blanket" else published).images, target, data.classes)), 2)
+            self._seen_by(k, published).images, target, data.classes)), 2)
             for k, model in sources.items()}
         return image_result(self, data, published.images, seed, history=[success],
                             seconds={"source": trained - start, "noise": time.perf_counter() - trained})
+
+    def _seen_by(self, kind: str, data: ImageDataset) -> ImageDataset:
+        """``data`` as the source of that kind sees it."""
+        return block_means(data) if kind == "blanket" else low_passed(data, self.lowpass_band) if kind == "lowpass" \
+            else data
 
     def _matched(self, data: ImageDataset, delta: torch.Tensor) -> ImageDataset:
         """``data`` + ``delta`` with each image's content shrunk so that the set's block-DCT power is the clean
