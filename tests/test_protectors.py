@@ -457,7 +457,7 @@ def test_tap_with_iss_in_its_expectation_sees_iss_on_some_steps(digits_small):
         build_protector("tap", **TINY["tap"], iss_quality=20)
     with pytest.raises(ConfigError, match="jpeg_quality is used only with jpeg or scratch_jpeg > 0"):
         build_protector("tap", **TINY["tap"], jpeg_quality=30)
-    with pytest.raises(ConfigError, match="iss \\+ jpeg \\+ blanket \\+ scratch \\+ scratch_jpeg is the chance"):
+    with pytest.raises(ConfigError, match=r"iss \+ jpeg \+ blanket \+ scratch \+ scratch_jpeg \+ lowpass is the "):
         build_protector("tap", **TINY["tap"], iss=0.5, jpeg=0.5, blanket=0.25)
     with pytest.raises(ConfigError, match="iss_grad='cubic'"):
         build_protector("tap", **TINY["tap"], iss_grad="cubic")
