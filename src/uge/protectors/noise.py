@@ -355,11 +355,9 @@ def content_cross(data: ImageDataset, delta: torch.Tensor) -> torch.Tensor:
     and δ a sample-wise ``delta``'s (N, C, H, W, [0, 1] scale), in 8-bit units²: how much an optimized noise
     follows the content it was fitted to (:func:`power_matcher`'s ``cross``)."""
     def pairs():
-        for x in set_chunks(data):
-            start = pairs.done
-            pairs.done += len(x)
-            yield x.double(), delta[start:start + len(x)].detach().cpu().double() * 255
-    pairs.done = 0
+        for start, chunk in data.chunks():
+            x = torch.from_numpy(np.ascontiguousarray(chunk.transpose(0, 3, 1, 2))).double()
+            yield x, delta[start:start + len(x)].detach().cpu().double() * 255
     return _block_moment(pairs())
 
 
@@ -419,7 +417,8 @@ def power_matcher(data: ImageDataset, s: torch.Tensor, delta_of, rho: float, mat
         if r:
             s = s + moment(True) - target
         w, q = torch.linalg.eigh(target - s if b is None else target - s + b @ cross)
-        t = q @ torch.diag_embed(w.clamp_min(0).sqrt()) @ q.transpose(-1, -2) @ inv_root - (eye if b is None else eye + b)
+        root = q @ torch.diag_embed(w.clamp_min(0).sqrt()) @ q.transpose(-1, -2)
+        t = root @ inv_root - (eye if b is None else eye + b)
         t[0, 0] = 0  # the block's mean stays
     return content
 

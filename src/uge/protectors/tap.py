@@ -72,8 +72,9 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     expectation over transformations includes ISS, the attack that undoes TAP, ``jpeg`` colour JPEG, ``blanket``
     the 8×8 block means that the blanket removal keeps (``source_blanket``: against a source trained on those
     means), ``scratch`` the plain images against a second source from random init, ``scratch_jpeg`` their colour
-    JPEG against it, and ``lowpass`` their low block-DCT frequencies against a source trained on such; ``band`` confines the noise to low block-DCT frequencies and ``matched`` shrinks the content so
-    the published set's block-DCT power is the clean set's (ours; not in the paper).
+    JPEG against it, and ``lowpass`` their low block-DCT frequencies against a source trained on such; ``band``
+    confines the noise to low block-DCT frequencies and ``matched`` shrinks the content so the published set's
+    block-DCT power is the clean set's (ours; not in the paper).
 
     Example: ``build_protector("tap", arch="cnn", epochs=5, steps=50).protect(train)``.
     """
