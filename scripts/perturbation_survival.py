@@ -13,7 +13,8 @@ once on the published set and applied as fitted to the clean set. Also, per vari
 per 8×8-block DCT coefficient (u, v; the mean over channels) over the clean set's own (``power_vs_clean``) and over
 the reference's (the test split: ``power_vs_reference``, beside the clean set's ``clean_vs_reference``): what the
 excess-power attacks compare; and the same in the Fourier basis of the whole image (``fourier_power``: the largest
-ratio and the bins over 1.5 and 1.2, what ``spectral`` compares). Writes JSON with the command.
+ratio and the bins over 1.5 and 1.2, what ``spectral`` compares). ``--lowpass BAND ...``: also what ``tap``'s
+``lowpass`` view keeps of δ (a stand-in for an attack, for choosing its band). Writes JSON with the command.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from uge.countermeasures import parse_countermeasures
 from uge.countermeasures.adaptive import OrthogonalProjection
 from uge.countermeasures.registry import InputTransform
 from uge.data.dataset import ImageDataset
+from uge.protectors.tap import low_passed
 from uge.published import read_published
 from uge.utils import write_json
 
@@ -48,13 +50,19 @@ def survival(clean, published, test, spec: str) -> dict:
         # ... and applied as fitted to the clean images (pca); per-set transforms (classmean, JPEG) run on each
         b = c(b, test, True) if getattr(c, "at_test", False) and getattr(c, "_basis", None) is not None \
             else c(b, test, False)
+    found = [getattr(c, "found", None) for c in cms if getattr(c, "found", None) is not None]
+    return {**kept(clean, published, a, b), **({"pca_ratios": found[0]} if found else {})}
+
+
+def kept(clean, published, a, b) -> dict:
+    """How much of δ = published − clean is in a − b (the two sets transformed): its amplitude along δ, its energy
+    relative to δ's, its correlation with δ."""
     d0 = published.images.astype(np.float64) - clean.images.astype(np.float64)
     d1 = a.images.astype(np.float64) - b.images.astype(np.float64)
     e0, e1 = float((d0 ** 2).sum()), float((d1 ** 2).sum())
     corr = float((d0 * d1).sum() / np.sqrt(e0 * e1)) if e0 and e1 else 0.0
-    found = [getattr(c, "found", None) for c in cms if getattr(c, "found", None) is not None]
     along = float((d0 * d1).sum() / e0) if e0 else 0.0  # the amplitude of δ still in the difference
-    return {"along_delta": round(along, 4), "kept_energy": round(e1 / e0, 4), "corr": round(corr, 4), **({"pca_ratios": found[0]} if found else {})}
+    return {"along_delta": round(along, 4), "kept_energy": round(e1 / e0, 4), "corr": round(corr, 4)}
 
 
 def block_power(images: np.ndarray) -> np.ndarray:
@@ -100,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("config")
     p.add_argument("run")
     p.add_argument("--countermeasures", nargs="+", default=DEFAULT)
+    p.add_argument("--lowpass", nargs="*", type=int, default=[],
+                   help="also what tap's lowpass view (tap.low_pass) keeps of δ at these bands")
     p.add_argument("--out")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
@@ -112,6 +122,8 @@ def main(argv=None) -> int:
             continue
         pub = read_published(pub_dir).data
         res = {spec: survival(clean, pub, test, spec) for spec in args.countermeasures}
+        res.update({f"tap lowpass view, band {band}": kept(clean, pub, low_passed(pub, band), low_passed(clean, band))
+                    for band in args.lowpass})
         out["variants"][v.name] = res
         out.setdefault("block_dct_power", {})[v.name] = power_ratios(clean, pub, test)
         out.setdefault("fourier_power", {})[v.name] = fourier = fourier_ratios(clean, pub, reference)
