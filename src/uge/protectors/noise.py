@@ -355,9 +355,10 @@ def content_cross(data: ImageDataset, delta: torch.Tensor) -> torch.Tensor:
     and δ a sample-wise ``delta``'s (N, C, H, W, [0, 1] scale), in 8-bit units²: how much an optimized noise
     follows the content it was fitted to (:func:`power_matcher`'s ``cross``)."""
     def pairs():
-        for start, chunk in data.chunks():
-            x = torch.from_numpy(np.ascontiguousarray(chunk.transpose(0, 3, 1, 2))).double()
-            yield x, delta[start:start + len(x)].detach().cpu().double() * 255
+        start = 0
+        for x in set_chunks(data):
+            yield x.double(), delta[start:start + len(x)].detach().cpu().double() * 255
+            start += len(x)
     return _block_moment(pairs())
 
 
@@ -403,8 +404,8 @@ def power_matcher(data: ImageDataset, s: torch.Tensor, delta_of, rho: float, mat
         return out
 
     def moment(published: bool) -> torch.Tensor:
-        return _block_moment((x, x) for x in (x.double() for x in set_chunks(
-            data, (delta_of, content, rho) if published else None)))
+        chunks = (x.double() for x in set_chunks(data, (delta_of, content, rho) if published else None))
+        return _block_moment((x, x) for x in chunks)
 
     m = moment(False)
     target = m.clone()

@@ -28,7 +28,12 @@ from .noise import ISS_GRADS, content_cross, delta_moment, power_matcher, set_ch
 def block_means(data: ImageDataset) -> ImageDataset:
     """``data`` with each image's 8×8 blocks replaced by their means, rounded to 8 bits: what the blanket removal
     (``blockdct`` with every AC coefficient zeroed) leaves of a clean set."""
-    x = cell_means(data.tensors()[0].float(), 8).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return _filtered(data, lambda x: cell_means(x, 8))
+
+
+def _filtered(data: ImageDataset, view: Callable[[torch.Tensor], torch.Tensor]) -> ImageDataset:
+    """``data`` through ``view`` (float (N, C, H, W) on the 8-bit scale in and out), rounded to 8 bits."""
+    x = view(data.tensors()[0].float()).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return ImageDataset(x, data.labels, list(data.classes))
 
 
@@ -44,8 +49,7 @@ def low_pass(x: torch.Tensor, band: int) -> torch.Tensor:
 
 def low_passed(data: ImageDataset, band: int) -> ImageDataset:
     """``data`` through :func:`low_pass`, rounded to 8 bits."""
-    x = low_pass(data.tensors()[0].float(), band).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return ImageDataset(x, data.labels, list(data.classes))
+    return _filtered(data, lambda x: low_pass(x, band))
 
 
 VIEWS = ("draw", "vote")
@@ -219,10 +223,7 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
         """The clean-trained source network of :meth:`source_kinds`'s ``kind`` that :meth:`protect` attacks (equal
         seeds: equal networks)."""
         model = self.source_model(data, seed, device, pretrained=kind != "scratch")
-        if kind == "blanket":
-            data = block_means(data)
-        elif kind == "lowpass":
-            data = low_passed(data, self.lowpass_band)
+        data = self._seen_by(kind, data)
         recipe = Recipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
         return train(model, data, recipe, device=device, seed=seed, progress=progress, desc="TAP source")
 
@@ -264,9 +265,12 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
                             seconds={"source": trained - start, "noise": time.perf_counter() - trained})
 
     def _seen_by(self, kind: str, data: ImageDataset) -> ImageDataset:
-        """``data`` as the source of that kind sees it."""
-        return block_means(data) if kind == "blanket" else low_passed(data, self.lowpass_band) if kind == "lowpass" \
-            else data
+        """``data`` as the source of that kind sees it (and is trained on)."""
+        if kind == "blanket":
+            return block_means(data)
+        if kind == "lowpass":
+            return low_passed(data, self.lowpass_band)
+        return data
 
     def _matched(self, data: ImageDataset, delta: torch.Tensor) -> ImageDataset:
         """``data`` + ``delta`` with each image's content shrunk so that the set's block-DCT power is the clean
