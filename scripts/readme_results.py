@@ -37,6 +37,7 @@ FIVE = "TAP, owner's features, a block-mean probe and a source from random init,
 RANGE = ("TAP, owner's features, a block-mean probe and a source from random init, five views, ISS at qualities 10 "
          "to 50")
 O12 = "O12: O11 in the luminance of the block-DCT band v + u <= 4, power-matched"
+O13 = "O13: O11 with a sixth view, the low block-DCT frequencies against a source trained on such"
 ROWS = [
     ("Keyed (blind network; key in one colour direction)", "battery-cpu", "Keyed (4×4 cells along (1,−2,1))",
      "authorized"),
@@ -77,6 +78,10 @@ ROWS = [
     ("the same in the luminance of low block-DCT frequencies, the set's block-DCT power matched to clean (ours), "
      "sealed", "battery-tap-final-cpu", O12, "sealed", "file:resnetc20-c100-250-s1.safetensors"),
     ("the same, against a hacker from random init", "battery-tap-final-cpu", O12, "sealed", "seed:1"),
+    ("the ISS-range TAP two rows up with a sixth view, the low block-DCT frequencies against a source trained on such "
+     "(ours), sealed",
+     "battery-tap-final-cpu", O13, "sealed", "file:resnetc20-c100-250-s1.safetensors"),
+    ("the same, against a hacker from random init", "battery-tap-final-cpu", O13, "sealed", "seed:1"),
     ("UGE's generator, batch mean removed (its strongest poison), sealed", "battery-uge-cpu",
      "UGE (paper reading), batch mean removed", "sealed"),
     ("UGE, the paper's method (key: θ0)", "robustness-cpu", "UGE", "authorized"),
