@@ -78,7 +78,8 @@ ROWS = [
     ("the same in the luminance of low block-DCT frequencies, the set's block-DCT power matched to clean (ours), "
      "sealed", "battery-tap-final-cpu", O12, "sealed", "file:resnetc20-c100-250-s1.safetensors"),
     ("the same, against a hacker from random init", "battery-tap-final-cpu", O12, "sealed", "seed:1"),
-    ("the ISS-range TAP two rows up with a sixth view, the low block-DCT frequencies against a source trained on such "
+    ("the TAP with the ISS view's quality drawn from 10 to 50 (above) with a sixth view, the low block-DCT "
+     "frequencies against a source trained on such "
      "(ours), sealed",
      "battery-tap-final-cpu", O13, "sealed", "file:resnetc20-c100-250-s1.safetensors"),
     ("the same, against a hacker from random init", "battery-tap-final-cpu", O13, "sealed", "seed:1"),
