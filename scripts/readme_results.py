@@ -79,8 +79,7 @@ ROWS = [
      "sealed", "battery-tap-final-cpu", O12, "sealed", "file:resnetc20-c100-250-s1.safetensors"),
     ("the same, against a hacker from random init", "battery-tap-final-cpu", O12, "sealed", "seed:1"),
     ("the TAP with the ISS view's quality drawn from 10 to 50 (above) with a sixth view, the low block-DCT "
-     "frequencies against a source trained on such "
-     "(ours), sealed",
+     "frequencies against a source trained on such (ours), sealed",
      "battery-tap-final-cpu", O13, "sealed", "file:resnetc20-c100-250-s1.safetensors"),
     ("the same, against a hacker from random init", "battery-tap-final-cpu", O13, "sealed", "seed:1"),
     ("UGE's generator, batch mean removed (its strongest poison), sealed", "battery-uge-cpu",
