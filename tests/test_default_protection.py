@@ -66,7 +66,7 @@ def test_uge_protect_without_a_method_says_what_it_runs_and_seals_with_a_new_key
     rc, out = _protect(["--out", str(pub)])
     assert rc == 0
     assert f"{STANDING['method']}, the default (results/battery-cpu" in out
-    assert f"the lowest of the other {STANDING['protections'] - 1} protections measured" in out
+    assert f"the lowest of the other {STANDING['protections'] - 1} protections measured at its budget" in out
     assert f"reaches {STANDING['plain']:.1f} % test accuracy plainly and {STANDING['worst']:.1f} % at worst" in out
     full = STANDING["full_size"]  # and at full size, on one GPU, with and without adversarial training
     assert f"at full size ({full['run']}, one GPU)" in out and full["run"] == "results/battery-gpu"

@@ -5,6 +5,7 @@ STANDING = {
     'method': 'grating',
     'run': 'results/battery-cpu',
     'network': 'resnetc20',
+    'rho': 0.04,
     'key_holder': 56.9,
     'clean_key_holder': 61.7,
     'clean': 56.9,
@@ -21,6 +22,7 @@ STANDING = {
     'full_size': {
         'run': 'results/battery-gpu',
         'network': 'resnet18',
+        'rho': 0.04,
         'key_holder': 87.5,
         'clean_key_holder': 87.5,
         'clean': 87.5,
