@@ -112,8 +112,8 @@ def numbers(run: str, variant: str, key: str, hacker: str | None = None) -> dict
     # number in every run (some runs trained an authorized network from another seed, some none)
     holder = clean_hack if key == "sealed" else next(
         r["test_acc"] for r in mine if r["role"] == "authorized" and not r.get("countermeasures"))
-    return {"run": f"results/{run}", "network": arch, "rho": hack[0].get("rho"), "key_holder": round(holder, 1), "clean_key_holder":
-            round(clean_auth, 1), "clean": round(clean_hack, 1),
+    return {"run": f"results/{run}", "network": arch, "rho": hack[0].get("rho"), "key_holder": round(holder, 1),
+            "clean_key_holder": round(clean_auth, 1), "clean": round(clean_hack, 1),
             "plain": round(next(r["test_acc"] for r in hack if not r.get("countermeasures")), 1),
             "worst": round(worst["test_acc"], 1), "by": worst.get("countermeasures") or "none",
             "fraction": round((worst["test_acc"] - chance) / (clean_hack - chance), 2), "attacks": len(hack) - 1,

@@ -265,8 +265,8 @@ def _standing_line() -> str:
             f"reaches {s['plain']:.1f} % test accuracy plainly and {s['worst']:.1f} % at worst (by {s['by']}), against "
             f"{s['clean']:.1f} % from clean data: {s['fraction']:.2f} of clean learning kept (the lowest of the other "
             f"{s['protections'] - 1} protections measured at its budget: {s['lowest_other']:.2f}; the goal: at most "
-            f"0.40); at full size ({f['run']}, one GPU), a {f['network']} hacker: {f['plain']:.1f} % plainly, {f['worst']:.1f} % at "
-            f"worst (by {f['by']}), against {f['clean']:.1f} %: {f['fraction']:.2f} kept, "
+            f"0.40); at full size ({f['run']}, one GPU), a {f['network']} hacker: {f['plain']:.1f} % plainly, "
+            f"{f['worst']:.1f} % at worst (by {f['by']}), against {f['clean']:.1f} %: {f['fraction']:.2f} kept, "
             f"{f['fraction_without_adv']:.2f} without adversarial training (by {f['by_without_adv']}); key holders "
             "unseal the originals bit for bit")
 
