@@ -157,7 +157,7 @@ def table() -> str:
 
 def standing() -> str:
     """The text of src/uge/standing.py: the default protection's numbers, and the lowest worst case (fraction of
-    clean learning kept) of every other protection in the README's table, against the same hacker."""
+    clean learning kept) of every other protection in the README's table, against the same hacker, at its budget."""
     method, *row = DEFAULT
     rho = numbers(*row)["rho"]
     # against the default's hacker (ResNetC-20 from random init): a pretrained hacker's row is another hacker; and

@@ -16,6 +16,7 @@ import pytest
 from uge.errors import ConfigError
 
 from uge.cli import build_parser
+from uge.standing import STANDING
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -204,3 +205,19 @@ def test_readme_results_reads_one_hacker_of_a_run_with_several():
     assert both["worst"] == max(pre["worst"], rand["worst"]) and pre["worst"] != rand["worst"]
     with pytest.raises(SystemExit, match="no hacker records"):
         mod.numbers(run, variant, "sealed", "seed:7")
+
+
+def test_the_standing_compares_the_default_with_rows_at_its_budget_only():
+    """A row at a larger budget (issue 20: a separate, labelled row) is in the table but not among the default's
+    rivals: its worst case would otherwise pass for what the field reaches at the default's budget."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_results", ROOT / "scripts" / "readme_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [r for r in mod.ROWS if not mod._pretrained(r[4] if len(r) > 4 else None)
+            and tuple(r[1:]) not in (tuple(mod.DEFAULT[1:]), mod.FULL)]
+    rho = mod.numbers(*mod.DEFAULT[1:])["rho"]
+    larger = [n for n in (mod.numbers(*r[1:]) for r in rows) if n["rho"] is not None and n["rho"] > rho]
+    assert larger and min(n["fraction"] for n in larger) < STANDING["lowest_other"]   # it would have counted
+    assert STANDING["protections"] == len(rows) - len(larger) + 1
