@@ -116,13 +116,14 @@ def main(argv=None) -> int:
     clean, test = load_data(cfg)
     out = {"command": "python scripts/perturbation_survival.py " + " ".join(argv or sys.argv[1:]), "variants": {}}
     reference = fourier_reference(clean, test)
+    clean_low = {band: low_passed(clean, band) for band in args.lowpass}  # once, not once per variant
     for v in cfg.variants:
         pub_dir = Path(args.run) / "variants" / v.slug / "published"
         if v.protector == "clean" or not (pub_dir / "data.npz").is_file():
             continue
         pub = read_published(pub_dir).data
         res = {spec: survival(clean, pub, test, spec) for spec in args.countermeasures}
-        res.update({f"tap lowpass view, band {band}": kept(clean, pub, low_passed(pub, band), low_passed(clean, band))
+        res.update({f"tap lowpass view, band {band}": kept(clean, pub, low_passed(pub, band), clean_low[band])
                     for band in args.lowpass})
         out["variants"][v.name] = res
         out.setdefault("block_dct_power", {})[v.name] = power_ratios(clean, pub, test)

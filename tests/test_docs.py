@@ -177,13 +177,19 @@ def test_command_parses(page, line, argv):
             pytest.fail(f"{_rel(page)}:{line}: {shlex.join(argv)}\n{e}")
 
 
-def test_readme_results_table_is_written_from_the_records():
-    """The README's table holds what scripts/readme_results.py computes from the committed records."""
+def _readme_results():
+    """scripts/readme_results.py as a module."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("readme_results", ROOT / "scripts" / "readme_results.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_results_table_is_written_from_the_records():
+    """The README's table holds what scripts/readme_results.py computes from the committed records."""
+    mod = _readme_results()
     text = (ROOT / "README.md").read_text()
     assert mod.table() in text
 
@@ -191,11 +197,7 @@ def test_readme_results_table_is_written_from_the_records():
 def test_readme_results_reads_one_hacker_of_a_run_with_several():
     """A row may name its hacker by the records' init: a run with a pretrained and a random-init hacker gives each
     its own clean accuracy and worst case, not the worst over both; an init without records is an error."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("readme_results", ROOT / "scripts" / "readme_results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _readme_results()
     run, variant = "battery-tap-probe-cpu", "TAP against the owner's pretrained features, linear probe"
     pre = mod.numbers(run, variant, "sealed", "file:resnetc20-c100-250-s1.safetensors")
     rand = mod.numbers(run, variant, "sealed", "seed:1")
@@ -210,11 +212,7 @@ def test_readme_results_reads_one_hacker_of_a_run_with_several():
 def test_the_standing_compares_the_default_with_rows_at_its_budget_only():
     """A row at a larger budget (issue 20: a separate, labelled row) is in the table but not among the default's
     rivals: its worst case would otherwise pass for what the field reaches at the default's budget."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("readme_results", ROOT / "scripts" / "readme_results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _readme_results()
     rows = [r for r in mod.ROWS if not mod._pretrained(r[4] if len(r) > 4 else None)
             and tuple(r[1:]) not in (tuple(mod.DEFAULT[1:]), mod.FULL)]
     rho = mod.numbers(*mod.DEFAULT[1:])["rho"]

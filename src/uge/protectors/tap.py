@@ -158,9 +158,8 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
                     "none"]
         others = self._other_chances()
         if sum(others) > 1:
-            return [f"iss + jpeg + blanket + scratch + scratch_jpeg + lowpass is the chance of a step that is not the "
-                    "plain one, "
-                    f"at most 1; got {' + '.join(map(str, others))}"]
+            return ["iss + jpeg + blanket + scratch + scratch_jpeg + lowpass is the chance of a step that is not the "
+                    f"plain one, at most 1; got {' + '.join(map(str, others))}"]
         if self.views == "vote" and not any(others):
             return ["views='vote' needs a view besides the plain one (iss, jpeg, blanket, scratch, scratch_jpeg or "
                     "lowpass > 0)"]
@@ -192,10 +191,10 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
                 (self.iss, lambda u: soft_iss(u, _quality(self.iss_quality, self.iss_quality_max), self.iss_grad),
                  "full"),
                 (self.jpeg, jpeg, "full"),
-                (self.blanket, lambda u: cell_means(u, 8), "blanket" if self.source_blanket else "full"),
+                (self.blanket, self._source_view("blanket"), "blanket" if self.source_blanket else "full"),
                 (self.scratch, lambda u: u, "scratch"),
                 (self.scratch_jpeg, jpeg, "scratch"),
-                (self.lowpass, lambda u: low_pass(u, self.lowpass_band), "lowpass")]
+                (self.lowpass, self._source_view("lowpass"), "lowpass")]
 
     def squeeze(self, x_u: torch.Tensor) -> tuple[torch.Tensor, str]:
         """(x + δ for one PGD step, or with chance ``iss`` (torch's RNG) what ISS leaves of it, with chance ``jpeg``
@@ -264,13 +263,14 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
         return image_result(self, data, published.images, seed, history=[success],
                             seconds={"source": trained - start, "noise": time.perf_counter() - trained})
 
+    def _source_view(self, kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What the source of that kind sees of an image (float (N, C, H, W)); None: the image itself."""
+        return {"blanket": lambda u: cell_means(u, 8), "lowpass": lambda u: low_pass(u, self.lowpass_band)}.get(kind)
+
     def _seen_by(self, kind: str, data: ImageDataset) -> ImageDataset:
-        """``data`` as the source of that kind sees it (and is trained on)."""
-        if kind == "blanket":
-            return block_means(data)
-        if kind == "lowpass":
-            return low_passed(data, self.lowpass_band)
-        return data
+        """``data`` as the source of that kind sees it (and is trained on), rounded to 8 bits."""
+        view = self._source_view(kind)
+        return data if view is None else _filtered(data, view)
 
     def _matched(self, data: ImageDataset, delta: torch.Tensor) -> ImageDataset:
         """``data`` + ``delta`` with each image's content shrunk so that the set's block-DCT power is the clean
