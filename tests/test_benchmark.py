@@ -369,7 +369,8 @@ def test_worst_case_table_takes_the_highest_accuracy_and_the_fraction_of_clean_l
     assert cells[3:] == ["60.00", "12.00", "40.00 (3 of 4 run)", "adv:eps=8.0,steps=3,step=6.666667", "0.60",
                          "30.00", "jpeg:quality=10"]
     with_auth = worst_case_table(columns, rows, chance=10.0, cms=cms)
-    assert "| P | normal | authorized | 70.00 | 20.00 | 20.00 (1 of 4 run) | none | 0.17 ✓ |" in with_auth
+    # 0.17 is under the goal, but over one of four settings: no ✓ before the whole battery has run
+    assert "| P | normal | authorized | 70.00 | 20.00 | 20.00 (1 of 4 run) | none | 0.17 |" in with_auth
     low = [rec("Original", "clean", "hacker", 60.0), rec("Original", "clean", "hacker", 50.0, "grayscale"),
            rec("P", "patch", "hacker", 20.0), rec("P", "patch", "hacker", 30.0, "grayscale")]
     assert "| 0.40 ✓ |" in worst_case_table(*build_rows(low), chance=10.0)  # (30 - 10) / 50: the goal, exactly
