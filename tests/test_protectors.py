@@ -573,11 +573,42 @@ def test_tap_views_vote_moves_each_pixel_by_the_weighted_vote_of_every_views_gra
     assert torch.allclose(got_both, 0.15 * signs[0] + 0.3 * signs[1] + 0.2 * signs[2] + 0.2 * scratch_sign
                           + 0.15 * scratch_jpeg_sign)
     assert (got.sign() != signs[0]).any() and (got.sign() == signs[0]).float().mean() > 0.5  # the plain view wins most
-    with pytest.raises(ConfigError, match="views='vote' needs a view besides the plain one"):
-        build_protector("tap", **TINY["tap"], views="vote")
+    for views in ("vote", "sum"):
+        with pytest.raises(ConfigError, match=f"views='{views}' needs a view besides the plain one"):
+            build_protector("tap", **TINY["tap"], views=views)
     data = ImageDataset(np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), np.arange(8) % 2,
                         ["a", "b"])
     out = tap.protect(data, device="cpu", progress=False).protected.images.astype(int)
+    assert 0 < np.abs(out - data.images).max() <= 8  # ρ = 8/255 by default
+
+
+def test_tap_views_sum_weighs_each_views_gradient_scaled_to_one_per_image():
+    """``views = "sum"``: the chance-weighted sum of every view's gradient, each scaled to a mean magnitude of 1 per
+    image, so a source with small gradients counts as much as one with large; where one view's gradient is large it
+    outvotes the others' signs, which "vote" never lets it do."""
+    from uge.protectors.noise import soft_iss
+    torch.manual_seed(0)
+    full, coarse = (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4)) for _ in range(2))
+    with torch.no_grad():
+        coarse[1].weight.mul_(1e-3)  # a source whose gradients are a thousand times smaller
+    x, t = torch.rand(2, 3, 16, 16), torch.tensor([1, 2])
+    kw = dict(**TINY["tap"], iss=0.3, blanket=0.2, source_blanket=True)
+    summed, voted = (build_protector("tap", **kw, views=v) for v in ("sum", "vote"))
+    delta = torch.zeros_like(x, requires_grad=True)
+    (got,) = torch.autograd.grad(summed.loss({"full": full, "blanket": coarse}, lambda u: u, x + delta, t), delta)
+    grads = []
+    for model, view in ((full, lambda u: u), (full, lambda u: soft_iss(u)), (coarse, lambda u: cell_means(u, 8))):
+        d = torch.zeros_like(x, requires_grad=True)
+        g = torch.autograd.grad(F.cross_entropy(model(view(x + d)), t), d)[0]
+        grads.append(g / g.abs().mean(dim=(1, 2, 3), keepdim=True))
+    assert torch.allclose(got, 0.5 * grads[0] + 0.3 * grads[1] + 0.2 * grads[2], atol=1e-5)
+    blanket_share = (got - 0.5 * grads[0] - 0.3 * grads[1]).abs().mean()
+    assert torch.isclose(blanket_share, torch.tensor(0.2), atol=1e-4)  # the small source counts at its weight
+    (vote,) = torch.autograd.grad(voted.loss({"full": full, "blanket": coarse}, lambda u: u, x + delta, t), delta)
+    assert (got.sign() != vote.sign()).any()  # magnitudes decide some pixels that the vote of signs decides otherwise
+    data = ImageDataset(np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), np.arange(8) % 2,
+                        ["a", "b"])
+    out = summed.protect(data, device="cpu", progress=False).protected.images.astype(int)
     assert 0 < np.abs(out - data.images).max() <= 8  # ρ = 8/255 by default
 
 

@@ -52,7 +52,13 @@ def low_passed(data: ImageDataset, band: int) -> ImageDataset:
     return _filtered(data, lambda x: low_pass(x, band))
 
 
-VIEWS = ("draw", "vote")
+VIEWS = ("draw", "vote", "sum")
+
+
+def _unit_mean(grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` scaled to a mean magnitude of 1 per image (an all-zero image's stays zero)."""
+    scale = grad.abs().mean(dim=tuple(range(1, grad.dim())), keepdim=True)
+    return grad / scale.clamp_min(torch.finfo(grad.dtype).tiny)
 
 
 def _quality(low: int, high: int | None) -> int:
@@ -132,8 +138,10 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
     lowpass: float = param(0.0, low=0, high=1)
     lowpass_band: int = param(3, low=0, high=13)
     # how the steps use the views: "draw" one view per step (chances iss, jpeg, blanket, scratch, scratch_jpeg, lowpass,
-    # else plain), or "vote": every step takes each view's gradient and moves each pixel by the sign of their
-    # chance-weighted signs
+    # else plain), "vote": every step takes each view's gradient and moves each pixel by the sign of their
+    # chance-weighted signs, or "sum": by the sign of their chance-weighted sum, each view's gradient scaled to a mean
+    # magnitude of 1 per image (expectation over the views with the sources' scales evened out: where one view's
+    # gradient is large it outweighs the others, which a vote of signs never lets it do)
     views: str = param("draw", choices=VIEWS)
 
     def _other_chances(self) -> tuple[float, ...]:
@@ -160,9 +168,9 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
         if sum(others) > 1:
             return ["iss + jpeg + blanket + scratch + scratch_jpeg + lowpass is the chance of a step that is not the "
                     f"plain one, at most 1; got {' + '.join(map(str, others))}"]
-        if self.views == "vote" and not any(others):
-            return ["views='vote' needs a view besides the plain one (iss, jpeg, blanket, scratch, scratch_jpeg or "
-                    "lowpass > 0)"]
+        if self.views != "draw" and not any(others):
+            return [f"views={self.views!r} needs a view besides the plain one (iss, jpeg, blanket, scratch, "
+                    "scratch_jpeg or lowpass > 0)"]
         for name in ("scratch", "scratch_jpeg"):
             if getattr(self, name) and self.init is None:  # the main source is then from random init already
                 return [f"{name} needs init (a pretrained main source), got init=None"]
@@ -284,7 +292,8 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
 
     def loss(self, sources: dict[str, nn.Module], view, x_u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """One PGD step's loss: the cross-entropy towards ``t`` of the source for the step's view of x + δ; with
-        ``views = "vote"`` a surrogate whose gradient is the chance-weighted sum of every view's gradient sign."""
+        ``views = "vote"`` a surrogate whose gradient is the chance-weighted sum of every view's gradient sign, with
+        ``"sum"`` of every view's gradient scaled to a mean magnitude of 1 per image."""
         def ce(seen: torch.Tensor, source: str) -> torch.Tensor:  # against the source for that view
             with autocast(seen.device):  # bf16 on a GPU, as in training: only the gradient's sign is used
                 logits = sources[source](view(seen))
@@ -295,5 +304,6 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
         vote = torch.zeros_like(x_u)
         for chance, see, source in self.step_views():
             if chance > 1e-9:  # (1 − the other views' chances may round to a hair above 0)
-                vote += chance * torch.autograd.grad(ce(see(x_u), source), x_u)[0].sign()
+                grad = torch.autograd.grad(ce(see(x_u), source), x_u)[0]
+                vote += chance * (grad.sign() if self.views == "vote" else _unit_mean(grad))
         return (x_u * vote).sum()  # its gradient with respect to δ is the vote
