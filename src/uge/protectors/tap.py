@@ -295,7 +295,8 @@ class TargetedAdversarialPoisoning(NoiseBand, PretrainedSource, Protector):
         ``views = "vote"`` a surrogate whose gradient is the chance-weighted sum of every view's gradient sign, with
         ``"sum"`` of every view's gradient scaled to a mean magnitude of 1 per image."""
         def ce(seen: torch.Tensor, source: str) -> torch.Tensor:  # against the source for that view
-            with autocast(seen.device):  # bf16 on a GPU, as in training: only the gradient's sign is used
+            # bf16 on a GPU, as in training: the step uses the gradient's sign ("sum": a per-image scaled sum)
+            with autocast(seen.device):
                 logits = sources[source](view(seen))
             return F.cross_entropy(logits.float(), t)
 
