@@ -40,6 +40,7 @@ O12 = "O12: O11 in the luminance of the block-DCT band v + u <= 4, power-matched
 O13 = "O13: O11 with a sixth view, the low block-DCT frequencies against a source trained on such"
 O14 = "O14: O11 at rho = 16/255 (a larger budget, labelled)"
 O17 = "O17: O14 with the views' gradients summed, each scaled per image, instead of their signs voted"
+O18 = "O18: O13 with the views' gradients summed, each scaled per image, instead of their signs voted"
 ROWS = [
     ("Keyed (blind network; key in one colour direction)", "battery-cpu", "Keyed (4×4 cells along (1,−2,1))",
      "authorized"),
@@ -90,6 +91,10 @@ ROWS = [
     ("the same at ρ = 16/255 with the views' gradients summed, each scaled per image, instead of their signs voted "
      "(ours), sealed", "battery-tap-final-cpu", O17, "sealed", "file:resnetc20-c100-250-s1.safetensors"),
     ("the same, against a hacker from random init", "battery-tap-final-cpu", O17, "sealed", "seed:1"),
+    ("the TAP with a sixth view (above, ρ = 10/255) with the views' gradients summed, each scaled per image, instead "
+     "of their signs voted (ours), sealed", "battery-tap-final-cpu", O18, "sealed",
+     "file:resnetc20-c100-250-s1.safetensors"),
+    ("the same, against a hacker from random init", "battery-tap-final-cpu", O18, "sealed", "seed:1"),
     ("UGE's generator, batch mean removed (its strongest poison), sealed", "battery-uge-cpu",
      "UGE (paper reading), batch mean removed", "sealed"),
     ("UGE, the paper's method (key: θ0)", "robustness-cpu", "UGE", "authorized"),

@@ -18,7 +18,7 @@ STANDING = {
     'by_without_adv': 'knownbasis:bases=10,dct=0',
     'fraction_without_adv': 0.83,
     'lowest_other': 0.62,
-    'protections': 21,
+    'protections': 22,
     'full_size': {
         'run': 'results/battery-gpu',
         'network': 'resnet18',
