@@ -576,8 +576,7 @@ def test_tap_views_vote_moves_each_pixel_by_the_weighted_vote_of_every_views_gra
     for views in ("vote", "sum"):
         with pytest.raises(ConfigError, match=f"views='{views}' needs a view besides the plain one"):
             build_protector("tap", **TINY["tap"], views=views)
-    data = ImageDataset(np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), np.arange(8) % 2,
-                        ["a", "b"])
+    data = random_dataset(n=8, size=16, channels=3, num_classes=2)
     out = tap.protect(data, device="cpu", progress=False).protected.images.astype(int)
     assert 0 < np.abs(out - data.images).max() <= 8  # ρ = 8/255 by default
 
@@ -606,8 +605,7 @@ def test_tap_views_sum_weighs_each_views_gradient_scaled_to_one_per_image():
     assert torch.isclose(blanket_share, torch.tensor(0.2), atol=1e-4)  # the small source counts at its weight
     (vote,) = torch.autograd.grad(voted.loss({"full": full, "blanket": coarse}, lambda u: u, x + delta, t), delta)
     assert (got.sign() != vote.sign()).any()  # magnitudes decide some pixels that the vote of signs decides otherwise
-    data = ImageDataset(np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), np.arange(8) % 2,
-                        ["a", "b"])
+    data = random_dataset(n=8, size=16, channels=3, num_classes=2)
     out = summed.protect(data, device="cpu", progress=False).protected.images.astype(int)
     assert 0 < np.abs(out - data.images).max() <= 8  # ρ = 8/255 by default
 
